@@ -1,0 +1,69 @@
+"""Configuration of Coconut-InternVL: InternVL plus the three token ids that drive continuous thoughts."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import InternVLConfig
+
+
+@strict
+class CoconutInternVLConfig(InternVLConfig):
+    r"""
+    Configuration of [`CoconutInternVLForConditionalGeneration`]: an [`InternVLConfig`] plus the ids of the tokens that
+    mark Coconut's continuous thoughts (Hao et al. 2024, arXiv 2412.06769).
+
+    latent_token_id (`int`, *optional*):
+        Id of `<|latent|>`. The input embedding at each such position is replaced by the language model's last hidden
+        state (after the final norm) at the position just before it. `None` disables latent reasoning.
+    start_latent_token_id (`int`, *optional*):
+        Id of `<|start-latent|>`, the token that opens a block of continuous thoughts.
+    end_latent_token_id (`int`, *optional*):
+        Id of `<|end-latent|>`, the token that closes a block of continuous thoughts.
+
+    Example:
+
+    ```python
+    >>> from configuration_coconut_internvl import CoconutInternVLConfig
+
+    >>> config = CoconutInternVLConfig(start_latent_token_id=151674, end_latent_token_id=151675, latent_token_id=151676,
+    ...                                text_config={"model_type": "qwen2", "vocab_size": 151677})
+    ```"""
+
+    model_type = "coconut_internvl"
+
+    latent_token_id: int | None = None
+    start_latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            # One model class serves every Auto entry point a user may reach for.
+            model_class = "modeling_coconut_internvl.CoconutInternVLForConditionalGeneration"
+            self.auto_map = {
+                "AutoConfig": "configuration_coconut_internvl.CoconutInternVLConfig",
+                "AutoModel": model_class,
+                "AutoModelForImageTextToText": model_class,
+                "AutoModelForCausalLM": model_class,
+            }
+        # `@strict` would wrap the error in its own exception type; users catch `ValueError`.
+        self.validate_latent_token_ids()
+
+    def validate_latent_token_ids(self):
+        """Part of `@strict` validation: the latent ids lie in the text vocabulary, differ, and are not the image id."""
+        vocab_size = self.text_config.vocab_size
+        seen = {"image_token_id": self.image_token_id}
+        for name in ("latent_token_id", "start_latent_token_id", "end_latent_token_id"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not 0 <= value < vocab_size:
+                raise ValueError(
+                    f"`{name}`={value} is outside the text vocabulary (0 to {vocab_size - 1}); add the Coconut tokens "
+                    "to the tokenizer and resize the embeddings, or set `text_config.vocab_size`."
+                )
+            for other_name, other_value in seen.items():
+                if value == other_value:
+                    raise ValueError(f"`{name}`={value} is the same id as `{other_name}`; each token needs its own id.")
+            seen[name] = value
+
+
+__all__ = ["CoconutInternVLConfig"]

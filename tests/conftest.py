@@ -1,0 +1,179 @@
+"""Tiny Coconut-InternVL models, batches built from per-row specs, and the obviously-correct reference.
+
+Token ids of the tiny vocabulary: 0 pad, 1 image context, 2 `<|latent|>`, 3 `<|start-latent|>`, 4 `<|end-latent|>`,
+5 `<img>`, 6 `</img>`; ordinary text tokens are 10 and up.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+
+from configuration_coconut_internvl import CoconutInternVLConfig
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+
+PAD, IMAGE, LATENT, START, END, IMG_OPEN, IMG_CLOSE = 0, 1, 2, 3, 4, 5, 6
+FIRST_TEXT_ID, VOCAB_SIZE = 10, 64
+IMAGE_SIZE, TOKENS_PER_TILE = 56, 4  # 56 px / 14 px patches = 4x4 patches, pixel-shuffled 0.5 -> 2x2 tokens
+
+
+def tiny_config(**overrides) -> CoconutInternVLConfig:
+    """A two-layer InternVL (Qwen2 text model, InternViT vision tower) that runs in milliseconds on a CPU."""
+    config = dict(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=PAD,
+            eos_token_id=FIRST_TEXT_ID,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=14,
+        ),
+        image_token_id=IMAGE,
+        image_seq_length=TOKENS_PER_TILE,
+        latent_token_id=LATENT,
+        start_latent_token_id=START,
+        end_latent_token_id=END,
+        tie_word_embeddings=False,
+    )
+    config.update(overrides)
+    return CoconutInternVLConfig(**config)
+
+
+def tiny_model(seed: int = 0, **overrides) -> CoconutInternVLForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = CoconutInternVLForConditionalGeneration(tiny_config(**overrides))
+    # Random init is small; larger weights make every token matter, so a wrong thought changes the logits visibly.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@dataclass
+class Row:
+    """One sample: `question` text tokens, `tiles` image tiles, `latents` thoughts, `answer` text tokens.
+
+    `images` splits the tiles into separate images (each wrapped in `<img>`...`</img>`); `lead` is extra text before
+    the images, which moves this row's latents to other columns than its neighbours'.
+    """
+
+    question: int = 5
+    latents: int = 3
+    answer: int = 4
+    images: list[int] = field(default_factory=lambda: [1])
+    lead: int = 0
+
+
+def build_batch(rows: list[Row], padding_side: str = "right", seed: int = 0) -> dict:
+    """Token ids, mask, pixel values and labels of `rows`, padded to one length; plus each row's unpadded ids."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(n):
+        return torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (n,), generator=generator).tolist()
+
+    sequences, label_rows, pixel_rows, tiles_per_row = [], [], [], []
+    for row in rows:
+        ids = text(row.lead + 1)
+        for tiles in row.images:
+            ids += [IMG_OPEN] + [IMAGE] * (TOKENS_PER_TILE * tiles) + [IMG_CLOSE]
+        ids += text(row.question)
+        if row.latents:
+            ids += [START] + [LATENT] * row.latents + [END]
+        prompt_length = len(ids)
+        ids += text(row.answer)
+        sequences.append(ids)
+        label_rows.append([-100] * prompt_length + ids[prompt_length:])
+        n_tiles = sum(row.images)
+        tiles_per_row.append(n_tiles)
+        pixel_rows.append(torch.randn(n_tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator))
+
+    length = max(map(len, sequences))
+    input_ids = torch.full((len(rows), length), PAD)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100)
+    for b, (ids, row_labels) in enumerate(zip(sequences, label_rows)):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+        input_ids[b, span] = torch.tensor(ids)
+        attention_mask[b, span] = 1
+        labels[b, span] = torch.tensor(row_labels)
+    pixel_values = torch.cat(pixel_rows) if sum(tiles_per_row) else None
+    return dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        labels=labels,
+        sequences=sequences,
+        pixel_rows=pixel_rows,
+    )
+
+
+def model_inputs(batch: dict) -> dict:
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels")
+    return {key: batch[key] for key in keys if batch[key] is not None}
+
+
+def reference_embeddings(model, ids: list[int], pixel_values: torch.Tensor, detach_thoughts=False) -> torch.Tensor:
+    """Input embeddings of one unpadded row with its image features in place, and every thought filled in.
+
+    The obviously-correct algorithm: for each latent, left to right, run the language model on the whole prefix
+    without a cache and take the final hidden state of the position before it. Returns `(1, T, H)`.
+    `detach_thoughts` cuts the gradient through the thoughts (what a wrong implementation would compute).
+    """
+    input_ids = torch.tensor([ids])
+    embeds = model.get_input_embeddings()(input_ids)
+    if len(pixel_values):
+        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        image_mask = (input_ids == IMAGE).unsqueeze(-1)
+        embeds = embeds.masked_scatter(image_mask, features.reshape(-1, features.shape[-1]))
+    for position in (input_ids[0] == LATENT).nonzero().flatten().tolist():
+        prefix = model.model.language_model(inputs_embeds=embeds[:, :position], use_cache=False)
+        thought = prefix.last_hidden_state[:, -1:]
+        thought = thought.detach() if detach_thoughts else thought
+        embeds = torch.cat([embeds[:, :position], thought, embeds[:, position + 1 :]], dim=1)
+    return embeds
+
+
+def reference_logits(model, ids: list[int], pixel_values: torch.Tensor, detach_thoughts=False) -> torch.Tensor:
+    """Logits `(T, V)` of one unpadded row by the reference algorithm."""
+    embeds = reference_embeddings(model, ids, pixel_values, detach_thoughts)
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return model.lm_head(hidden)[0]
+
+
+def real_columns(attention_mask_row: torch.Tensor) -> torch.Tensor:
+    """Columns of the real (unpadded) tokens of one row."""
+    return attention_mask_row.nonzero().flatten()
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """Remote-code modules are cached under `$HF_HOME`: keep each test's copies apart, and never go online."""
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def subprocess_env(hf_home: Path) -> dict:
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
