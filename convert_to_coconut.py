@@ -14,11 +14,19 @@ The folder then loads with `AutoModel.from_pretrained(folder, trust_remote_code=
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from coconut.convert import add_latent_tokens, build_generation_config, load_base, push_folder, save_repository
+from coconut.convert import (
+    add_latent_tokens,
+    base_model_license,
+    build_generation_config,
+    load_base,
+    push_folder,
+    save_repository,
+)
 from coconut.model_card import ModelCardData, render_model_card
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 
@@ -36,11 +44,28 @@ class ConvertConfig:
         default=None, metadata={"help": "Hub repository id to upload the folder to (created if needed)."}
     )
     private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
-    license: str = field(default="other", metadata={"help": "Licence for the model card; keep the base model's."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model for the model card; defaults to `--base` (required with "
+            "`--push_to_hub` when `--base` is a local folder)."
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={"help": "Licence for the model card; defaults to the `license` in the base model's README.md."},
+    )
     datasets: list[str] = field(default_factory=list, metadata={"help": "Datasets to list in the model card."})
     num_latent_thoughts: int = field(
         default=0, metadata={"help": "Thoughts the model card's quick start asks for (its trained setting)."}
     )
+
+    def __post_init__(self):
+        if self.push_to_hub and self.base_model_id is None and Path(self.base).is_dir():
+            raise ValueError(
+                f"`--base` {self.base} is a local folder, so the model card cannot name the base model on the Hub: "
+                "pass `--base_model_id OWNER/NAME`."
+            )
 
 
 def main(config: ConvertConfig) -> None:
@@ -59,10 +84,13 @@ def main(config: ConvertConfig) -> None:
         chat_template=DEFAULT_CHAT_TEMPLATE,
         **video,
     )
+    license = config.license or base_model_license(config.base)
+    if license is None:
+        raise ValueError(f"The README.md of {config.base} states no `license`; pass `--license` (e.g. `mit`).")
     card = ModelCardData(
         repo_id=config.push_to_hub or config.output,
-        base_model=config.base,
-        license=config.license,
+        base_model=config.base_model_id or config.base,
+        license=license,
         datasets=config.datasets,
         num_latent_thoughts=config.num_latent_thoughts,
     )

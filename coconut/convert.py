@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 from huggingface_hub import HfApi, snapshot_download
 from safetensors.torch import load_file
 from transformers import (
@@ -167,7 +168,21 @@ def resolve_base(base: str) -> Path:
     """A local folder for `base`: the path itself, or the Hub snapshot of the repository id (downloaded if needed)."""
     if Path(base).is_dir():
         return Path(base)
-    return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model"]))
+    return Path(
+        snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md"])
+    )
+
+
+def base_model_license(base: str) -> str | None:
+    """The `license` in the YAML metadata of the base checkpoint's README.md, if it has one."""
+    readme = resolve_base(base) / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    if not text.startswith("---"):
+        return None
+    metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
+    return metadata.get("license")
 
 
 def load_base(base: str):
@@ -314,6 +329,7 @@ __all__ = [
     "build_generation_config",
     "save_repository",
     "push_folder",
+    "base_model_license",
     "original_to_native_state_dict",
     "original_to_native_config",
     "is_original_layout",

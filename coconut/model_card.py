@@ -51,7 +51,7 @@ class ModelCardData:
 
     repo_id: str
     base_model: str
-    license: str = "mit"
+    license: str
     datasets: list[str] = field(default_factory=list)
     num_latent_thoughts: int = 0
     training: str = ""

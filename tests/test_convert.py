@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import IMAGE_SIZE, TOKENS_PER_TILE, subprocess_env, tiny_config
 from PIL import Image
 from safetensors.torch import save_file
@@ -21,6 +22,7 @@ from transformers import (
 
 import coconut.convert
 from coconut.convert import original_to_native_state_dict
+from coconut.model_card import ModelCardData, render_model_card
 from coconut.tokenizer import train_tokenizer
 from convert_to_coconut import ConvertConfig, main
 
@@ -174,7 +176,8 @@ def converted_original(base, tmp_path_factory):
     tokenizer, model = base
     source, output = tmp_path_factory.mktemp("original") / "base", tmp_path_factory.mktemp("coconut") / "repo"
     write_original_checkpoint(source, model, tokenizer)
-    main(ConvertConfig(base=str(source), output=str(output), license="mit", datasets=["prosqa"]))
+    (source / "README.md").write_text("---\nlicense: mit\npipeline_tag: image-text-to-text\n---\n# A tiny InternVL\n")
+    main(ConvertConfig(base=str(source), output=str(output), datasets=["prosqa"], num_latent_thoughts=2))
     return output
 
 
@@ -217,7 +220,7 @@ def test_native_layout_converts_to_the_same_model(tmp_path, hf_home, tie_word_em
     tokenizer = base_tokenizer()
     base_model = native_base_model(tokenizer, tie_word_embeddings=tie_word_embeddings, seed=1)
     write_native_checkpoint(tmp_path / "base", base_model, tokenizer)
-    main(ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "repo")))
+    main(ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "repo"), license="apache-2.0"))
     converted = AutoModel.from_pretrained(tmp_path / "repo", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "repo", trust_remote_code=True)
     assert (converted.lm_head.weight is converted.get_input_embeddings().weight) == tie_word_embeddings
@@ -250,34 +253,33 @@ def test_repository_folder_is_complete(converted_original):
     assert generation["eos_token_id"] != generation["pad_token_id"]
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     card = (converted_original / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n")
+    metadata = yaml.safe_load(card.split("---", 2)[1])
+    assert metadata["license"] == "mit"  # read from the base checkpoint's README.md
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
     assert "2412.06769" in card and "2504.10479" in card
 
 
-def test_fresh_offline_process_loads_and_generates_without_network(converted_original, tmp_path):
-    """An empty HF_HOME, HF_HUB_OFFLINE=1, a working directory without this repository, and every socket connection
-    refused: loading imports the folder's three code files, and generating must work from them alone."""
-    script = f"""
-import json, socket, sys
-def refuse(*args, **kwargs):
-    raise RuntimeError("network connection attempted")
-socket.socket.connect = socket.socket.connect_ex = socket.create_connection = refuse
-import torch
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
-repo = {str(converted_original)!r}
-model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-pixels = torch.randint(0, 256, ({IMAGE_SIZE}, {2 * IMAGE_SIZE}, 3), generator=torch.Generator().manual_seed(0))
-image = Image.fromarray(pixels.to(torch.uint8).numpy())
-prompt = processor.build_prompt("Is Tom a wump?", num_images=1, num_latent_thoughts=2)
-inputs = processor(images=[image], text=prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-modules = sorted({{name.rsplit(".", 1)[1] for name in sys.modules if name.startswith("transformers_modules.") and "coconut" in name}})
-print(json.dumps({{"modules": modules, "new": output[0, inputs["input_ids"].shape[1]:].tolist()}}))
-"""
+def test_card_quick_start_runs_offline_without_network(converted_original, tmp_path):
+    """The model card's quick start, as written, in a fresh process: an empty HF_HOME, HF_HUB_OFFLINE=1, a working
+    directory without this repository, and every socket connection refused. Loading imports the folder's three code
+    files, so this is also the test that importing them opens no connection."""
+    card = (converted_original / "README.md").read_text()
+    quick_start = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert f'repo = "{converted_original}"' in quick_start
+    refuse_network = (
+        "import socket\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise RuntimeError('network connection attempted')\n"
+        "socket.socket.connect = socket.socket.connect_ex = socket.create_connection = refuse\n"
+    )
+    report = (
+        "\nimport json, sys\n"
+        "modules = sorted({name.rsplit('.', 1)[1] for name in sys.modules if name.startswith('transformers_modules.')"
+        " and 'coconut' in name})\n"
+        "print(json.dumps({'modules': modules, 'new': output_ids[0, inputs['input_ids'].shape[1]:].tolist()}))\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", refuse_network + quick_start + report],
         cwd=tmp_path,
         env=subprocess_env(tmp_path / "empty_hf_home"),
         capture_output=True,
@@ -285,6 +287,7 @@ print(json.dumps({{"modules": modules, "new": output[0, inputs["input_ids"].shap
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "answer:" in result.stdout
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["modules"] == [name.removesuffix(".py") for name in CODE_FILES]  # the folder's copies were used
     assert len(report["new"]) >= 1
@@ -292,10 +295,9 @@ print(json.dumps({{"modules": modules, "new": output[0, inputs["input_ids"].shap
     # The same greedy tokens as the model in this process, computed step by step without `generate`.
     model = AutoModel.from_pretrained(converted_original, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(converted_original, trust_remote_code=True)
-    pixels = torch.randint(0, 256, (IMAGE_SIZE, 2 * IMAGE_SIZE, 3), generator=torch.Generator().manual_seed(0))
-    image = Image.fromarray(pixels.to(torch.uint8).numpy())
-    prompt = processor.build_prompt("Is Tom a wump?", num_images=1, num_latent_thoughts=2)
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    prompt = processor.build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts=2)
+    inputs = processor(images=[Image.new("RGB", (448, 448), "white")], text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == model.config.latent_token_id).sum() == 2
     ids, expected = inputs["input_ids"], []
     with torch.no_grad():
         for _ in range(len(report["new"])):
@@ -347,3 +349,38 @@ def test_push_folder_creates_repo_and_uploads_the_folder(converted_original, mon
 def test_unknown_original_weight_raises():
     with pytest.raises(ValueError, match="`vision_model.encoder.layers.0.attn.rope` of the original InternVL layout"):
         original_to_native_state_dict({"vision_model.encoder.layers.0.attn.rope": torch.zeros(1)})
+
+
+def test_local_base_pushed_without_hub_id_raises(tmp_path):
+    with pytest.raises(ValueError, match="pass `--base_model_id OWNER/NAME`"):
+        ConvertConfig(base=str(tmp_path), output=str(tmp_path / "out"), push_to_hub="me/coconut")
+
+
+def test_model_card_metadata_and_evaluation_table():
+    card = render_model_card(
+        ModelCardData(
+            repo_id="me/coconut-internvl3-1b",
+            base_model="OpenGVLab/InternVL3-1B-hf",
+            license="mit",
+            datasets=["prosqa"],
+            num_latent_thoughts=6,
+            evaluation=[{"dataset": "ProsQA test", "thoughts": 6, "accuracy": 0.9712}],
+        )
+    )
+    metadata = yaml.safe_load(card.split("---", 2)[1])
+    assert metadata == {
+        "library_name": "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "base_model": "OpenGVLab/InternVL3-1B-hf",
+        "license": "mit",
+        "tags": ["coconut", "latent-reasoning", "internvl"],
+        "datasets": ["prosqa"],
+    }
+    assert "| dataset | thoughts | accuracy |\n|---|---|---|\n| ProsQA test | 6 | 0.9712 |" in card
+    assert 'repo = "me/coconut-internvl3-1b"' in card and "num_latent_thoughts=6" in card
+    for section in ("## Quick start", "## Training", "## Evaluation", "## Limitations", "## Citation"):
+        assert section in card
+    with pytest.raises(ValueError, match="`evaluation` rows have different columns"):
+        render_model_card(
+            ModelCardData(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])
+        )
