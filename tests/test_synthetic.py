@@ -105,7 +105,8 @@ def test_tokenizer_is_small_and_covers_the_task(tmp_path):
         assert tokenizer.unk_token_id not in ids
     record = build_synthetic_split(tmp_path, "test", num_records=1)[0]
     example = build_training_example(record, 2, tokenizer, CurriculumConfig(c_thought=1, max_latent_stage=6))
-    assert example["prompt"].count("<image>") == 1 and len(example["images"]) == 1
+    text_only = build_training_example({**record, "images": []}, 2, tokenizer, CurriculumConfig(max_latent_stage=6))
+    assert len(example["prompt"]) > len(text_only["prompt"]) and len(example["images"]) == 1
     assert example["completion"].count("\n") == len(record["steps"]) - 2  # two steps replaced by thoughts
     # Whole words: a step is a handful of tokens, so six of them fit easily in a tiny model's context.
     assert len(tokenizer.tokenize("B4 points down to B1.\n")) <= 9
