@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.modeling_utils import slice_logits_to_keep
@@ -26,6 +27,11 @@ except ImportError:  # imported from the repository root, e.g. `python train_sft
 
 
 logger = logging.get_logger(__name__)
+
+# InternVL checkpoints on the Hub keep the legacy key layout (`language_model.lm_head.weight`, ...); transformers renames
+# those keys by model type, so read them for `coconut_internvl` exactly as for `internvl`.
+if get_checkpoint_conversion_mapping("coconut_internvl") is None:
+    register_checkpoint_conversion_mapping("coconut_internvl", get_checkpoint_conversion_mapping("internvl"))
 
 
 def plan_latent_passes(latent_mask: torch.Tensor, min_passes: int = 1) -> list[tuple[int, int]]:

@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 folder, inputs_path, outputs_path = sys.argv[1:]
 inputs = load_file(inputs_path)
 logits = {}
-for name in %r:
+for name in AUTO_CLASSES:
     model = getattr(transformers, name).from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__name__ == "CoconutInternVLForConditionalGeneration", type(model)
     with torch.no_grad():
         logits[name] = model(**inputs).logits
 save_file(logits, outputs_path)
-""" % (AUTO_CLASSES,)
+""".replace("AUTO_CLASSES", repr(AUTO_CLASSES))
 
 
 def test_save_pretrained_writes_auto_map_code_and_safetensors(tmp_path):
@@ -101,3 +101,22 @@ def test_root_config_builds_the_full_size_model_on_cpu(hf_home):
     assert model.get_input_embeddings().weight.shape == (151677, 896)
     assert model.lm_head.weight.shape == (151677, 896)
     assert 0.9e9 < sum(p.numel() for p in model.parameters()) < 1.0e9
+
+
+def test_legacy_internvl_checkpoint_keys_load_into_the_coconut_class(tmp_path):
+    """InternVL `-hf` checkpoints on the Hub use `language_model.model.*`, `language_model.lm_head.*`, ... keys."""
+    model = tiny_model()
+    legacy = {}
+    for name, tensor in model.state_dict().items():
+        name = name.replace("model.language_model.", "language_model.model.", 1)
+        name = name.replace("lm_head.", "language_model.lm_head.", 1) if name.startswith("lm_head.") else name
+        name = name.replace("model.vision_tower.", "vision_tower.", 1)
+        name = name.replace("model.multi_modal_projector.", "multi_modal_projector.", 1)
+        legacy[name] = tensor.contiguous()
+    assert "language_model.lm_head.weight" in legacy
+    model.config.save_pretrained(tmp_path)
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = type(model).from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
