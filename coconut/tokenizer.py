@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE
+
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -17,14 +19,8 @@ START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|late
 LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)
 BASE_SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, START_IMAGE, END_IMAGE, IMAGE_CONTEXT, VIDEO)
 
-# InternVL's chat format (Qwen2 ChatML); an image in a message becomes `<image>`, which the processor expands.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# InternVL's chat format (Qwen2 ChatML), defined once with the processor that ships to the Hub.
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, with_latent_tokens: bool = True):
