@@ -190,3 +190,22 @@ def test_save_and_load_with_auto_processor(processor, tmp_path, hf_home):
     expected, got = processor(images=images, **kwargs), loaded(images=images, **kwargs)
     assert torch.equal(expected["input_ids"], got["input_ids"])
     torch.testing.assert_close(expected["pixel_values"], got["pixel_values"], rtol=0, atol=0)
+
+
+def test_generate_with_stop_strings_and_the_processor(processor):
+    """`stop_strings` (which need the tokenizer) end generation where the string is complete, thoughts and all."""
+    model = processor_model(processor, seed=3)
+    prompt = processor.build_prompt("Is Tom a wump?", num_images=1, num_latent_thoughts=2)
+    inputs = processor(images=[make_image(IMAGE_SIZE, IMAGE_SIZE, 0)], text=prompt, return_tensors="pt")
+    settings = dict(do_sample=False, eos_token_id=None, pad_token_id=processor.tokenizer.pad_token_id)
+    free = model.generate(**inputs, max_new_tokens=8, **settings)[0, inputs["input_ids"].shape[1] :]
+    # A stop string made of one whole generated token (byte-level tokens can be half a character).
+    texts = [processor.tokenizer.decode(free[i : i + 1]) for i in range(1, 7)]
+    position, stop = next((i + 1, text) for i, text in enumerate(texts) if text.strip() and text.isprintable())
+    stopped = model.generate(
+        **inputs, max_new_tokens=8, stop_strings=[stop], tokenizer=processor.tokenizer, **settings
+    )
+    new = stopped[0, inputs["input_ids"].shape[1] :]
+    assert len(new) <= position + 1 < 8
+    assert torch.equal(new, free[: len(new)])
+    assert processor.tokenizer.decode(new).endswith(stop)
