@@ -6,6 +6,8 @@ sequential passes over one KV cache: a pass ends right before every column that 
 starts with the thought the previous pass produced. Images are encoded once, before the first pass.
 """
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, InternVLForConditionalGeneration
@@ -85,6 +87,39 @@ def _slice_attention_mask(attention_mask, past_length: int, start: int, end: int
     if attention_mask.ndim == 2:
         return attention_mask[:, : past_length + end]
     return attention_mask[:, :, start:end]
+
+
+@contextmanager
+def _layers_keep_cache(layers, enabled: bool):
+    """Let checkpointed decoder layers keep the KV cache for the duration of a latent forward.
+
+    `GradientCheckpointingLayer` drops the cache because the backward replay of a layer would update it a second
+    time. `_seal_pass_cache` makes that replay see exactly the cache the pass saw, so the cache can stay.
+    """
+    if not enabled:
+        yield
+        return
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class default
+
+
+def _seal_pass_cache(cache: DynamicCache, keys_before: list, text_config) -> DynamicCache:
+    """Leave `cache` as it was before the pass (for the pass's backward replay) and continue in a new cache.
+
+    The replay of a checkpointed layer calls `cache.update` again with the same new keys and values; with the old
+    entries put back it returns exactly the tensors of the first run. Later passes write into the returned copy,
+    which holds the same tensors (and autograd history) as `cache` did after the pass.
+    """
+    continued = DynamicCache(config=text_config)
+    for index, (layer, before) in enumerate(zip(cache.layers, keys_before)):
+        continued.update(layer.keys, layer.values, index)
+        layer.keys, layer.values = before if before is not None else (layer.keys[..., :0, :], layer.values[..., :0, :])
+    return continued
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -215,24 +250,29 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             cache = DynamicCache(config=self.config.text_config)
 
         ranges = plan_latent_passes(latent_mask, min_passes=num_passes)
+        checkpointing = self._checkpointing_layers()
         hidden_chunks, layer_chunks = [], []
-        for start, end in ranges:
-            chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
-            if start > 0 and latent_mask[:, start].any():
-                thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
-                first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
-                chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-            outputs = self.model.language_model(
-                inputs_embeds=chunk,
-                attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
-                position_ids=position_ids[..., start:end],
-                cache=cache,
-                use_cache=True,
-                **kwargs,
-            )
-            hidden_chunks.append(outputs.last_hidden_state)
-            if outputs.hidden_states is not None:
-                layer_chunks.append(outputs.hidden_states)
+        with _layers_keep_cache(self.model.language_model.layers, checkpointing):
+            for start, end in ranges:
+                chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
+                if start > 0 and latent_mask[:, start].any():
+                    thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
+                    first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
+                    chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+                keys_before = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
+                outputs = self.model.language_model(
+                    inputs_embeds=chunk,
+                    attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
+                    position_ids=position_ids[..., start:end],
+                    cache=cache,
+                    use_cache=True,
+                    **kwargs,
+                )
+                hidden_chunks.append(outputs.last_hidden_state)
+                if outputs.hidden_states is not None:
+                    layer_chunks.append(outputs.hidden_states)
+                if checkpointing:
+                    cache = _seal_pass_cache(cache, keys_before, self.config.text_config)
         # Ranks that could not split their sequence into the agreed number of passes still make the same calls.
         for _ in range(num_passes - len(ranges)):
             self.model.language_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
@@ -279,13 +319,21 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 "`output_attentions=True` is not supported with `<|latent|>` tokens: each pass attends over a "
                 "different number of keys. Run the forward without latents, or without `output_attentions`."
             )
+        if self._checkpointing_layers():
+            checkpoints = [
+                getattr(layer, "_gradient_checkpointing_func", None) for layer in self.model.language_model.layers
+            ]
+            if any(getattr(checkpoint, "keywords", {}).get("use_reentrant", False) for checkpoint in checkpoints):
+                raise ValueError(
+                    "Gradient checkpointing with `use_reentrant=True` loses the gradient that flows from later "
+                    "thoughts into earlier keys and values. Enable it with "
+                    "`gradient_checkpointing_kwargs={'use_reentrant': False}` (the transformers default)."
+                )
+
+    def _checkpointing_layers(self) -> bool:
+        """Whether the language model's layers are checkpointed in this forward (training with gradients)."""
         text_model = self.model.language_model
-        if text_model.is_activation_checkpointing and text_model.training and torch.is_grad_enabled():
-            raise ValueError(
-                "Gradient checkpointing drops the KV cache that the latent passes share, so the thoughts would be "
-                "computed without their context. Disable it (`model.gradient_checkpointing_disable()`, or "
-                "`gradient_checkpointing=False` in the training config) for inputs with `<|latent|>` tokens."
-            )
+        return text_model.is_activation_checkpointing and text_model.training and torch.is_grad_enabled()
 
     def append_latent_thoughts(
         self,
