@@ -8,13 +8,14 @@ schema: `id`, `question`, `steps`, `answer`, optional `images`, `choices`, `dire
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from coconut.curriculum import CurriculumConfig, build_eval_prompt, question_prompt
 from coconut.metrics import (
     correct_choice_index,
     count_generated_tokens,
@@ -29,39 +30,28 @@ from coconut.tokenizer import END_LATENT, LATENT, LATENT_TOKENS, START_LATENT
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("coconut", "cot", "no_cot", "pause_as_thought", "no_thought")
 RESULTS_FILE, PLOT_FILE, TABLE_FILE = "eval_results.json", "eval_results.png", "eval_results.md"
 
 
 @dataclass
 class CoconutEvalConfig:
-    """How to evaluate: the prompt's latent block (from a stage or a fixed count), batching and generation length."""
+    """How to evaluate: which stage's prompt (or a fixed latent count), batching and generation length.
 
-    method: str = field(
-        default="coconut",
-        metadata={
-            "help": "How the model was trained, which decides the prompt: `coconut` and `pause_as_thought` end the "
-            "prompt with `<|start-latent|>`, the latents and `<|end-latent|>`; `no_thought` with the two markers "
-            "only; `cot` and `no_cot` with no latent block.",
-            "choices": list(METHODS),
-        },
-    )
+    The prompt layout itself (`method`, `c_thought`, `max_latent_stage`, `pad_latent_to_max`) comes from the model's
+    [`coconut.curriculum.CurriculumConfig`], so evaluation prompts are built by the same rules as training examples.
+    """
+
     stage: int | None = field(
         default=None,
         metadata={
             "help": "Curriculum stage to evaluate: each record gets min(stage, max_latent_stage, its number of "
-            "steps) x c_thought latents, as in the Coconut paper. Leave unset to use `num_latent_thoughts`."
+            "steps) x c_thought latents (the paper's evaluation). Needed for coconut and pause_as_thought models "
+            "unless `num_latent_thoughts` is set."
         },
     )
     num_latent_thoughts: int | None = field(
         default=None,
         metadata={"help": "A fixed number of `<|latent|>` tokens for every record; overrides `stage`."},
-    )
-    c_thought: int = field(default=1, metadata={"help": "Continuous thoughts per replaced reasoning step."})
-    max_latent_stage: int = field(default=6, metadata={"help": "The last stage that replaces another step."})
-    pad_latent_to_max: bool = field(
-        default=False,
-        metadata={"help": "Give every record max_latent_stage x c_thought latents, whatever its number of steps."},
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit per record."})
@@ -79,59 +69,34 @@ class CoconutEvalConfig:
 
     def validate_eval_config(self):
         """Raise a `ValueError` naming the field for a setting that cannot be evaluated."""
-        if self.method not in METHODS:
-            raise ValueError(f"`method`={self.method!r} is not one of {METHODS}.")
-        for name in ("c_thought", "batch_size", "max_new_tokens"):
+        for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}`={getattr(self, name)} must be at least 1.")
-        for name in ("stage", "num_latent_thoughts", "max_latent_stage"):
+        for name in ("stage", "num_latent_thoughts"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"`{name}`={value} must be 0 or more.")
-        if self.method in ("cot", "no_cot") and self.num_latent_thoughts:
-            raise ValueError(
-                f"`num_latent_thoughts`={self.num_latent_thoughts} with `method`={self.method!r}: CoT and no-CoT "
-                "models see no latent block. Use `method='coconut'` (or `pause_as_thought`) for latent prompts."
-            )
-
-    def latent_thoughts(self, record: dict) -> int | None:
-        """The number of `<|latent|>` tokens in `record`'s prompt, or `None` for a prompt without a latent block."""
-        if self.method in ("cot", "no_cot"):
-            return None
-        if self.method == "no_thought":
-            return 0
-        if self.num_latent_thoughts is not None:
-            return self.num_latent_thoughts
-        if self.stage is None:
-            raise ValueError(
-                f"`method`={self.method!r} needs the latent count: set `stage` (the curriculum stage the model "
-                "reached) or `num_latent_thoughts`."
-            )
-        # The paper's evaluation: a record never gets more thoughts than it has steps, unless padded to the maximum.
-        max_stage = (
-            self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, len(record["steps"]))
-        )
-        return min(self.stage, max_stage) * self.c_thought
 
 
-def latent_block(num_latent_thoughts: int | None) -> str:
-    """`<|start-latent|>` + k x `<|latent|>` + `<|end-latent|>`, or `""` for `None` (no block)."""
-    if num_latent_thoughts is None:
-        return ""
-    return START_LATENT + LATENT * num_latent_thoughts + END_LATENT
+def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> dict:
+    """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
-
-def coconut_prompt(processing_class, record: dict, num_latent_thoughts: int | None) -> str:
-    """The evaluation prompt: the chat template with one `<image>` per image and the question, then the latent block.
-
-    The latent block opens the assistant turn, where training put it; the completion (steps, `### answer`) follows.
+    `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
+    `pause_as_thought`); `no_thought` keeps its empty marker pair and `cot` / `no_cot` have no block.
     """
-    content = [{"type": "image"} for _ in record.get("images") or []]
-    content.append({"type": "text", "text": record["question"]})
-    prompt = processing_class.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
-    return prompt + latent_block(num_latent_thoughts)
+    latent_methods = ("coconut", "pause_as_thought")
+    if curriculum.method in latent_methods and config.num_latent_thoughts is not None:
+        k = config.num_latent_thoughts
+        prompt = question_prompt(record, processing_class) + START_LATENT + LATENT * k + END_LATENT
+        return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": k}
+    if curriculum.method in latent_methods and config.stage is None:
+        raise ValueError(
+            f"`method`={curriculum.method!r} needs the latent count: set `stage` (the curriculum stage the model "
+            "reached) or `num_latent_thoughts`."
+        )
+    # The prompts of cot, no_cot and no_thought do not depend on the stage.
+    stage = config.stage if config.stage is not None else 0
+    return build_eval_prompt(record, stage, processing_class, curriculum)
 
 
 @dataclass
@@ -139,7 +104,7 @@ class Prediction:
     """One record's generation and its scores; `answer` is the text after the marker (`None` without one)."""
 
     id: str
-    num_latent_thoughts: int | None
+    num_latent_thoughts: int
     generation: str
     answer: str | None
     generated_tokens: int
@@ -195,9 +160,9 @@ def generate_predictions(
     model,
     processing_class,
     records: Sequence[dict],
+    curriculum: CurriculumConfig,
     config: CoconutEvalConfig,
-    prompt_builder: Callable[[object, dict, int | None], str] = coconut_prompt,
-) -> tuple[dict[str, tuple[str, int, int | None]], dict[str, float]]:
+) -> tuple[dict[str, tuple[str, int, int]], dict[str, float]]:
     """Greedy generations of `records`, keyed by record id, and the timing of the whole run.
 
     Prompts are sorted by length so each batch pads little; every generation goes back to its record by id.
@@ -207,8 +172,8 @@ def generate_predictions(
         processing_class (`CoconutInternVLProcessor` or `PreTrainedTokenizerBase`): builds the inputs; a tokenizer
             is enough for text-only records.
         records (`Sequence[dict]`): records with unique `id`s.
-        config (`CoconutEvalConfig`): the latent count, batch size and generation length.
-        prompt_builder (`Callable`): `(processing_class, record, num_latent_thoughts) -> prompt text`.
+        curriculum (`CurriculumConfig`): how the model was trained, which lays out the prompt.
+        config (`CoconutEvalConfig`): the stage or latent count, batch size and generation length.
 
     Returns:
         `(generations, timing)`: `{id: (text, generated_tokens, num_latent_thoughts)}` and `{"seconds",
@@ -216,9 +181,8 @@ def generate_predictions(
     """
     ids = _check_ids(records)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    latent_counts = [config.latent_thoughts(record) for record in records]
-    prompts = [prompt_builder(processing_class, record, k) for record, k in zip(records, latent_counts, strict=True)]
-    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    prompts = [eval_prompt(processing_class, record, curriculum, config) for record in records]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]["prompt"]))
 
     generation_config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
     generation_config.update(do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens)
@@ -234,7 +198,7 @@ def generate_predictions(
     generations, seconds, batch_seconds = {}, 0.0, []
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     for batch in tqdm(batches, desc="Evaluating", unit="batch", disable=config.disable_tqdm):
-        texts = [prompts[i] for i in batch]
+        texts = [prompts[i]["prompt"] for i in batch]
         images = [_load_images(records[i], i) for i in batch]
         kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
         if any(images):
@@ -247,7 +211,7 @@ def generate_predictions(
         for i, tokens in zip(batch, new_tokens, strict=True):
             count = count_generated_tokens(tokens, eos_ids, generation_config.pad_token_id)
             text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            generations[ids[i]] = (text, count, latent_counts[i])
+            generations[ids[i]] = (text, count, prompts[i]["num_latents"])
     seconds = sum(batch_seconds)
     timing = {
         "seconds": seconds,
@@ -259,7 +223,7 @@ def generate_predictions(
 
 def score_generations(
     records: Sequence[dict],
-    generations: dict[str, tuple[str, int, int | None]],
+    generations: dict[str, tuple[str, int, int]],
     direct_answer_subset_average: bool = False,
 ) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics over `records` from their generations (looked up by id), and the per-record predictions.
@@ -296,17 +260,17 @@ def evaluate_stage(
     model,
     processing_class,
     records: Iterable[dict],
+    curriculum: CurriculumConfig,
     config: CoconutEvalConfig,
     label: str = "",
-    prompt_builder: Callable[[object, dict, int | None], str] = coconut_prompt,
 ) -> StageResult:
     """Generate and score `records` at `config.stage` (or `config.num_latent_thoughts`): one row of the results.
 
     Example:
 
     ```python
-    >>> config = CoconutEvalConfig(stage=3, c_thought=2, max_latent_stage=3, max_new_tokens=64)
-    >>> result = evaluate_stage(model, processor, validation_records, config)
+    >>> curriculum = CurriculumConfig(method="coconut", c_thought=2, max_latent_stage=3)
+    >>> result = evaluate_stage(model, processor, validation_records, curriculum, CoconutEvalConfig(stage=3))
     >>> result.metrics["accuracy"], result.metrics["mean_generated_tokens"]
     ```
     """
@@ -314,7 +278,7 @@ def evaluate_stage(
     was_training = model.training
     model.eval()
     try:
-        generations, timing = generate_predictions(model, processing_class, records, config, prompt_builder)
+        generations, timing = generate_predictions(model, processing_class, records, curriculum, config)
     finally:
         model.train(was_training)
     metrics, predictions = score_generations(records, generations, config.direct_answer_subset_average)
@@ -419,11 +383,12 @@ def _metric_titles(names):
 class ModelEntry:
     """One model of a comparison: a `label` for the table, a local path or Hub id, and how it was trained.
 
-    `config` is the model's own evaluation settings (its method and stage or latent count).
+    `curriculum` is the model's training recipe (its `method` above all) and `config` its stage or latent count.
     """
 
     label: str
     model: str
+    curriculum: CurriculumConfig
     config: CoconutEvalConfig
 
 
@@ -438,19 +403,18 @@ def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.d
     return model.eval(), processing_class
 
 
-def compare_models(
-    entries: Sequence[ModelEntry], records: Iterable[dict], device=None, prompt_builder=coconut_prompt
-) -> EvalResults:
+def compare_models(entries: Sequence[ModelEntry], records: Iterable[dict], device=None) -> EvalResults:
     """The paper's comparison: every model (e.g. CoT, no-CoT, pause-as-thought, Coconut) on the same records.
 
     Example:
 
     ```python
     >>> entries = [
-    ...     ModelEntry("CoT", "outputs/cot", CoconutEvalConfig(method="cot")),
-    ...     ModelEntry("No-CoT", "outputs/no_cot", CoconutEvalConfig(method="no_cot")),
-    ...     ModelEntry("Pause as thought", "outputs/pause", CoconutEvalConfig(method="pause_as_thought", stage=6)),
-    ...     ModelEntry("Coconut", "outputs/coconut", CoconutEvalConfig(stage=6)),
+    ...     ModelEntry("CoT", "outputs/cot", CurriculumConfig(method="cot"), CoconutEvalConfig()),
+    ...     ModelEntry("No-CoT", "outputs/no_cot", CurriculumConfig(method="no_cot"), CoconutEvalConfig()),
+    ...     ModelEntry("Pause as thought", "outputs/pause", CurriculumConfig(method="pause_as_thought"),
+    ...                CoconutEvalConfig(stage=4)),
+    ...     ModelEntry("Coconut", "outputs/coconut", CurriculumConfig(), CoconutEvalConfig(stage=4)),
     ... ]
     >>> print(compare_models(entries, test_records).markdown_table())
     ```
@@ -462,7 +426,7 @@ def compare_models(
     results = EvalResults()
     for entry in entries:
         model, processing_class = load_model_and_processor(entry.model, device=device)
-        results.add(evaluate_stage(model, processing_class, records, entry.config, entry.label, prompt_builder))
+        results.add(evaluate_stage(model, processing_class, records, entry.curriculum, entry.config, entry.label))
         del model
     return results
 
@@ -473,11 +437,10 @@ __all__ = [
     "ModelEntry",
     "Prediction",
     "StageResult",
-    "coconut_prompt",
     "compare_models",
     "evaluate_stage",
     "generate_predictions",
-    "latent_block",
+    "eval_prompt",
     "load_model_and_processor",
     "score_generations",
 ]

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
     ModelEntry,
-    coconut_prompt,
     compare_models,
+    eval_prompt,
     evaluate_stage,
     score_generations,
 )
@@ -23,6 +24,8 @@ from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
 NAMES = ["Tom", "Ann", "Bob", "Eve", "Max", "Sam"]
 KINDS = ["wumpus", "yumpus", "zumpus"]
+STEPS = 120
+COCONUT = CurriculumConfig(method="coconut", c_thought=1, max_latent_stage=2)
 
 
 def make_records() -> list[dict]:
@@ -59,8 +62,7 @@ def trained():
     )
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config)
-    stage1 = CoconutEvalConfig(stage=1)
-    prompts = [coconut_prompt(tokenizer, r, stage1.latent_thoughts(r)) for r in records]
+    prompts = [eval_prompt(tokenizer, r, COCONUT, CoconutEvalConfig(stage=1))["prompt"] for r in records]
     completions = [f"{r['steps'][1]}\n### {r['answer']}{tokenizer.eos_token}" for r in records]
     batch = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)], return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -68,7 +70,7 @@ def trained():
         labels[row, : len(tokenizer(prompt)["input_ids"])] = -100
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(120):
+    for _ in range(STEPS):
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -76,9 +78,14 @@ def trained():
     return model.eval(), tokenizer, loss.item()
 
 
-def direct_generation(model, tokenizer, record, num_latent_thoughts, max_new_tokens):
+def direct_generation(model, tokenizer, record, max_new_tokens):
     """The record alone (no padding, no batch), generated greedily: what the evaluation must reproduce."""
-    prompt = coconut_prompt(tokenizer, record, num_latent_thoughts)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": record["question"]}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt += START_LATENT + LATENT + END_LATENT  # stage 1: one thought
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     latent_ids = tokenizer.convert_tokens_to_ids([LATENT, START_LATENT, END_LATENT])
     output = model.generate(
@@ -103,11 +110,11 @@ def test_evaluation_equals_direct_computation(trained):
     records[1]["answer"] = "Ann is a zumpus."
     records[4]["answer"] = "Max is a wumpus."
     config = CoconutEvalConfig(stage=1, batch_size=4, max_new_tokens=24, disable_tqdm=True)
-    result = evaluate_stage(model, tokenizer, records, config)
+    result = evaluate_stage(model, tokenizer, records, COCONUT, config)
 
     expected_correct, expected_tokens = [], []
     for record, prediction in zip(records, result.predictions, strict=True):
-        text, count = direct_generation(model, tokenizer, record, 1, max_new_tokens=24)
+        text, count = direct_generation(model, tokenizer, record, max_new_tokens=24)
         assert prediction.id == record["id"] and prediction.generation == text, (record["id"], prediction, text)
         expected_correct.append(exact_match(extract_answer(text), record["answer"]))
         expected_tokens.append(count)
@@ -122,31 +129,35 @@ def test_predictions_follow_ids_not_batch_positions(trained):
     model, tokenizer, _ = trained
     records = make_records()
     config = CoconutEvalConfig(stage=1, batch_size=4, max_new_tokens=24, disable_tqdm=True)
-    ordered = evaluate_stage(model, tokenizer, records, config)
+    ordered = evaluate_stage(model, tokenizer, records, COCONUT, config)
     shuffled_records = records[:]
     random.Random(0).shuffle(shuffled_records)
-    shuffled = evaluate_stage(model, tokenizer, shuffled_records, config)
+    shuffled = evaluate_stage(model, tokenizer, shuffled_records, COCONUT, config)
     by_id = {p.id: p.generation for p in shuffled.predictions}
     assert {p.id: p.generation for p in ordered.predictions} == by_id
     assert [p.id for p in shuffled.predictions] == [r["id"] for r in shuffled_records]
     assert ordered.metrics["accuracy"] == shuffled.metrics["accuracy"] == 1.0
 
 
-def test_latent_count_from_stage_and_method():
-    record = {"id": "r", "question": "?", "steps": ["a", "b", "c"], "answer": "x"}
-    assert CoconutEvalConfig(stage=2, c_thought=2).latent_thoughts(record) == 4
-    assert CoconutEvalConfig(stage=5, c_thought=2, max_latent_stage=4).latent_thoughts(record) == 6  # 3 steps only
-    assert (
-        CoconutEvalConfig(stage=5, c_thought=2, max_latent_stage=4, pad_latent_to_max=True).latent_thoughts(record)
-        == 8
-    )
-    assert CoconutEvalConfig(num_latent_thoughts=5, stage=1).latent_thoughts(record) == 5
-    assert CoconutEvalConfig(method="cot").latent_thoughts(record) is None
-    assert CoconutEvalConfig(method="no_thought", stage=3).latent_thoughts(record) == 0
-    with pytest.raises(ValueError, match="`stage`"):
-        CoconutEvalConfig().latent_thoughts(record)
-    with pytest.raises(ValueError, match="`method`='tree'"):
-        CoconutEvalConfig(method="tree")
+def test_prompt_latent_count_from_stage_flag_and_method():
+    tokenizer = train_tokenizer(["a b c"], vocab_size=270)
+    record = {"id": "r", "question": "Q?", "steps": ["a", "b", "c"], "answer": "x"}
+
+    def latents(curriculum, **config):
+        prompt = eval_prompt(tokenizer, record, curriculum, CoconutEvalConfig(**config))["prompt"]
+        block = prompt.split("assistant\n")[1]
+        assert block == ("" if not block else START_LATENT + LATENT * block.count(LATENT) + END_LATENT), block
+        return block.count(LATENT) if block else None
+
+    two = CurriculumConfig(c_thought=2, max_latent_stage=4)
+    assert latents(two, stage=2) == 4
+    assert latents(two, stage=5) == 6  # past the last stage, capped at the record's 3 steps
+    assert latents(CurriculumConfig(c_thought=2, max_latent_stage=4, pad_latent_to_max=True), stage=5) == 8
+    assert latents(two, stage=1, num_latent_thoughts=5) == 5
+    assert latents(CurriculumConfig(method="cot")) is None
+    assert latents(CurriculumConfig(method="no_thought"), stage=3) == 0
+    with pytest.raises(ValueError, match="set `stage`"):
+        latents(two)
     with pytest.raises(ValueError, match="`batch_size`=0"):
         CoconutEvalConfig(batch_size=0)
 
@@ -176,11 +187,16 @@ def test_results_files_and_comparison(trained, tmp_path, hf_home):
         tokenizer.save_pretrained(tmp_path / name)
     records = make_records()
     entries = [
-        ModelEntry("Coconut", str(tmp_path / "coconut"), CoconutEvalConfig(stage=1, max_new_tokens=24)),
-        ModelEntry("No thought", str(tmp_path / "other"), CoconutEvalConfig(method="no_thought", max_new_tokens=24)),
+        ModelEntry("Coconut", str(tmp_path / "coconut"), COCONUT, CoconutEvalConfig(stage=1, max_new_tokens=24)),
+        ModelEntry(
+            "No thought",
+            str(tmp_path / "other"),
+            CurriculumConfig(method="no_thought"),
+            CoconutEvalConfig(max_new_tokens=24),
+        ),
     ]
     results = compare_models(entries, records)
-    direct = evaluate_stage(model, tokenizer, records, entries[0].config, "Coconut")
+    direct = evaluate_stage(model, tokenizer, records, COCONUT, entries[0].config, "Coconut")
     assert results.results[0].metrics["accuracy"] == direct.metrics["accuracy"] == 1.0
     assert [p.generation for p in results.results[0].predictions] == [p.generation for p in direct.predictions]
 
