@@ -379,6 +379,30 @@ def _metric_titles(names):
     return [titles[name] for name in names]
 
 
+CARD_TABLE_START, CARD_TABLE_END = "<!-- coconut-eval-results -->", "<!-- /coconut-eval-results -->"
+
+
+def write_table_into_card(card_path: str | Path, table: str, heading: str = "## Evaluation") -> str:
+    """Put `table` into the model card at `card_path`, replacing the table an earlier evaluation wrote there.
+
+    The table sits between two HTML comments, so re-evaluating replaces it; a card without them gets a `heading`
+    section appended. Returns the new card text.
+    """
+    card_path = Path(card_path)
+    if not card_path.is_file():
+        raise ValueError(f"Model card {str(card_path)!r} does not exist; save the model (with its README.md) first.")
+    card = card_path.read_text()
+    block = f"{CARD_TABLE_START}\n{table.rstrip()}\n{CARD_TABLE_END}"
+    if CARD_TABLE_START in card and CARD_TABLE_END in card:
+        before, rest = card.split(CARD_TABLE_START, 1)
+        after = rest.split(CARD_TABLE_END, 1)[1]
+        card = before + block + after
+    else:
+        card = card.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    card_path.write_text(card)
+    return card
+
+
 @dataclass
 class ModelEntry:
     """One model of a comparison: a `label` for the table, a local path or Hub id, and how it was trained.
@@ -443,4 +467,5 @@ __all__ = [
     "eval_prompt",
     "load_model_and_processor",
     "score_generations",
+    "write_table_into_card",
 ]
