@@ -142,7 +142,8 @@ class ProbeArguments:
     output_file: str = field(default="outputs/probe.json", metadata={"help": "Where to save the probes as JSON."})
 
 
-def main(args: ProbeArguments):
+def main(args: ProbeArguments) -> list[ThoughtProbe]:
+    """Probe the thoughts of `args.question`, save them to `args.output_file` and return them."""
     from PIL import Image
 
     from coconut.curriculum import question_prompt
@@ -160,16 +161,16 @@ def main(args: ProbeArguments):
     kwargs = {"images": [images]} if images else {}
     inputs = processing_class(text=[prompt], return_tensors="pt", **kwargs).to(model.device)
     probes = probe_thoughts(model, tokenizer, top_k=args.top_k, **inputs)
-    print(format_probes(probes))
     save_probes(probes, args.output_file, prompt)
     logger.info("Saved the probes to %s", args.output_file)
+    return probes
 
 
 if __name__ == "__main__":
     from transformers import HfArgumentParser
 
     logging.basicConfig(level=logging.INFO)
-    main(HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()[0])
+    print(format_probes(main(HfArgumentParser(ProbeArguments).parse_args_into_dataclasses()[0])))
 
 
 __all__ = ["TokenScore", "ThoughtProbe", "probe_vectors", "thought_vectors", "probe_thoughts", "format_probes"]

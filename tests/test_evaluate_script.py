@@ -87,3 +87,24 @@ def test_table_replaces_the_previous_one(tmp_path):
     assert "| b |" in text and "| a |" not in text and text.startswith("# Model\n\nText.\n\n## Evaluation")
     with pytest.raises(ValueError, match="does not exist"):
         write_table_into_card(tmp_path / "missing.md", "| c |")
+
+
+def test_probe_command(saved_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    model_dir, model, tokenizer = saved_model
+    output = tmp_path / "probe.json"
+    command = [sys.executable, "-m", "coconut.probe", "--model", str(model_dir), "--question", "Is Tom a wumpus?"]
+    command += ["--num_latent_thoughts", "3", "--top_k", "2", "--output_file", str(output)]
+    env = subprocess_env(tmp_path / "hf_home_probe")  # run as a user would: from the repository root, offline
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("thought ") == 3, completed.stdout
+    saved = json.loads(output.read_text())
+    assert saved["prompt"].endswith(START_LATENT + LATENT * 3 + END_LATENT)
+    assert [len(t["top_tokens"]) for t in saved["thoughts"]] == [2, 2, 2]
