@@ -62,7 +62,9 @@ class CoconutInternVLConfig(InternVLConfig):
                 )
             for other_name, other_value in seen.items():
                 if value == other_value:
-                    raise ValueError(f"`{name}`={value} is the same id as `{other_name}`; each token needs its own id.")
+                    raise ValueError(
+                        f"`{name}`={value} is the same id as `{other_name}`; each token needs its own id."
+                    )
             seen[name] = value
 
 

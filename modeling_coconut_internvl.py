@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 from transformers.utils import logging
@@ -77,6 +79,16 @@ def _slice_attention_mask(attention_mask, past_length: int, start: int, end: int
     if attention_mask.ndim == 2:
         return attention_mask[:, : past_length + end]
     return attention_mask[:, :, start:end]
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Generation appends to the right end of each row: right padding would put the new tokens after the padding."""
+    if attention_mask.ndim == 2 and not attention_mask[:, -1].all():
+        rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"Rows {rows} of `attention_mask` end in padding: generating with thoughts needs left padding. "
+            "Tokenize with `padding_side='left'` (the processor's default)."
+        )
 
 
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
@@ -184,7 +196,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
 
         if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
                 # Same positions as `generate` gives a padded row, and as the row alone, unpadded.
                 position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
                 position_ids = position_ids[:, past_length:]
@@ -247,7 +259,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 "continuous thought is the hidden state of the position before it, and there is none. Put the "
                 "question and `<|start-latent|>` before the latent tokens."
             )
-        if attention_mask is not None and attention_mask.ndim == 2 and len(rows) > 0:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and len(rows) > 0:
             before = attention_mask[rows, past_length + columns - 1] == 0
             if before.any():
                 row, column = rows[before][0].item(), columns[before][0].item()
@@ -268,6 +280,113 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 "computed without their context. Disable it (`model.gradient_checkpointing_disable()`, or "
                 "`gradient_checkpointing=False` in the training config) for inputs with `<|latent|>` tokens."
             )
+
+    def append_latent_thoughts(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        num_latent_thoughts: int | list[int],
+        pad_token_id: int | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        r"""
+        Append Coconut's inference block, `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>`, to each prompt.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding mask.
+            num_latent_thoughts (`int` or `list[int]`): k for every prompt, or one k per prompt.
+            pad_token_id (`int`, *optional*): fills the left padding; defaults to the generation config's.
+
+        Returns:
+            `(input_ids, attention_mask)` of shape `(batch_size, sequence_length + max(k) + 2)`, still left-padded.
+        """
+        config = self.config
+        if None in (config.latent_token_id, config.start_latent_token_id, config.end_latent_token_id):
+            raise ValueError(
+                "`num_latent_thoughts` needs `latent_token_id`, `start_latent_token_id` and `end_latent_token_id` in "
+                f"the config, got {config.latent_token_id}, {config.start_latent_token_id}, "
+                f"{config.end_latent_token_id}. Convert the checkpoint with `convert_to_coconut.py` first."
+            )
+        batch_size = input_ids.shape[0]
+        counts = [num_latent_thoughts] * batch_size if isinstance(num_latent_thoughts, int) else num_latent_thoughts
+        if len(counts) != batch_size or any(count < 0 for count in counts):
+            raise ValueError(
+                f"`num_latent_thoughts` must be a non-negative int or one per prompt ({batch_size} prompts), got "
+                f"{num_latent_thoughts}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        _check_left_padded(attention_mask)
+        if pad_token_id is None:
+            pad_token_id = self.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = config.text_config.pad_token_id or 0
+
+        new_length = input_ids.shape[1] + max(counts) + 2
+        new_ids = torch.full((batch_size, new_length), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros((batch_size, new_length), dtype=attention_mask.dtype, device=attention_mask.device)
+        for row, count in enumerate(counts):
+            block = [config.start_latent_token_id] + [config.latent_token_id] * count + [config.end_latent_token_id]
+            ids = torch.cat([input_ids[row][attention_mask[row].bool()], input_ids.new_tensor(block)])
+            new_ids[row, new_length - len(ids) :] = ids
+            new_mask[row, new_length - len(ids) :] = 1
+        return new_ids, new_mask
+
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        num_latent_thoughts: int | list[int] | None = None,
+        synced_gpus: bool | None = None,
+        **kwargs,
+    ):
+        r"""
+        [`GenerationMixin.generate`] with continuous thoughts: the latent passes run once over the prompt while it fills
+        the KV cache, then decoding goes on from that cache one token at a time. Every decoding strategy, streamer,
+        stopping criterion and output option of `generate` works as usual.
+
+        Args:
+            inputs (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Left-padded prompt ids (or pass `input_ids=`). Prompts may already hold latent blocks.
+            num_latent_thoughts (`int` or `list[int]`, *optional*):
+                Append `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>` to every prompt (see
+                [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]).
+            synced_gpus (`bool`, *optional*):
+                As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
+                passes, whatever its prompts' thoughts.
+
+        `<|latent|>` is never generated: a thought needs the hidden state before it, which decoding does not keep.
+
+        Example:
+
+        ```python
+        >>> output_ids = model.generate(**inputs, num_latent_thoughts=6, max_new_tokens=32)
+        ```
+        """
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if num_latent_thoughts is not None:
+            if input_ids is None:
+                raise ValueError("`num_latent_thoughts` needs the prompt as `input_ids`, got none.")
+            pad_token_id = kwargs.get("pad_token_id", getattr(generation_config, "pad_token_id", None))
+            input_ids, kwargs["attention_mask"] = self.append_latent_thoughts(
+                input_ids, kwargs.get("attention_mask"), num_latent_thoughts, pad_token_id
+            )
+        if self._latent_mask(input_ids) is not None and kwargs.get("attention_mask") is not None:
+            _check_left_padded(kwargs["attention_mask"])
+
+        latent_token_id = self.config.latent_token_id
+        if latent_token_id is not None:
+            suppressed = kwargs.pop("suppress_tokens", None)
+            if suppressed is None:
+                suppressed = (generation_config or self.generation_config).suppress_tokens
+            kwargs["suppress_tokens"] = sorted({*(suppressed or []), latent_token_id})
+
+        if synced_gpus is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
+        if synced_gpus:
+            kwargs["sync_latent_passes"] = True
+        return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
 
 
 CoconutInternVLConfig.register_for_auto_class()

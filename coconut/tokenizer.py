@@ -40,7 +40,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, with_latent_to
         `PreTrainedTokenizerFast` with `pad_token`, `eos_token` (`<|im_end|>`), InternVL's image-token attributes and a
         chat template.
     """
-    special_tokens = list(BASE_SPECIAL_TOKENS) + (list(LATENT_TOKENS) if with_latent_tokens else [])
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-
+from coconut.reference import reference_embeddings, reference_greedy, reference_logits  # noqa: F401
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
@@ -131,34 +131,6 @@ def build_batch(rows: list[Row], padding_side: str = "right", seed: int = 0) -> 
 def model_inputs(batch: dict) -> dict:
     keys = ("input_ids", "attention_mask", "pixel_values", "labels")
     return {key: batch[key] for key in keys if batch[key] is not None}
-
-
-def reference_embeddings(model, ids: list[int], pixel_values: torch.Tensor, detach_thoughts=False) -> torch.Tensor:
-    """Input embeddings of one unpadded row with its image features in place, and every thought filled in.
-
-    The obviously-correct algorithm: for each latent, left to right, run the language model on the whole prefix
-    without a cache and take the final hidden state of the position before it. Returns `(1, T, H)`.
-    `detach_thoughts` cuts the gradient through the thoughts (what a wrong implementation would compute).
-    """
-    input_ids = torch.tensor([ids])
-    embeds = model.get_input_embeddings()(input_ids)
-    if len(pixel_values):
-        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        image_mask = (input_ids == IMAGE).unsqueeze(-1)
-        embeds = embeds.masked_scatter(image_mask, features.reshape(-1, features.shape[-1]))
-    for position in (input_ids[0] == LATENT).nonzero().flatten().tolist():
-        prefix = model.model.language_model(inputs_embeds=embeds[:, :position], use_cache=False)
-        thought = prefix.last_hidden_state[:, -1:]
-        thought = thought.detach() if detach_thoughts else thought
-        embeds = torch.cat([embeds[:, :position], thought, embeds[:, position + 1 :]], dim=1)
-    return embeds
-
-
-def reference_logits(model, ids: list[int], pixel_values: torch.Tensor, detach_thoughts=False) -> torch.Tensor:
-    """Logits `(T, V)` of one unpadded row by the reference algorithm."""
-    embeds = reference_embeddings(model, ids, pixel_values, detach_thoughts)
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return model.lm_head(hidden)[0]
 
 
 def real_columns(attention_mask_row: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,240 @@
+"""`generate` with continuous thoughts against a naive decode (each prompt alone, everything recomputed per token)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, reference_logits, tiny_model
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from coconut.reference import reference_greedy as coconut_reference_greedy
+
+
+EOS = FIRST_TEXT_ID
+TOLERANCE = 1e-5
+MIXED_PROMPTS = [
+    Row(latents=3, answer=0, images=[1]),
+    Row(latents=0, answer=0, images=[2], lead=4),
+    Row(latents=5, answer=0, images=[], lead=1),
+    Row(latents=1, answer=0, images=[1, 1], lead=2),
+]
+
+
+def reference_greedy(model, ids, pixel_values, max_new_tokens):
+    return coconut_reference_greedy(model, ids, pixel_values, max_new_tokens, EOS)
+
+
+def generated_rows(sequences: torch.Tensor, prompt_length: int) -> list[list[int]]:
+    """New tokens of each row, up to and including EOS (the rest is padding)."""
+    rows = []
+    for row in sequences[:, prompt_length:].tolist():
+        rows.append(row[: row.index(EOS) + 1] if EOS in row else row)
+    return rows
+
+
+def prompt_inputs(batch: dict) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if batch["pixel_values"] is not None:
+        inputs["pixel_values"] = batch["pixel_values"]
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = tiny_model(seed=1)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_greedy_equals_reference_decode(model, cache_implementation):
+    batch = build_batch(MIXED_PROMPTS, padding_side="left")
+    output = model.generate(
+        **prompt_inputs(batch), max_new_tokens=8, do_sample=False, cache_implementation=cache_implementation
+    )
+    got = generated_rows(output, batch["input_ids"].shape[1])
+    for b, ids in enumerate(batch["sequences"]):
+        assert got[b] == reference_greedy(model, ids, batch["pixel_rows"][b], 8), f"row {b}"
+
+
+def test_num_latent_thoughts_appends_the_block(model):
+    batch = build_batch([Row(latents=0, answer=0, lead=lead) for lead in (0, 3, 1)], padding_side="left")
+    counts = [2, 0, 4]
+    output = model.generate(**prompt_inputs(batch), num_latent_thoughts=counts, max_new_tokens=6, do_sample=False)
+    prompt_length = batch["input_ids"].shape[1] + max(counts) + 2
+    got = generated_rows(output, prompt_length)
+    for b, ids in enumerate(batch["sequences"]):
+        block = [model.config.start_latent_token_id] + [LATENT] * counts[b] + [model.config.end_latent_token_id]
+        prompt = output[b, :prompt_length][output[b, :prompt_length] != PAD].tolist()
+        assert prompt == ids + block
+        assert got[b] == reference_greedy(model, ids + block, batch["pixel_rows"][b], 6), f"row {b}"
+
+
+def test_first_scores_equal_reference_logits(model):
+    batch = build_batch(MIXED_PROMPTS, padding_side="left")
+    output = model.generate(
+        **prompt_inputs(batch), max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+    for b, ids in enumerate(batch["sequences"]):
+        with torch.no_grad():
+            expected = reference_logits(model, ids, batch["pixel_rows"][b])[-1]
+        assert (output.logits[0][b] - expected).abs().max() <= TOLERANCE
+
+
+def test_latent_token_is_never_generated(model):
+    batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
+    with torch.no_grad():
+        model.lm_head.weight[LATENT] *= 50  # make `<|latent|>` the most likely token almost everywhere
+    try:
+        output = model.generate(
+            **prompt_inputs(batch), max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True
+        )
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[LATENT] /= 50
+    new_tokens = output.sequences[:, batch["input_ids"].shape[1] :]
+    assert not (new_tokens == LATENT).any()
+    assert all(torch.isinf(scores[:, LATENT]).all() for scores in output.scores)
+
+
+def test_beam_search_and_return_sequences(model):
+    batch = build_batch(MIXED_PROMPTS, padding_side="left")
+    output = model.generate(
+        **prompt_inputs(batch),
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert output.sequences.shape[0] == len(MIXED_PROMPTS) * 2
+    prompts = batch["input_ids"].repeat_interleave(2, dim=0)
+    assert torch.equal(output.sequences[:, : prompts.shape[1]], prompts)
+    assert output.sequences_scores.shape == (len(MIXED_PROMPTS) * 2,)
+    # One beam is greedy search.
+    single_beam = model.generate(**prompt_inputs(batch), max_new_tokens=5, num_beams=1, do_sample=False)
+    greedy = model.generate(**prompt_inputs(batch), max_new_tokens=5, do_sample=False)
+    assert torch.equal(single_beam, greedy)
+
+
+def test_beam_search_best_sequence_matches_reference_score(model):
+    """The best beam's score is its log-probability under the reference model, divided by its new-token count."""
+    batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
+    output = model.generate(
+        **prompt_inputs(batch),
+        max_new_tokens=4,
+        num_beams=3,
+        do_sample=False,
+        length_penalty=1.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    for b, ids in enumerate(batch["sequences"]):
+        new = generated_rows(output.sequences[b : b + 1], batch["input_ids"].shape[1])[0]
+        with torch.no_grad():
+            logits = reference_logits(model, ids + new, batch["pixel_rows"][b])
+        # Beam search takes log-softmax before the logits processors, so the suppressed latent keeps its mass.
+        log_probs = logits.log_softmax(-1)
+        total = sum(log_probs[len(ids) - 1 + i, token].item() for i, token in enumerate(new))
+        expected = total / len(new)
+        assert abs(output.sequences_scores[b].item() - expected) <= 1e-4
+
+
+def test_sampling_is_seeded_and_shaped(model):
+    batch = build_batch(MIXED_PROMPTS, padding_side="left")
+    settings = dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=6, num_return_sequences=3)
+    torch.manual_seed(7)
+    first = model.generate(**prompt_inputs(batch), **settings)
+    torch.manual_seed(7)
+    second = model.generate(**prompt_inputs(batch), **settings)
+    assert torch.equal(first, second)
+    assert first.shape[0] == len(MIXED_PROMPTS) * 3
+    assert first.shape[1] <= batch["input_ids"].shape[1] + 6
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append(None)
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, length: int):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+
+def test_streamer_and_stopping_criteria(model):
+    batch = build_batch(MIXED_PROMPTS[:1], padding_side="left")
+    prompt_length = batch["input_ids"].shape[1]
+    streamer = CollectingStreamer()
+    output = model.generate(
+        **prompt_inputs(batch),
+        max_new_tokens=10,
+        do_sample=False,
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([StopAfter(prompt_length + 3)]),
+        eos_token_id=None,
+    )
+    assert output.shape[1] == prompt_length + 3
+    assert streamer.chunks[-1] is None
+    streamed = torch.cat([chunk.flatten() for chunk in streamer.chunks[1:-1]])
+    assert torch.equal(streamed, output[0, prompt_length:])
+
+
+def test_right_padded_prompts_with_thoughts_are_an_error(model):
+    batch = build_batch(MIXED_PROMPTS, padding_side="right")
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(**prompt_inputs(batch), max_new_tokens=2)
+
+
+def test_num_latent_thoughts_must_match_the_batch(model):
+    batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
+    with pytest.raises(ValueError, match="one per prompt \\(2 prompts\\)"):
+        model.generate(**prompt_inputs(batch), num_latent_thoughts=[1, 2, 3], max_new_tokens=2)
+
+
+def _count_passes_on_rank(rank: int, world_size: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model(seed=1)
+        model.generation_config.pad_token_id = PAD
+        # Rank 0 thinks 1 thought, rank 1 thinks 6: without syncing they would make 2 and 7 prefill calls.
+        rows = [Row(latents=1, answer=0)] if rank == 0 else [Row(latents=6, answer=0, lead=3)]
+        batch = build_batch(rows, padding_side="left", seed=rank)
+        calls = []
+        model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
+        output = model.generate(
+            **prompt_inputs(batch), max_new_tokens=3, do_sample=False, eos_token_id=None, synced_gpus=True
+        )
+        generate_calls = len(calls)
+        expected = reference_greedy(model, batch["sequences"][0], batch["pixel_rows"][0], 3)
+        results[rank] = (generate_calls, output[0, batch["input_ids"].shape[1] :].tolist() == expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_gpus_makes_every_rank_run_the_same_passes():
+    """Under FSDP / ZeRO-3 `generate` syncs ranks by default; here we ask for it on a CPU gloo group of two."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_count_passes_on_rank, args=(2, port, results), nprocs=2, join=True)
+    (calls_0, exact_0), (calls_1, exact_1) = results[0], results[1]
+    assert calls_0 == calls_1 == 7 + 2  # 7 prefill passes (1 + 6 thoughts), then 2 decoding steps
+    assert exact_0 and exact_1

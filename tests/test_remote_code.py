@@ -1,0 +1,103 @@
+"""Saving and loading through the Auto classes with `trust_remote_code`, as a Hub user would."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py")
+AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForCausalLM")
+
+LOAD_AND_RUN = """
+import sys, torch, transformers
+from safetensors.torch import load_file, save_file
+folder, inputs_path, outputs_path = sys.argv[1:]
+inputs = load_file(inputs_path)
+logits = {}
+for name in %r:
+    model = getattr(transformers, name).from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__name__ == "CoconutInternVLForConditionalGeneration", type(model)
+    with torch.no_grad():
+        logits[name] = model(**inputs).logits
+save_file(logits, outputs_path)
+""" % (AUTO_CLASSES,)
+
+
+def test_save_pretrained_writes_auto_map_code_and_safetensors(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "coconut_internvl"
+    assert config["auto_map"]["AutoConfig"] == "configuration_coconut_internvl.CoconutInternVLConfig"
+    for name in AUTO_CLASSES:
+        assert config["auto_map"][name] == "modeling_coconut_internvl.CoconutInternVLForConditionalGeneration"
+    for name in CODE_FILES:
+        assert (tmp_path / name).read_text() == (ROOT / name).read_text()
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_fresh_process_loads_identical_model_offline(tmp_path, hf_home):
+    model = tiny_model()
+    folder = tmp_path / "coconut"
+    model.save_pretrained(folder)
+    batch = build_batch([Row(latents=3), Row(latents=1, lead=2)], padding_side="left")
+    inputs = {key: value for key, value in model_inputs(batch).items() if key != "labels"}
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+
+    subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, str(folder), str(tmp_path / "inputs.safetensors"), str(tmp_path / "out")],
+        check=True,
+        cwd=tmp_path,  # not the repository root: the code must come from the saved folder
+        env=subprocess_env(hf_home),
+    )
+    outputs = load_file(tmp_path / "out")
+    for name in AUTO_CLASSES:
+        assert torch.equal(outputs[name], expected), name
+    # transformers copied the code into the test's own HF_HOME, not the user's.
+    assert list(hf_home.rglob("modeling_coconut_internvl.py"))
+
+
+def test_root_config_is_coconut_internvl3_1b(hf_home):
+    config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)
+    assert type(config).__name__ == "CoconutInternVLConfig"
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        896,
+        24,
+        14,
+        2,
+    )
+    assert (text.intermediate_size, text.vocab_size) == (4864, 151677)
+    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (
+        [448, 448],
+        [14, 14],
+        1024,
+        24,
+    )
+    assert vision.num_attention_heads == 16
+    assert (config.downsample_ratio, config.image_seq_length, config.image_token_id) == (0.5, 256, 151667)
+    assert (config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id) == (
+        151674,
+        151675,
+        151676,
+    )
+
+
+def test_root_config_builds_the_full_size_model_on_cpu(hf_home):
+    from transformers import AutoModel
+
+    config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)
+    model = AutoModel.from_config(config, trust_remote_code=True, dtype=torch.bfloat16)
+    assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
+    assert model.get_input_embeddings().weight.shape == (151677, 896)
+    assert model.lm_head.weight.shape == (151677, 896)
+    assert 0.9e9 < sum(p.numel() for p in model.parameters()) < 1.0e9
