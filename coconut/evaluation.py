@@ -184,16 +184,21 @@ def generate_predictions(
     prompts = [eval_prompt(processing_class, record, curriculum, config) for record in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]["prompt"]))
 
-    generation_config = model.generation_config.__class__.from_dict(model.generation_config.to_dict())
-    generation_config.update(do_sample=False, num_beams=1, max_new_tokens=config.max_new_tokens)
-    if generation_config.eos_token_id is None:
-        generation_config.eos_token_id = tokenizer.eos_token_id
-    if generation_config.pad_token_id is None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
-    # The answer never contains a latent block; a generated `<|latent|>` would also have no thought to take.
-    generation_config.suppress_tokens = _special_token_ids(tokenizer, LATENT_TOKENS) or None
-    eos_ids = generation_config.eos_token_id
+    generation_config = model.generation_config
+    eos_ids = generation_config.eos_token_id if generation_config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    pad_token_id = (
+        generation_config.pad_token_id if generation_config.pad_token_id is not None else tokenizer.pad_token_id
+    )
+    generate_kwargs = dict(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_token_id,
+        # An answer never holds a latent block, and a generated `<|latent|>` would have no thought to take.
+        suppress_tokens=_special_token_ids(tokenizer, LATENT_TOKENS) or None,
+    )
 
     generations, seconds, batch_seconds = {}, 0.0, []
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
@@ -205,11 +210,11 @@ def generate_predictions(
             kwargs["images"] = images
         inputs = processing_class(**kwargs).to(model.device)
         start = time.perf_counter()
-        output_ids = model.generate(**inputs, generation_config=generation_config)
+        output_ids = model.generate(**inputs, **generate_kwargs)
         batch_seconds.append(time.perf_counter() - start)
         new_tokens = output_ids[:, inputs["input_ids"].shape[1] :].tolist()  # (B, new tokens)
         for i, tokens in zip(batch, new_tokens, strict=True):
-            count = count_generated_tokens(tokens, eos_ids, generation_config.pad_token_id)
+            count = count_generated_tokens(tokens, eos_ids, pad_token_id)
             text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
             generations[ids[i]] = (text, count, prompts[i]["num_latents"])
     seconds = sum(batch_seconds)

@@ -223,3 +223,53 @@ def test_stage_results_table():
     assert table[3] == "| 1 | 75.0 | 10.0 | 2.00 | 4 |"
     overall = results.to_dict()["overall"]
     assert (overall["final_stage"], overall["best_stage"], overall["best_accuracy"]) == (1, 1, 0.75)
+
+
+def test_image_records_through_the_processor(tmp_path):
+    """Batched evaluation of image records (synthetic task, rendered PNGs) equals each record generated alone."""
+    from transformers import GotOcr2ImageProcessorPil
+
+    from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
+    from processing_coconut_internvl import CoconutInternVLProcessor
+
+    task = SyntheticTaskConfig()
+    records = build_synthetic_split(tmp_path / "data", "validation", task, num_records=5)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": task.image_size, "width": task.image_size},
+        max_patches=1,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    processor = CoconutInternVLProcessor(
+        image_processor=image_processor, tokenizer=synthetic_tokenizer(task), image_seq_length=4
+    )
+    tokenizer = processor.tokenizer
+    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
+    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = tiny_config(
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        latent_token_id=processor.latent_token_id,
+        start_latent_token_id=processor.start_latent_token_id,
+        end_latent_token_id=processor.end_latent_token_id,
+    )
+    torch.manual_seed(0)
+    model = CoconutInternVLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # large weights: clear argmax margins, so padding's rounding cannot flip a greedy token
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    curriculum = CurriculumConfig(c_thought=1, max_latent_stage=6)
+    eval_config = CoconutEvalConfig(stage=2, batch_size=2, max_new_tokens=8, disable_tqdm=True)
+    result = evaluate_stage(model, processor, records, curriculum, eval_config)
+
+    for record, prediction in zip(records, result.predictions, strict=True):
+        prompt = eval_prompt(processor, record, curriculum, eval_config)["prompt"]
+        assert prompt.count("<image>") == 1 and prompt.endswith(START_LATENT + LATENT * 2 + END_LATENT)
+        inputs = processor(text=[prompt], images=[[record["images"][0].convert("RGB")]], return_tensors="pt")
+        suppressed = tokenizer.convert_tokens_to_ids([LATENT, START_LATENT, END_LATENT])  # as the evaluation does
+        output = model.generate(**inputs, max_new_tokens=8, do_sample=False, suppress_tokens=suppressed)
+        new = output[0, inputs["input_ids"].shape[1] :].tolist()
+        count = count_generated_tokens(new, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        assert prediction.id == record["id"]
+        assert prediction.generation == tokenizer.decode(new[:count], skip_special_tokens=True)
+        assert prediction.generated_tokens == count
