@@ -344,13 +344,15 @@ class EvalResults:
         names = [r.label if self._labelled() else str(r.stage) for r in self.results]
         accuracy = [100 * r.metrics["accuracy"] for r in self.results]
         tokens = [r.metrics["mean_generated_tokens"] for r in self.results]
+        x = list(range(len(names)))
         figure, accuracy_axis = plt.subplots(figsize=(6, 3.5))
-        accuracy_axis.plot(names, accuracy, "o-", color="tab:blue")
+        accuracy_axis.plot(x, accuracy, "o-", color="tab:blue")
+        accuracy_axis.set_xticks(x, names)
         accuracy_axis.set_xlabel("model" if self._labelled() else "stage")
         accuracy_axis.set_ylabel("accuracy (%)", color="tab:blue")
         accuracy_axis.set_ylim(0, 100)
         tokens_axis = accuracy_axis.twinx()
-        tokens_axis.plot(names, tokens, "s--", color="tab:orange")
+        tokens_axis.plot(x, tokens, "s--", color="tab:orange")
         tokens_axis.set_ylabel("generated tokens", color="tab:orange")
         tokens_axis.set_ylim(bottom=0)
         figure.tight_layout()
