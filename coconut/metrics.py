@@ -44,7 +44,8 @@ def extract_answer(generation: str) -> str | None:
 
     Example: `extract_answer("Tom is a wumpus.\\n### Tom is a yumpus.")` is `"Tom is a yumpus."`.
     """
-    _, marker, answer = generation.partition(ANSWER_MARKER.strip())
+    # The same rule as `CoconutInternVLProcessor.decode_answer`: the first marker, trailing space included.
+    _, marker, answer = generation.partition(ANSWER_MARKER)
     if not marker:
         return None
     return answer.strip()

@@ -20,6 +20,8 @@ from coconut.metrics import (
         ("Tom is a wumpus.\nEvery wumpus is a yumpus.\n### Tom is a yumpus.", "Tom is a yumpus."),
         ("### 18", "18"),
         ("###  42 \n", "42"),
+        ("step\n### a ### b", "a ### b"),  # the first marker starts the answer
+        ("###b", None),  # the marker is "### ", space included, as in training
         ("no marker here", None),
         ("", None),
     ],
