@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from test_evaluation import one_thread  # noqa: F401
 from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig

@@ -44,17 +44,8 @@ def make_records() -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two, and many times faster on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """A tiny model overfit on the records at stage 1 (one thought replaces the first step), and its tokenizer."""
     records = make_records()
     corpus = [r["question"] + " ".join(r["steps"]) + r["answer"] for r in records]

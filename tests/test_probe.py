@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from conftest import LATENT, Row, build_batch, reference_embeddings, tiny_model
-from test_evaluation import one_thread  # noqa: F401
 
 from coconut.probe import format_probes, probe_thoughts, probe_vectors, save_probes, thought_vectors
 
