@@ -6,6 +6,7 @@ sequential passes over one KV cache: a pass ends right before every column that 
 starts with the thought the previous pass produced. Images are encoded once, before the first pass.
 """
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -430,10 +431,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
         latent_token_id = self.config.latent_token_id
         if latent_token_id is not None:
-            suppressed = kwargs.pop("suppress_tokens", None)
-            if suppressed is None:
-                suppressed = (generation_config or self.generation_config).suppress_tokens
-            kwargs["suppress_tokens"] = sorted({*(suppressed or []), latent_token_id})
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            suppressed = kwargs.pop("suppress_tokens", None) or generation_config.suppress_tokens or []
+            generation_config.suppress_tokens = sorted({*suppressed, latent_token_id})
 
         if synced_gpus is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
