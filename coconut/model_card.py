@@ -116,7 +116,7 @@ def render_model_card(card: ModelCardData) -> str:
     sections += [
         "## Limitations",
         "- Latent thoughts are computed one forward pass per thought, so a prompt with k thoughts costs k extra "
-        "language-model passes; gradient checkpointing is not supported when training with thoughts.\n"
+        "language-model passes.\n"
         "- The thoughts are continuous vectors: they cannot be read as text, and their meaning is learnt only on the "
         "tasks of the training curriculum.\n"
         "- Inherits the base InternVL model's limitations and biases.",
