@@ -197,10 +197,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         filled cache and the loss.
         """
         latent_mask = self._latent_mask(input_ids)
-        num_passes = 1 if latent_mask is None else len(plan_latent_passes(latent_mask))
+        num_passes = 1 if latent_mask is None else len(ranges := plan_latent_passes(latent_mask))
         if sync_latent_passes:
             device = input_ids.device if input_ids is not None else inputs_embeds.device
-            num_passes = agree_on_pass_count(num_passes, device)
+            agreed = agree_on_pass_count(num_passes, device)
+            if agreed > num_passes:  # this rank splits its passes further, or makes passes it has no latents for
+                latent_mask = torch.zeros_like(input_ids, dtype=torch.bool) if latent_mask is None else latent_mask
+                num_passes, ranges = agreed, plan_latent_passes(latent_mask, min_passes=agreed)
         if latent_mask is None and num_passes == 1:
             return super().forward(
                 input_ids=input_ids,
@@ -217,9 +220,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 mm_encoder_outputs=mm_encoder_outputs,
                 **kwargs,
             )
-        if latent_mask is None:  # this rank has no latents but another has: split the sequence into passes
-            latent_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
 
@@ -250,7 +250,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if cache is None:
             cache = DynamicCache(config=self.config.text_config)
 
-        ranges = plan_latent_passes(latent_mask, min_passes=num_passes)
         checkpointing = self._checkpointing_layers()
         hidden_chunks, layer_chunks = [], []
         with _layers_keep_cache(self.model.language_model.layers, checkpointing):
