@@ -1,0 +1,402 @@
+"""The Coconut curriculum: which reasoning steps a training example keeps and how many continuous thoughts replace them.
+
+Semantics follow the paper (Hao et al. 2024, arXiv 2412.06769) and its reference code (`get_cot_latent_dataset`,
+`get_question_latent_dataset`):
+
+- stage 0 is the full chain of thought;
+- stage `k` (`1 <= k <= max_latent_stage`) drops the first `k` steps and puts `k * c_thought` `<|latent|>` tokens between
+  `<|start-latent|>` and `<|end-latent|>` at the start of the assistant turn (also when the record has fewer than `k`
+  steps, as in the reference code);
+- past `max_latent_stage` every step is dropped and the thoughts are capped at `max_latent_stage * c_thought`, or at
+  `min(num_steps, max_latent_stage) * c_thought` unless `pad_latent_to_max`;
+- with probability `uniform_prob` a training sample uses a stage drawn uniformly from `0..num_steps` instead.
+
+An example is built as text pieces, `prompt` (chat template, image placeholders, question, latent block) and `completion`
+(remaining steps each followed by a newline, then `### ` + answer + EOS): the trainer's collator tokenizes them with the
+processor, which expands image placeholders into image tokens. [`tokenize_example`] does it for text-only records.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+from datasets import Dataset, Features, Image, List, Value
+
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
+
+
+IMAGE_PLACEHOLDER = "<image>"
+ANSWER_MARKER = "### "
+METHODS = ("coconut", "cot", "no_cot", "pause_as_thought", "no_thought")
+
+
+@dataclass
+class CurriculumConfig:
+    r"""
+    Settings of the Coconut curriculum (the paper's Table/appendix names).
+
+    `method` picks the training recipe:
+
+    - `"coconut"`: the staged curriculum above; the model feeds its last hidden state back at each `<|latent|>`.
+    - `"cot"`: always stage 0, without latent markers (the paper's CoT baseline).
+    - `"no_cot"`: no steps, no latent tokens, no markers: the question straight to `### answer`.
+    - `"pause_as_thought"`: the coconut layout, but the `<|latent|>` tokens are ordinary learned "pause" tokens: the
+      trainer sets `config.latent_token_id=None` so the model does not feed hidden states back (the paper's
+      "pause as thought" baseline). The text produced here is the same as for `"coconut"`.
+    - `"no_thought"`: steps dropped as in coconut, but no `<|latent|>` tokens; the (empty) marker pair is kept so the
+      layout differs from coconut only by the missing thoughts. (The reference code also drops the markers here.)
+    """
+
+    method: str = field(
+        default="coconut",
+        metadata={"help": "Training recipe.", "choices": list(METHODS)},
+    )
+    c_thought: int = field(
+        default=1, metadata={"help": "Continuous thoughts per replaced reasoning step (the paper's c)."}
+    )
+    max_latent_stage: int = field(
+        default=3,
+        metadata={"help": "Last stage that replaces steps one by one; later stages drop every step."},
+    )
+    pad_latent_to_max: bool = field(
+        default=False,
+        metadata={
+            "help": "Past max_latent_stage, always use max_latent_stage * c_thought thoughts, even for records with "
+            "fewer steps (and likewise in evaluation prompts)."
+        },
+    )
+    uniform_prob: float = field(
+        default=0.0,
+        metadata={"help": "Probability that a training sample uses a stage drawn uniformly from 0..num_steps."},
+    )
+
+    def __post_init__(self):
+        self.validate_curriculum()
+
+    def validate_curriculum(self):
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {METHODS}, got {self.method!r}.")
+        if self.c_thought < 1:
+            raise ValueError(f"`c_thought` must be >= 1, got {self.c_thought}.")
+        if self.max_latent_stage < 0:
+            raise ValueError(f"`max_latent_stage` must be >= 0, got {self.max_latent_stage}.")
+        if not 0.0 <= self.uniform_prob <= 1.0:
+            raise ValueError(f"`uniform_prob` must be in [0, 1], got {self.uniform_prob}.")
+
+    @property
+    def uses_markers(self) -> bool:
+        """Whether examples carry the `<|start-latent|>`/`<|end-latent|>` pair (all methods but cot and no_cot)."""
+        return self.method not in ("cot", "no_cot")
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How one record is laid out at one stage: steps dropped from the front, thoughts inserted, markers or not."""
+
+    num_skipped_steps: int
+    num_latents: int
+    markers: bool
+
+
+def training_layout(num_steps: int, stage: int, config: CurriculumConfig) -> LatentLayout:
+    """The layout of a training example with `num_steps` reasoning steps at curriculum `stage`."""
+    if stage < 0:
+        raise ValueError(f"`stage` must be >= 0, got {stage}.")
+    if config.method == "cot":
+        return LatentLayout(0, 0, markers=False)
+    if config.method == "no_cot":
+        return LatentLayout(num_steps, 0, markers=False)
+    if stage > config.max_latent_stage:
+        num_skipped = num_steps
+        num_thoughts = config.max_latent_stage if config.pad_latent_to_max else min(num_steps, config.max_latent_stage)
+    else:
+        num_skipped, num_thoughts = min(stage, num_steps), stage
+    num_latents = 0 if config.method == "no_thought" else num_thoughts * config.c_thought
+    return LatentLayout(num_skipped, num_latents, markers=True)
+
+
+def evaluation_layout(num_steps: int, stage: int, config: CurriculumConfig) -> LatentLayout:
+    """The layout of an evaluation prompt: thoughts capped at the record's step count unless `pad_latent_to_max`.
+
+    As in the reference code's `get_question_latent_dataset`, the cap uses the number of gold steps, so a record
+    with two steps is evaluated with two thoughts at stage three.
+    """
+    if stage < 0:
+        raise ValueError(f"`stage` must be >= 0, got {stage}.")
+    if not config.uses_markers:
+        return LatentLayout(num_steps if config.method == "no_cot" else 0, 0, markers=False)
+    cap = config.max_latent_stage if config.pad_latent_to_max else min(config.max_latent_stage, num_steps)
+    num_thoughts = min(cap, stage)
+    num_latents = 0 if config.method == "no_thought" else num_thoughts * config.c_thought
+    return LatentLayout(min(num_thoughts, num_steps), num_latents, markers=True)
+
+
+def sample_stage(stage: int, num_steps: int, config: CurriculumConfig, rng: random.Random | None = None) -> int:
+    """The stage a training sample uses: `stage`, or with probability `uniform_prob` a uniform draw from 0..num_steps.
+
+    `rng` is required when `config.uniform_prob > 0` so runs are reproducible (seed it per sample or per epoch).
+    """
+    if config.uniform_prob == 0.0 or not config.uses_markers:
+        return stage
+    if rng is None:
+        raise ValueError(
+            f"`rng` is required when `uniform_prob` > 0 (got {config.uniform_prob}); pass a seeded random.Random."
+        )
+    if rng.random() < config.uniform_prob:
+        return rng.randint(0, num_steps)
+    return stage
+
+
+def latent_block(layout: LatentLayout) -> str:
+    """`<|start-latent|>` + n x `<|latent|>` + `<|end-latent|>`, or an empty string for layouts without markers."""
+    if not layout.markers:
+        return ""
+    return START_LATENT + LATENT * layout.num_latents + END_LATENT
+
+
+def user_content(question: str, num_images: int, record_name: str = "record") -> list[dict]:
+    """The user turn as chat-template parts: one image part per image, at the question's `<image>` placeholders.
+
+    A question without placeholders gets all its images before the text (InternVL's convention); a question with
+    placeholders must have exactly one per image. The chat template decides how an image part is rendered.
+    """
+    pieces = question.split(IMAGE_PLACEHOLDER)
+    num_placeholders = len(pieces) - 1
+    if num_placeholders == 0:
+        return [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    if num_placeholders != num_images:
+        relation = "more" if num_placeholders > num_images else "fewer"
+        raise ValueError(
+            f"{record_name}: the question has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {num_images} "
+            f"images ({relation} placeholders than images); put one placeholder per image, or none to place all "
+            "images before the question."
+        )
+    content = []
+    for index, piece in enumerate(pieces):
+        if index > 0:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def question_prompt(record: dict, tokenizer) -> str:
+    """The chat-formatted prompt up to the start of the assistant turn (no latent block)."""
+    images = record.get("images") or []
+    content = user_content(record["question"], len(images), _record_name(record))
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_training_example(
+    record: dict,
+    stage: int,
+    tokenizer,
+    config: CurriculumConfig,
+    rng: random.Random | None = None,
+) -> dict:
+    """The training example for `record` at curriculum `stage`, as text pieces.
+
+    Args:
+        record (`dict`): a record of the [`coconut.data.RECORD_FEATURES`] schema (`question`, `steps`, `answer`,
+            `images`, ...).
+        stage (`int`): the scheduled curriculum stage; `uniform_prob` may replace it (see [`sample_stage`]).
+        tokenizer: a tokenizer with InternVL's chat template and an `eos_token`.
+        config ([`CurriculumConfig`]): the curriculum settings.
+        rng (`random.Random`, *optional*): required when `config.uniform_prob > 0`.
+
+    Returns:
+        `dict` with `prompt` (chat template + question + latent block), `completion` (remaining steps, each followed
+        by a newline, then `### ` + answer + EOS), `images` (the record's images, in placeholder order), `stage`
+        (the stage actually used) and `num_latents`.
+
+    Example:
+
+    ```python
+    >>> from coconut.curriculum import CurriculumConfig, build_training_example
+    >>> record = {"question": "Is Tom a wumpus?", "steps": ["Tom is a rempus.", "Every rempus is a wumpus."],
+    ...           "answer": "Tom is a wumpus.", "images": []}
+    >>> example = build_training_example(record, 1, tokenizer, CurriculumConfig(c_thought=2))
+    >>> example["prompt"][-50:], example["completion"]
+    ('...<|im_start|>assistant\\n<|start-latent|><|latent|><|latent|><|end-latent|>',
+     'Every rempus is a wumpus.\\n### Tom is a wumpus.<|im_end|>')
+    ```
+    """
+    steps = list(record.get("steps") or [])
+    used_stage = sample_stage(stage, len(steps), config, rng)
+    layout = training_layout(len(steps), used_stage, config)
+    answer = record.get("answer")
+    if answer is None:
+        raise ValueError(f"{_record_name(record)}: no answer; every training record needs `answer`.")
+    completion = "".join(step + "\n" for step in steps[layout.num_skipped_steps :])
+    completion += ANSWER_MARKER + answer + tokenizer.eos_token
+    return {
+        "prompt": question_prompt(record, tokenizer) + latent_block(layout),
+        "completion": completion,
+        "images": list(record.get("images") or []),
+        "stage": used_stage,
+        "num_latents": layout.num_latents,
+    }
+
+
+def build_eval_prompt(record: dict, stage: int, tokenizer, config: CurriculumConfig) -> dict:
+    """The evaluation prompt for `record` at `stage`: chat prompt and latent block, nothing of the answer.
+
+    Returns:
+        `dict` with `prompt`, `images` and `num_latents`. The model generates the remaining steps (if any), then
+        `### ` and the answer.
+    """
+    layout = evaluation_layout(len(record.get("steps") or []), stage, config)
+    return {
+        "prompt": question_prompt(record, tokenizer) + latent_block(layout),
+        "images": list(record.get("images") or []),
+        "num_latents": layout.num_latents,
+    }
+
+
+def tokenize_example(example: dict, tokenizer, max_length: int | None = None) -> dict:
+    """Token ids and labels of a text-only example: `-100` on the prompt, its markers and thoughts.
+
+    Prompt and completion are tokenized separately (special tokens such as `<|latent|>` come from the text itself, so
+    no BOS/EOS is added); for byte-level BPE tokenizers this equals tokenizing the full text, which the tests check
+    on real ProsQA records. Records with images go through the processor instead, which expands image placeholders.
+
+    Returns:
+        `dict` with `input_ids`, `attention_mask` and `labels` (lists of `int`).
+    """
+    if example.get("images"):
+        raise ValueError(
+            f"tokenize_example is for text-only examples, got {len(example['images'])} images; tokenize examples "
+            "with images with the InternVL processor, which expands the image placeholders into image tokens."
+        )
+    prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+    input_ids = prompt_ids + completion_ids
+    if max_length is not None and len(input_ids) > max_length:
+        raise ValueError(
+            f"Example is {len(input_ids)} tokens long, more than max_length={max_length}; raise max_length or drop "
+            "the record (coconut.data.validate_dataset(..., skip_invalid=True) does that)."
+        )
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [-100] * len(prompt_ids) + completion_ids,
+    }
+
+
+def max_example_length(record: dict, tokenizer, config: CurriculumConfig, image_token_count: int = 0) -> int:
+    """The longest training example of `record` over all curriculum stages, in tokens.
+
+    Each image adds `image_token_count` tokens (what the processor puts in place of a placeholder, e.g.
+    `2 + image_seq_length * num_tiles` for InternVL); the placeholder's own tokens are counted too, so this is an
+    upper bound for records with images.
+    """
+    num_steps = len(record.get("steps") or [])
+    num_images = len(record.get("images") or [])
+    longest = 0
+    # Stages above max_latent_stage + 1 share its layout; uniform sampling only draws stages up to num_steps.
+    for stage in range(max(config.max_latent_stage + 1, num_steps) + 1):
+        example = build_training_example(record, stage, tokenizer, _without_uniform(config))
+        text = example["prompt"] + example["completion"]
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + num_images * image_token_count
+        longest = max(longest, length)
+    return longest
+
+
+def build_stage_dataset(
+    dataset: Dataset,
+    stage: int,
+    tokenizer,
+    config: CurriculumConfig,
+    seed: int = 0,
+    evaluation: bool = False,
+) -> Dataset:
+    """Map a record dataset to the examples of one curriculum stage (columns `id`, `prompt`, `images`, ...).
+
+    Training datasets get `completion`, `stage` and `num_latents`; evaluation datasets get the prompt only and keep
+    `answer`, `steps`, `choices` and `direct_answers` for scoring. Images stay a lazily decoded `Image` column (file
+    paths or encoded bytes, never pixel tensors). With `uniform_prob > 0` each record's rng is seeded by
+    `(seed, index)`, so the result does not depend on `num_proc`; change `seed` every epoch for fresh draws.
+    """
+    image_feature = dataset.features["images"]
+    if evaluation:
+        features = Features(
+            {
+                "id": Value("string"),
+                "prompt": Value("string"),
+                "images": image_feature,
+                "num_latents": Value("int32"),
+                "answer": Value("string"),
+                "steps": List(Value("string")),
+                "choices": List(Value("string")),
+                "direct_answers": List(Value("string")),
+            }
+        )
+
+        def convert(record, index):
+            example = build_eval_prompt(record, stage, tokenizer, config)
+            return {**example, **{key: record[key] for key in ("id", "answer", "steps", "choices", "direct_answers")}}
+
+    else:
+        features = Features(
+            {
+                "id": Value("string"),
+                "prompt": Value("string"),
+                "completion": Value("string"),
+                "images": image_feature,
+                "stage": Value("int32"),
+                "num_latents": Value("int32"),
+            }
+        )
+
+        def convert(record, index):
+            rng = random.Random(f"{seed}-{index}") if config.uniform_prob > 0 else None
+            example = build_training_example(record, stage, tokenizer, config, rng)
+            return {**example, "id": record["id"]}
+
+    # Decoding images is not needed to build text: read them as stored (path/bytes) and keep them that way.
+    undecoded = dataset.cast_column("images", List(_undecoded(image_feature.feature)))
+    mapped = undecoded.map(
+        convert, with_indices=True, remove_columns=undecoded.column_names, features=_undecoded_features(features)
+    )
+    return mapped.cast_column("images", image_feature)
+
+
+def _undecoded(image_feature):
+    return Image(decode=False, mode=getattr(image_feature, "mode", None))
+
+
+def _undecoded_features(features: Features) -> Features:
+    return Features({**features, "images": List(_undecoded(features["images"].feature))})
+
+
+def _without_uniform(config: CurriculumConfig) -> CurriculumConfig:
+    return CurriculumConfig(
+        method=config.method,
+        c_thought=config.c_thought,
+        max_latent_stage=config.max_latent_stage,
+        pad_latent_to_max=config.pad_latent_to_max,
+        uniform_prob=0.0,
+    )
+
+
+def _record_name(record: dict) -> str:
+    return f"Record {record['id']!r}" if record.get("id") is not None else "Record"
+
+
+__all__ = [
+    "ANSWER_MARKER",
+    "IMAGE_PLACEHOLDER",
+    "METHODS",
+    "CurriculumConfig",
+    "LatentLayout",
+    "build_eval_prompt",
+    "build_stage_dataset",
+    "build_training_example",
+    "evaluation_layout",
+    "max_example_length",
+    "question_prompt",
+    "sample_stage",
+    "tokenize_example",
+    "training_layout",
+    "user_content",
+]

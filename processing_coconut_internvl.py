@@ -1,0 +1,219 @@
+"""Processor of Coconut-InternVL: InternVL prompts with image tokens per tile, plus Coconut's block of latent thoughts.
+
+transformers' `InternVLProcessor` requires a video processor, which needs torchvision. This subclass makes the video
+processor optional (used when torchvision is installed), accepts InternVL's original `<image>` placeholder as well as
+the native `<IMG_CONTEXT>` one, appends `<|start-latent|>` + k x `<|latent|>` + `<|end-latent|>` to each prompt, and
+reads the answer after Coconut's answer marker `### `.
+"""
+
+from collections.abc import Sequence
+
+from transformers import InternVLProcessor
+from transformers.image_utils import make_flat_list_of_images
+from transformers.utils import is_torchvision_available, logging
+
+
+logger = logging.get_logger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+ANSWER_MARKER = "### "
+
+# InternVL's chat format (Qwen2 ChatML); an image in a message becomes `<image>`, which the processor expands.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _per_sample(value: int | Sequence[int] | None, batch_size: int, name: str) -> list[int]:
+    """`value` as one non-negative count per sample (an int applies to every sample)."""
+    if value is None:
+        return [0] * batch_size
+    counts = [value] * batch_size if isinstance(value, int) else list(value)
+    if len(counts) != batch_size:
+        raise ValueError(
+            f"`{name}` has {len(counts)} entries for {batch_size} prompts; pass one int for all or one per prompt."
+        )
+    if any(not isinstance(count, int) or count < 0 for count in counts):
+        raise ValueError(f"`{name}`={counts} must hold non-negative ints.")
+    return counts
+
+
+class CoconutInternVLProcessor(InternVLProcessor):
+    r"""
+    Constructs a Coconut-InternVL processor: an InternVL image processor (`GotOcr2ImageProcessorPil`, tiles of
+    448x448 by default), a Qwen2 tokenizer with the three Coconut tokens, and InternVL's video processor when
+    torchvision is installed.
+
+    Each image placeholder in the text (`<image>`, or InternVL-hf's `<IMG_CONTEXT>`) becomes `<img>` followed by
+    `image_seq_length` x (tiles of that image) `<IMG_CONTEXT>` tokens and `</img>`. With `num_latent_thoughts=k`,
+    `<|start-latent|>` + k x `<|latent|>` + `<|end-latent|>` is appended to each prompt.
+
+    Args:
+        image_processor ([`GotOcr2ImageProcessorPil`] or [`GotOcr2ImageProcessor`]):
+            Splits each image into tiles (`crop_to_patches`, between `min_patches` and `max_patches`, plus a
+            thumbnail) and normalises them.
+        tokenizer ([`PreTrainedTokenizerFast`]):
+            Tokenizer with InternVL's `start_image_token`, `end_image_token`, `context_image_token`, `video_token`
+            attributes and the tokens `<|start-latent|>`, `<|end-latent|>`, `<|latent|>`.
+        video_processor ([`InternVLVideoProcessor`], *optional*):
+            Only when torchvision is installed; otherwise it is not an attribute of the processor.
+        image_seq_length (`int`, *optional*, defaults to 256):
+            Tokens per image tile: `(image_size // patch_size) ** 2 * downsample_ratio ** 2` (256 for InternVL3).
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to InternVL's ChatML format in which an image part renders as `<image>\n`.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from transformers import AutoProcessor
+
+    >>> processor = AutoProcessor.from_pretrained("path/or/hub-id", trust_remote_code=True)
+    >>> prompt = processor.build_prompt("Is every wump a zhorpus?", num_images=1)
+    >>> inputs = processor(images=[Image.new("RGB", (448, 448))], text=prompt, num_latent_thoughts=6,
+    ...                    return_tensors="pt")
+    >>> processor.decode_answer("step 1\n### Yes<|im_end|>")
+    'Yes'
+    ```
+    """
+
+    text_kwargs = {"padding_side": "left", "padding": True}
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        image_seq_length: int = 256,
+        chat_template=None,
+        **kwargs,
+    ):
+        if "video_processor" in self.get_attributes() and video_processor is None:
+            raise ValueError(
+                "torchvision is installed, so `CoconutInternVLProcessor` needs a `video_processor`: pass "
+                "`InternVLVideoProcessor()` (or load the processor with `from_pretrained`)."
+            )
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        # Without torchvision `video_processor` is not an attribute and the base class ignores the extra argument.
+        super().__init__(image_processor, tokenizer, video_processor, image_seq_length, chat_template, **kwargs)
+        latent_ids = tokenizer.convert_tokens_to_ids([START_LATENT, LATENT, END_LATENT])
+        missing = [
+            token
+            for token, i in zip((START_LATENT, LATENT, END_LATENT), latent_ids, strict=True)
+            if i in (None, tokenizer.unk_token_id)
+        ]
+        if missing:
+            raise ValueError(
+                f"The tokenizer has no {missing} token(s); add them with `tokenizer.add_special_tokens("
+                "{'additional_special_tokens': ['<|start-latent|>', '<|end-latent|>', '<|latent|>']})` and resize "
+                "the model's embeddings (`convert_to_coconut.py` does both)."
+            )
+        self.start_latent_token_id, self.latent_token_id, self.end_latent_token_id = latent_ids
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        """The sub-processors: the video processor only when torchvision, which it needs, is installed."""
+        attributes = super().get_attributes()
+        if not is_torchvision_available():
+            attributes = [name for name in attributes if name != "video_processor"]
+        return attributes
+
+    def __call__(
+        self, images=None, text=None, videos=None, num_latent_thoughts: int | Sequence[int] | None = None, **kwargs
+    ):
+        r"""
+        Tokenizes `text` with every image placeholder expanded and, optionally, a block of latent thoughts appended,
+        and turns `images` into the tiles the vision tower reads.
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a (nested) list of them, *optional*):
+                The images, in the order of the placeholders over all prompts.
+            text (`str` or `list[str]`):
+                Prompts; each `<image>` (or `<IMG_CONTEXT>`) marks where one image goes.
+            videos (*optional*):
+                Videos for `<video>` placeholders; needs torchvision.
+            num_latent_thoughts (`int` or `list[int]`, *optional*):
+                Continuous thoughts to append to each prompt (one int for all, or one per prompt; 0 adds no block).
+            kwargs:
+                Tokenizer and image-processor arguments (`return_tensors`, `padding_side`, `max_patches`, ...).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` and `attention_mask` `(batch_size, sequence_length)` (left-padded by
+            default) and, with images, `pixel_values` `(total_tiles, 3, height, width)`: every tile of every image,
+            in order.
+        """
+        if text is None:
+            raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
+        text = [text] if isinstance(text, str) else list(text)
+        if videos is not None and "video_processor" not in self.get_attributes():
+            raise ValueError(
+                "`videos` need InternVL's video processor, which needs torchvision: `pip install torchvision`."
+            )
+
+        counts = [sample.count(IMAGE_PLACEHOLDER) + sample.count(self.image_token) for sample in text]
+        num_images = len(make_flat_list_of_images(images)) if images is not None else 0
+        if sum(counts) != num_images:
+            raise ValueError(
+                f"The prompts hold {sum(counts)} image placeholders ({IMAGE_PLACEHOLDER} or {self.image_token}; per "
+                f"prompt: {counts}) but {num_images} images were passed; give exactly one image per placeholder."
+            )
+        latents = _per_sample(num_latent_thoughts, len(text), "num_latent_thoughts")
+        text = [
+            sample.replace(IMAGE_PLACEHOLDER, self.image_token) + (START_LATENT + LATENT * k + END_LATENT if k else "")
+            for sample, k in zip(text, latents, strict=True)
+        ]
+        return super().__call__(images=images, text=text, videos=videos, **kwargs)
+
+    def build_prompt(
+        self, question: str, num_images: int = 0, num_latent_thoughts: int = 0, system_prompt: str | None = None
+    ) -> str:
+        """The Coconut prompt for `question`: a user turn with `num_images` images first, then the assistant turn's
+        opening and, with `num_latent_thoughts > 0`, the latent block. Pass it with the images to `__call__`."""
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        if num_latent_thoughts:
+            prompt += (
+                START_LATENT + LATENT * _per_sample(num_latent_thoughts, 1, "num_latent_thoughts")[0] + END_LATENT
+            )
+        return prompt
+
+    def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
+        """The answer in generated text: what follows the first `answer_marker`, up to the end-of-sequence token,
+        stripped; `None` where the text has no marker.
+
+        Args:
+            sequences (`str`, `list[str]`, `list[int]`, `list[list[int]]` or `torch.Tensor`):
+                Decoded text or token ids of one or several sequences (prompt included or not).
+            answer_marker (`str`, *optional*, defaults to `"### "`): the marker that precedes the final answer.
+        """
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        if isinstance(sequences, str):
+            return self._answer_from_text(sequences, answer_marker)
+        if len(sequences) and isinstance(sequences[0], int):
+            return self._answer_from_text(self.tokenizer.decode(sequences, skip_special_tokens=False), answer_marker)
+        return [self.decode_answer(sequence, answer_marker) for sequence in sequences]
+
+    def _answer_from_text(self, text: str, answer_marker: str) -> str | None:
+        _, found, answer = text.partition(answer_marker)
+        if not found:
+            return None
+        if self.tokenizer.eos_token:
+            answer = answer.split(self.tokenizer.eos_token)[0]
+        if self.tokenizer.pad_token:
+            answer = answer.replace(self.tokenizer.pad_token, "")
+        return answer.strip()
+
+
+CoconutInternVLProcessor.register_for_auto_class()
+
+__all__ = ["CoconutInternVLProcessor"]

@@ -1,0 +1,208 @@
+"""Record schema, loaders (Coconut JSON, A-OKVQA, any dataset with a column mapping) and validation."""
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from datasets import Dataset, Features, Image, List, Value
+from PIL import Image as PILImage
+
+from coconut.curriculum import CurriculumConfig
+from coconut.data import (
+    RECORD_FEATURES,
+    load_aokvqa,
+    load_coconut_json,
+    load_records,
+    records_to_dataset,
+    validate_dataset,
+)
+from coconut.tokenizer import train_tokenizer
+
+
+PROSQA_SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"
+
+# The HuggingFaceM4/A-OKVQA columns and types.
+AOKVQA_FEATURES = Features(
+    {
+        "image": Image(),
+        "question_id": Value("string"),
+        "question": Value("string"),
+        "choices": List(Value("string")),
+        "correct_choice_idx": Value("int8"),
+        "direct_answers": List(Value("string")),
+        "difficult_direct_answer": Value("bool"),
+        "rationales": List(Value("string")),
+    }
+)
+
+
+def save_png(path, colour=(10, 200, 30), size=(32, 24)):
+    PILImage.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+def good_record(**overrides):
+    record = {"id": "q7", "question": "What next?", "steps": ["One.", "Two."], "answer": "Three.", "images": []}
+    return {**record, **overrides}
+
+
+def test_coconut_json_loads_prosqa(tmp_path):
+    raw = json.loads(PROSQA_SLICE.read_text())
+    dataset = load_coconut_json(PROSQA_SLICE)
+    assert dataset.features == RECORD_FEATURES
+    assert len(dataset) == 20
+    assert dataset[3]["id"] == "prosqa_valid_slice-3"
+    for record, item in zip(dataset, raw, strict=True):
+        assert (record["question"], record["steps"], record["answer"]) == (
+            item["question"],
+            item["steps"],
+            item["answer"],
+        )
+        assert record["images"] == [] and record["choices"] == [] and record["direct_answers"] == []
+    assert sorted({len(steps) for steps in dataset["steps"]}) == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="does not exist"):
+        load_coconut_json(tmp_path / "gsm8k_train.json")
+
+
+def test_images_are_stored_as_paths_or_bytes_and_decoded_lazily(tmp_path):
+    path = save_png(tmp_path / "a.png", colour=(1, 2, 3))
+    pil = PILImage.new("RGB", (5, 7), (9, 8, 7))
+    dataset = records_to_dataset([good_record(images=[path, pil])])
+    arrow_type = dataset.data.schema.field("images").type
+    assert arrow_type == pa.list_(pa.struct({"bytes": pa.binary(), "path": pa.string()}))  # no pixel arrays
+    first, second = dataset[0]["images"]
+    assert first.getpixel((0, 0)) == (1, 2, 3) and second.size == (5, 7)
+
+
+@pytest.mark.parametrize(
+    "record, problem",
+    [
+        (good_record(steps=[]), "no steps: `steps` is empty"),
+        (good_record(answer=None), "no answer"),
+        (good_record(answer="  "), "no answer"),
+        (good_record(images=["missing.png"]), "image 0 is missing: no file at"),
+        (good_record(question="<image> vs <image>?", images=["a.png"]), "more <image> placeholders than images: 2"),
+        (good_record(images=["garbage.png"]), "image 0 is unreadable"),
+    ],
+)
+def test_invalid_records_name_the_record_and_the_problem(tmp_path, record, problem):
+    save_png(tmp_path / "a.png")
+    (tmp_path / "garbage.png").write_bytes(b"not a png")
+    dataset = records_to_dataset([good_record(id="fine"), record], image_root=tmp_path)
+    with pytest.raises(ValueError, match="Record 1 \\(id 'q7'\\): " + problem.replace("(", "\\(")):
+        validate_dataset(dataset)
+
+
+def test_skip_invalid_drops_bad_records_and_reports_how_many(tmp_path, caplog):
+    records = [good_record(id="a"), good_record(id="b", steps=[]), good_record(id="c", images=["gone.png"])]
+    dataset = records_to_dataset(records + [good_record(id="d", answer=None)], image_root=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="coconut.data"):
+        kept = validate_dataset(dataset, skip_invalid=True)
+    assert kept["id"] == ["a"]
+    assert "Skipped 3 of 4 records" in caplog.text
+    assert validate_dataset(dataset.select([1]), require_steps=False)["id"] == ["b"]
+
+
+def test_too_long_records(tmp_path):
+    tokenizer = train_tokenizer(["What next? One. Two. Three. user assistant"], vocab_size=300)
+    config = CurriculumConfig(c_thought=4, max_latent_stage=2)
+    dataset = records_to_dataset([good_record(id="short"), good_record(id="long", steps=["One. " * 40])])
+    lengths = {}
+    for record in dataset:
+        lengths[record["id"]] = len(tokenizer(record["question"] + " ".join(record["steps"]))["input_ids"])
+    limit = 60
+    assert lengths["short"] < limit < lengths["long"]
+    with pytest.raises(ValueError, match=f"Record 1 \\(id 'long'\\): too long: .* more than max_length={limit}"):
+        validate_dataset(dataset, tokenizer=tokenizer, max_length=limit, curriculum=config)
+    assert validate_dataset(dataset, tokenizer=tokenizer, max_length=limit, skip_invalid=True)["id"] == ["short"]
+    # The image tokens count: the short record with an image of 100 tokens no longer fits.
+    path = save_png(tmp_path / "a.png")
+    with_image = records_to_dataset([good_record(images=[path])])
+    validate_dataset(with_image, tokenizer=tokenizer, max_length=limit)
+    with pytest.raises(ValueError, match="too long"):
+        validate_dataset(with_image, tokenizer=tokenizer, max_length=limit, image_token_count=100)
+    with pytest.raises(ValueError, match="needs a `tokenizer`"):
+        validate_dataset(dataset, max_length=limit)
+
+
+@pytest.fixture
+def aokvqa_parquet(tmp_path):
+    rows = [
+        {
+            "image": PILImage.new("RGB", (40, 30), (250, 0, 0)),
+            "question_id": "22MexNkBPpdZGX6sxbxVBH",
+            "question": "What is the man by the bags awaiting?",
+            "choices": ["skateboarder", "train", "delivery", "cab"],
+            "correct_choice_idx": 3,
+            "direct_answers": ["ride", "ride", "bus", "ride", "taxi", "travelling", "traffic", "taxi", "cab", "ride"],
+            "difficult_direct_answer": False,
+            "rationales": [
+                "A train would not be on the street. He would not have luggage waiting for a delivery.",
+                "The man is waiting for a cab.",
+                "He has bags as if he is going somewhere.",
+            ],
+        },
+        {
+            "image": PILImage.new("RGB", (20, 20), (0, 0, 250)),
+            "question_id": "2Xo7w1uMAumMZTAFVTCOsT",
+            "question": "Where is the cat sitting?",
+            "choices": ["sink", "roof", "car", "bed"],
+            "correct_choice_idx": 0,
+            "direct_answers": ["sink"] * 7 + ["bathroom"] * 3,
+            "difficult_direct_answer": False,
+            "rationales": ["The cat is in a basin with a tap.", "It is a sink.", "Cats like sinks."],
+        },
+    ]
+    path = tmp_path / "aokvqa" / "train.parquet"
+    path.parent.mkdir()
+    Dataset.from_list(rows, features=AOKVQA_FEATURES).to_parquet(path)
+    return path
+
+
+def test_aokvqa_multiple_choice_and_direct_targets(aokvqa_parquet, tmp_path):
+    load_kwargs = {"data_files": str(aokvqa_parquet), "cache_dir": str(tmp_path / "cache")}
+    mc = load_aokvqa("parquet", load_kwargs=load_kwargs)
+    assert mc.features == RECORD_FEATURES
+    assert mc[0]["id"] == "22MexNkBPpdZGX6sxbxVBH"
+    assert mc[0]["question"] == "What is the man by the bags awaiting?\nChoices: skateboarder, train, delivery, cab"
+    assert mc[0]["answer"] == "cab" and mc[1]["answer"] == "sink"
+    assert mc[0]["steps"] == [
+        "A train would not be on the street.",
+        "He would not have luggage waiting for a delivery.",
+    ]
+    assert len(mc[0]["direct_answers"]) == 10 and mc[0]["choices"][3] == "cab"
+    image = mc[0]["images"][0]
+    assert image.size == (40, 30) and image.convert("RGB").getpixel((0, 0)) == (250, 0, 0)
+
+    direct = load_aokvqa("parquet", target="direct", rationale_steps="all", load_kwargs=load_kwargs)
+    assert direct["answer"] == ["ride", "sink"]  # the most frequent of the ten
+    assert direct[0]["question"] == "What is the man by the bags awaiting?"
+    assert direct[1]["steps"] == ["The cat is in a basin with a tap.", "It is a sink.", "Cats like sinks."]
+    assert direct[1]["direct_answers"] == ["sink"] * 7 + ["bathroom"] * 3
+    with pytest.raises(ValueError, match="`target` must be"):
+        load_aokvqa("parquet", target="open", load_kwargs=load_kwargs)
+
+
+def test_any_json_file_with_a_column_mapping(tmp_path):
+    save_png(tmp_path / "one.png", colour=(5, 5, 5))
+    lines = [
+        {"qid": 11, "query": "Which shape?", "rationale": "Look.\nIt is round.", "label": "circle", "pic": "one.png"},
+        {"qid": 12, "query": "How many?", "rationale": "Count.\n\nThere are two.", "label": "2", "pic": "one.png"},
+    ]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    mapping = {"id": "qid", "question": "query", "steps": "rationale", "answer": "label", "images": "pic"}
+    dataset = load_records(path, column_mapping=mapping, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    assert dataset["id"] == ["11", "12"]
+    assert dataset["steps"] == [["Look.", "It is round."], ["Count.", "There are two."]]
+    assert dataset["answer"] == ["circle", "2"]
+    assert dataset[0]["images"][0].getpixel((1, 1)) == (5, 5, 5)
+    with pytest.raises(ValueError, match="Column 'question' for `question` is not in the dataset"):
+        load_records(path, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ValueError, match="unknown record fields \\['label'\\]"):
+        load_records(path, column_mapping={"label": "label"})
+    (tmp_path / "one.png").unlink()
+    with pytest.raises(ValueError, match="Record 0 \\(id '11'\\): image 0 is missing"):
+        load_records(path, column_mapping=mapping, load_kwargs={"cache_dir": str(tmp_path / "cache")})

@@ -1,0 +1,110 @@
+"""`evaluate.py` end to end on the ProsQA slice: a saved tiny model, the real loader, results files and model card."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from trl import TrlParser
+
+from coconut.curriculum import CurriculumConfig
+from coconut.data import load_coconut_json
+from coconut.evaluation import (
+    CARD_TABLE_END,
+    CARD_TABLE_START,
+    CoconutEvalConfig,
+    evaluate_stage,
+    write_table_into_card,
+)
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from evaluate import ScriptArguments, main
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+
+SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"
+
+
+@pytest.fixture
+def saved_model(tmp_path, hf_home):
+    records = json.loads(SLICE.read_text())
+    tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=320)
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
+    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = tiny_config(
+        text_config=text_config,
+        image_token_id=ids("<IMG_CONTEXT>"),
+        latent_token_id=ids(LATENT),
+        start_latent_token_id=ids(START_LATENT),
+        end_latent_token_id=ids(END_LATENT),
+    )
+    torch.manual_seed(0)
+    model = CoconutInternVLForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("# Tiny Coconut\n")
+    return tmp_path / "model", model, tokenizer
+
+
+def test_evaluate_script(saved_model, tmp_path):
+    model_dir, model, tokenizer = saved_model
+    argv = ["--model", str(model_dir), "--dataset", str(SLICE.parent), "--split", "valid_slice", "--stage", "2"]
+    argv += ["--max_latent_stage", "6", "--max_samples", "5", "--max_new_tokens", "6", "--batch_size", "2"]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--update_model_card", "--disable_tqdm"]
+    script_args, curriculum, eval_config = TrlParser(
+        (ScriptArguments, CurriculumConfig, CoconutEvalConfig)
+    ).parse_args_and_config(argv)
+    assert (eval_config.stage, curriculum.max_latent_stage, script_args.max_samples) == (2, 6, 5)
+
+    results = main(script_args, curriculum, eval_config)
+    saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    records = load_coconut_json(SLICE).select(range(5))
+    direct = evaluate_stage(model, tokenizer, records, curriculum, eval_config)
+    assert saved["stages"][0]["stage"] == 2 and saved["overall"]["num_samples"] == 5
+    for name in ("accuracy", "mean_generated_tokens"):
+        assert saved["overall"][name] == direct.metrics[name] == results.results[0].metrics[name]
+    assert [p.generation for p in results.results[0].predictions] == [p.generation for p in direct.predictions]
+    assert [p.num_latent_thoughts for p in direct.predictions] == [2] * 5  # every slice record has >= 3 steps
+    assert (tmp_path / "eval" / "eval_results.png").is_file()
+    card = (model_dir / "README.md").read_text()
+    assert card.startswith("# Tiny Coconut") and "| Stage | Accuracy |" in card
+
+
+def test_missing_split_names_the_files(tmp_path):
+    from evaluate import load_eval_records
+
+    with pytest.raises(ValueError, match="0 files ending in 'train.json'.*prosqa_valid_slice.json"):
+        load_eval_records(str(SLICE.parent), "train")
+
+
+def test_table_replaces_the_previous_one(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# Model\n\nText.\n")
+    write_table_into_card(card, "| a |\n")
+    text = write_table_into_card(card, "| b |\n")
+    assert text.count(CARD_TABLE_START) == text.count(CARD_TABLE_END) == 1
+    assert "| b |" in text and "| a |" not in text and text.startswith("# Model\n\nText.\n\n## Evaluation")
+    with pytest.raises(ValueError, match="does not exist"):
+        write_table_into_card(tmp_path / "missing.md", "| c |")
+
+
+def test_probe_command(saved_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    model_dir, model, tokenizer = saved_model
+    output = tmp_path / "probe.json"
+    command = [sys.executable, "-m", "coconut.probe", "--model", str(model_dir), "--question", "Is Tom a wumpus?"]
+    command += ["--num_latent_thoughts", "3", "--top_k", "2", "--output_file", str(output)]
+    env = subprocess_env(tmp_path / "hf_home_probe")  # run as a user would: from the repository root, offline
+    completed = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("thought ") == 3, completed.stdout
+    saved = json.loads(output.read_text())
+    assert saved["prompt"].endswith(START_LATENT + LATENT * 3 + END_LATENT)
+    assert [len(t["top_tokens"]) for t in saved["thoughts"]] == [2, 2, 2]

@@ -1,0 +1,225 @@
+"""Evaluation of a tiny Coconut model: the reported numbers equal the ones computed directly from its generations."""
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from coconut.curriculum import CurriculumConfig
+from coconut.evaluation import (
+    CoconutEvalConfig,
+    EvalResults,
+    ModelEntry,
+    compare_models,
+    eval_prompt,
+    evaluate_stage,
+    score_generations,
+)
+from coconut.metrics import count_generated_tokens, exact_match, extract_answer
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+
+NAMES = ["Tom", "Ann", "Bob", "Eve", "Max", "Sam"]
+KINDS = ["wumpus", "yumpus", "zumpus"]
+STEPS = 120
+COCONUT = CurriculumConfig(method="coconut", c_thought=1, max_latent_stage=2)
+
+
+def make_records() -> list[dict]:
+    """Six ProsQA-like records with two steps each; questions of different lengths so batches need padding."""
+    records = []
+    for i, name in enumerate(NAMES):
+        kind, other = KINDS[i % 3], KINDS[(i + 1) % 3]
+        records.append(
+            {
+                "id": f"q{i}",
+                "question": f"{name} is a {'big ' * i}rompus. Every rompus is a {kind}. Is {name} a {kind} or {other}?",
+                "steps": [f"{name} is a rompus.", f"Every rompus is a {kind}."],
+                "answer": f"{name} is a {kind}.",
+            }
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model overfit on the records at stage 1 (one thought replaces the first step), and its tokenizer."""
+    records = make_records()
+    corpus = [r["question"] + " ".join(r["steps"]) + r["answer"] for r in records]
+    tokenizer = train_tokenizer(corpus, vocab_size=300)
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
+    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = tiny_config(
+        text_config=text_config,
+        image_token_id=ids("<IMG_CONTEXT>"),
+        latent_token_id=ids(LATENT),
+        start_latent_token_id=ids(START_LATENT),
+        end_latent_token_id=ids(END_LATENT),
+    )
+    torch.manual_seed(0)
+    model = CoconutInternVLForConditionalGeneration(config)
+    prompts = [eval_prompt(tokenizer, r, COCONUT, CoconutEvalConfig(stage=1))["prompt"] for r in records]
+    completions = [f"{r['steps'][1]}\n### {r['answer']}{tokenizer.eos_token}" for r in records]
+    batch = tokenizer([p + c for p, c in zip(prompts, completions, strict=True)], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for row, prompt in enumerate(prompts):
+        labels[row, : len(tokenizer(prompt)["input_ids"])] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(STEPS):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer, loss.item()
+
+
+def direct_generation(model, tokenizer, record, max_new_tokens):
+    """The record alone (no padding, no batch), generated greedily: what the evaluation must reproduce."""
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": record["question"]}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt += START_LATENT + LATENT + END_LATENT  # stage 1: one thought
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    latent_ids = tokenizer.convert_tokens_to_ids([LATENT, START_LATENT, END_LATENT])
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        suppress_tokens=latent_ids,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = output[0, input_ids.shape[1] :].tolist()
+    count = count_generated_tokens(new, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    return tokenizer.decode(new[:count], skip_special_tokens=True), count
+
+
+def test_evaluation_equals_direct_computation(trained):
+    model, tokenizer, final_loss = trained
+    assert final_loss < 0.1, f"the tiny model did not fit its records (loss {final_loss:.3f})"
+    records = make_records()
+    # Two records get a wrong reference answer, so the accuracy is neither 0 nor 1 and depends on matching by id.
+    records[1]["answer"] = "Ann is a zumpus."
+    records[4]["answer"] = "Max is a wumpus."
+    config = CoconutEvalConfig(stage=1, batch_size=4, max_new_tokens=24, disable_tqdm=True)
+    result = evaluate_stage(model, tokenizer, records, COCONUT, config)
+
+    expected_correct, expected_tokens = [], []
+    for record, prediction in zip(records, result.predictions, strict=True):
+        text, count = direct_generation(model, tokenizer, record, max_new_tokens=24)
+        assert prediction.id == record["id"] and prediction.generation == text, (record["id"], prediction, text)
+        expected_correct.append(exact_match(extract_answer(text), record["answer"]))
+        expected_tokens.append(count)
+    assert sum(expected_correct) == 4, f"the fitted model should answer the 4 untouched records: {expected_correct}"
+    assert result.metrics["accuracy"] == pytest.approx(sum(expected_correct) / len(records))
+    assert result.metrics["mean_generated_tokens"] == pytest.approx(sum(expected_tokens) / len(records))
+    assert result.metrics["num_samples"] == 6, result.predictions
+    assert result.metrics["samples_per_second"] > 0
+
+
+def test_predictions_follow_ids_not_batch_positions(trained):
+    model, tokenizer, _ = trained
+    records = make_records()
+    config = CoconutEvalConfig(stage=1, batch_size=4, max_new_tokens=24, disable_tqdm=True)
+    ordered = evaluate_stage(model, tokenizer, records, COCONUT, config)
+    shuffled_records = records[:]
+    random.Random(0).shuffle(shuffled_records)
+    shuffled = evaluate_stage(model, tokenizer, shuffled_records, COCONUT, config)
+    by_id = {p.id: p.generation for p in shuffled.predictions}
+    assert {p.id: p.generation for p in ordered.predictions} == by_id
+    assert [p.id for p in shuffled.predictions] == [r["id"] for r in shuffled_records]
+    assert ordered.metrics["accuracy"] == shuffled.metrics["accuracy"] == 1.0
+
+
+def test_prompt_latent_count_from_stage_flag_and_method():
+    tokenizer = train_tokenizer(["a b c"], vocab_size=270)
+    record = {"id": "r", "question": "Q?", "steps": ["a", "b", "c"], "answer": "x"}
+
+    def latents(curriculum, **config):
+        prompt = eval_prompt(tokenizer, record, curriculum, CoconutEvalConfig(**config))["prompt"]
+        block = prompt.split("assistant\n")[1]
+        assert block == ("" if not block else START_LATENT + LATENT * block.count(LATENT) + END_LATENT), block
+        return block.count(LATENT) if block else None
+
+    two = CurriculumConfig(c_thought=2, max_latent_stage=4)
+    assert latents(two, stage=2) == 4
+    assert latents(two, stage=5) == 6  # past the last stage, capped at the record's 3 steps
+    assert latents(CurriculumConfig(c_thought=2, max_latent_stage=4, pad_latent_to_max=True), stage=5) == 8
+    assert latents(two, stage=1, num_latent_thoughts=5) == 5
+    assert latents(CurriculumConfig(method="cot")) is None
+    assert latents(CurriculumConfig(method="no_thought"), stage=3) == 0
+    with pytest.raises(ValueError, match="set `stage`"):
+        latents(two)
+    with pytest.raises(ValueError, match="`batch_size`=0"):
+        CoconutEvalConfig(batch_size=0)
+
+
+def test_scores_with_choices_and_direct_answers():
+    records = [
+        {"id": "a", "answer": "red", "choices": ["blue", "red"], "direct_answers": ["red"] * 2 + ["pink"] * 8},
+        {"id": "b", "answer": "cat", "choices": ["cat", "dog"], "direct_answers": ["cat"] * 9 + ["kitten"]},
+    ]
+    generations = {"b": ("It is a cat.\n### dog", 5, None), "a": ("### red", 2, None)}
+    metrics, predictions = score_generations(records, generations)
+    assert [p.id for p in predictions] == ["a", "b"]
+    assert metrics["accuracy"] == 0.5
+    assert metrics["multiple_choice_accuracy"] == 0.5  # "dog" is a valid option, but the wrong one
+    assert metrics["direct_answer_score"] == pytest.approx((2 / 3 + 0) / 2)
+    assert metrics["mean_generated_tokens"] == 3.5
+    with pytest.raises(ValueError, match="no generation, e.g. id 'b'"):
+        score_generations(records, {"a": generations["a"]})
+    with pytest.raises(ValueError, match="'a'.*appears twice"):
+        score_generations([records[0], records[0]], generations)
+
+
+def test_results_files_and_comparison(trained, tmp_path, hf_home):
+    model, tokenizer, _ = trained
+    for name in ("coconut", "other"):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    records = make_records()
+    entries = [
+        ModelEntry("Coconut", str(tmp_path / "coconut"), COCONUT, CoconutEvalConfig(stage=1, max_new_tokens=24)),
+        ModelEntry(
+            "No thought",
+            str(tmp_path / "other"),
+            CurriculumConfig(method="no_thought"),
+            CoconutEvalConfig(max_new_tokens=24),
+        ),
+    ]
+    results = compare_models(entries, records)
+    direct = evaluate_stage(model, tokenizer, records, COCONUT, entries[0].config, "Coconut")
+    assert results.results[0].metrics["accuracy"] == direct.metrics["accuracy"] == 1.0
+    assert [p.generation for p in results.results[0].predictions] == [p.generation for p in direct.predictions]
+
+    paths = results.save(tmp_path / "out")
+    saved = json.loads(paths["json"].read_text())
+    assert [row["label"] for row in saved["stages"]] == ["Coconut", "No thought"]
+    assert saved["overall"]["best_label"] == "Coconut" and saved["overall"]["best_accuracy"] == 1.0
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = paths["md"].read_text().splitlines()
+    assert table[0].startswith("| Model | Accuracy |") and table[2].startswith("| Coconut | 100.0 |")
+    lines = (tmp_path / "out" / "predictions_Coconut.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [r["id"] for r in records]
+
+
+def test_stage_results_table():
+    from coconut.evaluation import StageResult
+
+    base = {"mean_generated_tokens": 10.0, "samples_per_second": 2.0, "num_samples": 4}
+    results = EvalResults(
+        [StageResult(0, "", {"accuracy": 0.25, **base}, []), StageResult(1, "", {"accuracy": 0.75, **base}, [])]
+    )
+    table = results.markdown_table().splitlines()
+    assert table[0] == "| Stage | Accuracy | Generated tokens | Samples/s | Samples |"
+    assert table[3] == "| 1 | 75.0 | 10.0 | 2.00 | 4 |"
+    overall = results.to_dict()["overall"]
+    assert (overall["final_stage"], overall["best_stage"], overall["best_accuracy"]) == (1, 1, 0.75)

@@ -1,0 +1,193 @@
+"""CoconutInternVLProcessor: image tokens per tile, pixel values in order, latent block, left padding, answers."""
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE, TOKENS_PER_TILE, tiny_config
+from PIL import Image
+from transformers import AutoProcessor, GotOcr2ImageProcessorPil
+
+from coconut.tokenizer import CHAT_TEMPLATE, train_tokenizer
+from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
+
+
+CORPUS = ["Every wump is a zhorpus. Is Tom a wump or a yumpus? Tom is a wump. ### Yes No"] * 4
+
+
+def make_processor(with_latent_tokens: bool = True, max_patches: int = 4) -> CoconutInternVLProcessor:
+    tokenizer = train_tokenizer(CORPUS, vocab_size=300, with_latent_tokens=with_latent_tokens)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        max_patches=max_patches,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    return CoconutInternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=TOKENS_PER_TILE
+    )
+
+
+def make_image(width: int, height: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def processor_model(processor: CoconutInternVLProcessor, seed: int = 0):
+    """A tiny model whose token ids are the processor's tokenizer's."""
+    from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text_config = tiny_config().text_config.to_dict()
+    text_config.update(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    config = tiny_config(
+        text_config=text_config,
+        image_token_id=processor.image_token_id,
+        latent_token_id=processor.latent_token_id,
+        start_latent_token_id=processor.start_latent_token_id,
+        end_latent_token_id=processor.end_latent_token_id,
+    )
+    torch.manual_seed(seed)
+    model = CoconutInternVLForConditionalGeneration(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return make_processor()
+
+
+def test_chat_template_matches_tokenizer_module(processor):
+    assert DEFAULT_CHAT_TEMPLATE == CHAT_TEMPLATE
+    assert processor.chat_template == CHAT_TEMPLATE
+
+
+def test_image_tokens_per_tile_and_pixel_values_in_order(processor):
+    wide, square = make_image(112, 56, seed=1), make_image(56, 56, seed=2)
+    tiles = [processor.image_processor.get_number_of_image_patches(56, 112, {"crop_to_patches": True}), 1]
+    assert tiles == [3, 1]  # 2 crops + thumbnail; a square image at tile size is one tile
+    prompts = ["<image>\nWhich is bigger?", "Compare <image> with <image>."]
+    inputs = processor(images=[wide, square, wide], text=prompts, return_tensors="pt")
+
+    image_counts = (inputs["input_ids"] == processor.image_token_id).sum(dim=1).tolist()
+    assert image_counts == [TOKENS_PER_TILE * 3, TOKENS_PER_TILE * (1 + 3)]
+    assert inputs["pixel_values"].shape == (3 + 1 + 3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # The tiles of each image, image by image, as the image processor gives them alone.
+    alone = [
+        processor.image_processor(image, crop_to_patches=True, return_tensors="pt")["pixel_values"]
+        for image in (wide, square, wide)
+    ]
+    torch.testing.assert_close(inputs["pixel_values"], torch.cat(alone), rtol=0, atol=0)
+    # Each image is wrapped in <img> ... </img> around its own run of context tokens.
+    row = inputs["input_ids"][1].tolist()
+    start, end = processor.start_image_token_id, processor.end_image_token_id
+    opens = [i for i, token in enumerate(row) if token == start]
+    closes = [i for i, token in enumerate(row) if token == end]
+    assert [c - o - 1 for o, c in zip(opens, closes, strict=True)] == [TOKENS_PER_TILE * 1, TOKENS_PER_TILE * 3]
+
+
+def test_native_placeholder_gives_same_ids(processor):
+    image = make_image(112, 56, seed=3)
+    ours = processor(images=[image], text="<image>\nIs Tom a wump?", return_tensors="pt")
+    native = processor(images=[image], text="<IMG_CONTEXT>\nIs Tom a wump?", return_tensors="pt")
+    assert torch.equal(ours["input_ids"], native["input_ids"])
+
+
+def test_latent_block_per_sample_and_left_padding(processor):
+    prompts = ["Is Tom a wump?", "Every wump is a zhorpus. Is Tom a wump?"]
+    inputs = processor(text=prompts, num_latent_thoughts=[2, 0], return_tensors="pt")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids0 = processor.tokenizer(prompts[0])["input_ids"]
+    ids1 = processor.tokenizer(prompts[1])["input_ids"]
+    block = [processor.start_latent_token_id] + [processor.latent_token_id] * 2 + [processor.end_latent_token_id]
+    length = max(len(ids0) + 4, len(ids1))
+    pad = processor.tokenizer.pad_token_id
+
+    def left_padded(row):
+        return [pad] * (length - len(row)) + row
+
+    assert ids.tolist() == [left_padded(ids0 + block), left_padded(ids1)]
+    assert mask.tolist() == [left_padded([1] * len(ids0 + block)), left_padded([1] * len(ids1))]
+    assert (mask[:, -1] == 1).all()  # left padding: every row ends with a real token
+
+    same_for_all = processor(text=prompts, num_latent_thoughts=3, return_tensors="pt")["input_ids"]
+    assert (same_for_all == processor.latent_token_id).sum(dim=1).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="`num_latent_thoughts` has 1 entries for 2 prompts"):
+        processor(text=prompts, num_latent_thoughts=[1])
+
+
+@pytest.mark.parametrize(
+    ("text", "num_images", "message"),
+    [
+        ("<image> and <image>", 1, "2 image placeholders .* but 1 images"),
+        ("no image here", 1, "0 image placeholders .* but 1 images"),
+        ("<image>", 0, "1 image placeholders .* but 0 images"),
+    ],
+)
+def test_placeholder_image_count_mismatch_raises(processor, text, num_images, message):
+    images = [make_image(56, 56, seed=i) for i in range(num_images)] or None
+    with pytest.raises(ValueError, match=message):
+        processor(images=images, text=text)
+
+
+def test_tokenizer_without_latent_tokens_raises():
+    with pytest.raises(ValueError, match="no .*<\\|start-latent\\|>"):
+        make_processor(with_latent_tokens=False)
+
+
+def test_build_prompt_and_apply_chat_template(processor):
+    prompt = processor.build_prompt("Is Tom a wump?", num_images=2, num_latent_thoughts=2)
+    assert prompt == (
+        "<|im_start|>user\n<image>\n<image>\nIs Tom a wump?<|im_end|>\n<|im_start|>assistant\n"
+        "<|start-latent|><|latent|><|latent|><|end-latent|>"
+    )
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is Tom a wump?"}]}]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == processor.build_prompt("Is Tom a wump?", num_images=1)
+
+
+def test_decode_answer(processor):
+    eos, pad = processor.tokenizer.eos_token, processor.tokenizer.pad_token
+    assert processor.decode_answer(f"Tom is a wump.\n### Yes{eos}{pad}{pad}") == "Yes"
+    assert processor.decode_answer("Tom is a wump.\n###   No  ") == "No"  # no eos: to the end, stripped
+    assert processor.decode_answer("Tom is a wump.") is None
+    prompt = processor.build_prompt("Is Tom a wump?", num_latent_thoughts=1)
+    ids = processor(text=[prompt + f"### Yes{eos}", prompt + f"step\n### No{eos}"], return_tensors="pt")["input_ids"]
+    assert processor.decode_answer(ids) == ["Yes", "No"]  # left padding and the prompt's own eos are skipped
+    assert processor.decode_answer(ids[1].tolist()) == "No"
+
+
+def test_tiny_model_runs_on_processor_output_and_padding_changes_nothing(processor):
+    model = processor_model(processor)
+    images = [make_image(112, 56, seed=4), make_image(56, 56, seed=5)]
+    prompts = [
+        processor.build_prompt("Is Tom a wump?", num_images=1),
+        processor.build_prompt("Every wump is a zhorpus. Tom is a wump. Is Tom a zhorpus?", num_images=1),
+    ]
+    inputs = processor(images=images, text=prompts, num_latent_thoughts=[3, 1], return_tensors="pt")
+    with torch.no_grad():
+        batched = model(**inputs).logits
+        for row, (image, prompt, k) in enumerate(zip(images, prompts, [3, 1], strict=True)):
+            alone = processor(images=[image], text=prompt, num_latent_thoughts=k, return_tensors="pt")
+            logits = model(**alone).logits[0]
+            real = inputs["attention_mask"][row].bool()
+            difference = (batched[row, real] - logits).abs().max().item()
+            assert difference < 1e-4, f"row {row}: max difference {difference}"
+    assert torch.isfinite(batched).all()
+
+
+def test_save_and_load_with_auto_processor(processor, tmp_path, hf_home):
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processing_coconut_internvl.py").is_file()
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "CoconutInternVLProcessor"
+    assert loaded.image_seq_length == TOKENS_PER_TILE
+    images = [make_image(112, 56, seed=6)]
+    kwargs = dict(text="<image>\nIs Tom a wump?", num_latent_thoughts=2, return_tensors="pt")
+    expected, got = processor(images=images, **kwargs), loaded(images=images, **kwargs)
+    assert torch.equal(expected["input_ids"], got["input_ids"])
+    torch.testing.assert_close(expected["pixel_values"], got["pixel_values"], rtol=0, atol=0)

@@ -1,0 +1,126 @@
+"""The arrow-chase task: answers follow from the pixels, splits are deterministic, and guessing is weak."""
+
+import hashlib
+from collections import Counter
+
+import pytest
+from datasets import Dataset
+
+from coconut.curriculum import CurriculumConfig, build_training_example
+from coconut.synthetic import (
+    COLOURS,
+    SyntheticTaskConfig,
+    build_synthetic_split,
+    cell_name,
+    generate_puzzles,
+    majority_baseline,
+    synthetic_corpus,
+    synthetic_tokenizer,
+)
+from coconut.tokenizer import LATENT_TOKENS
+
+
+def read_board(image, grid_size):
+    """Directions read back from the pixels: the colour at each cell's top-left corner (the arrow is central)."""
+    cell = image.width // grid_size
+    by_colour = {colour: direction for direction, colour in COLOURS.items()}
+    return [
+        [by_colour[image.getpixel((c * cell + 1, r * cell + 1))] for c in range(grid_size)] for r in range(grid_size)
+    ]
+
+
+def chase(board, start, hops):
+    moves = {"right": (0, 1), "down": (1, 0), "left": (0, -1), "up": (-1, 0)}
+    row, column = start
+    for _ in range(hops):
+        d_row, d_column = moves[board[row][column]]
+        row, column = (row + d_row) % len(board), (column + d_column) % len(board)
+    return row, column
+
+
+@pytest.mark.parametrize("image_size, grid_size", [(56, 4), (112, 4)])
+def test_answers_and_steps_follow_from_the_image(tmp_path, image_size, grid_size):
+    config = SyntheticTaskConfig(image_size=image_size, grid_size=grid_size)
+    dataset = build_synthetic_split(tmp_path, "train", config, num_records=40)
+    names = {cell_name((r, c)): (r, c) for r in range(grid_size) for c in range(grid_size)}
+    for record in dataset:
+        image = record["images"][0].convert("RGB")
+        assert image.size == (image_size, image_size)
+        board = read_board(image, grid_size)
+        start = names[record["question"].split()[2]]
+        hops = int(record["question"].split()[5])
+        assert 2 <= hops <= 6 and len(record["steps"]) == hops
+        assert cell_name(chase(board, start, hops)) == record["answer"]
+        here = start
+        for step in record["steps"]:  # "B3 points right to C3."
+            source, _, direction, _, target = step.rstrip(".").split()
+            assert names[source] == here and board[here[0]][here[1]] == direction
+            here = names[target]
+        assert cell_name(here) == record["answer"]
+
+
+def test_splits_are_deterministic_and_disjoint(tmp_path):
+    config = SyntheticTaskConfig()
+    first = build_synthetic_split(tmp_path / "a", "validation", config, num_records=8)
+    second = build_synthetic_split(tmp_path / "b", "validation", config, num_records=8)
+    assert first["question"] == second["question"] and first["steps"] == second["steps"]
+
+    def digest(path):
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+
+    assert [digest(record["images"][0].filename) for record in first] == [
+        digest(record["images"][0].filename) for record in second
+    ]
+    assert first[0]["images"][0].filename.endswith("a/validation/validation-00000.png")
+    keys = {
+        split: {(p.board, p.start, p.path) for p in generate_puzzles(split, config)} for split in ("train", "test")
+    }
+    assert not keys["train"] & keys["test"]
+    reseeded = generate_puzzles("validation", SyntheticTaskConfig(seed=1), 8)
+    assert [p.board for p in reseeded] != [p.board for p in generate_puzzles("validation", config, 8)]
+    assert generate_puzzles("train", config, 5) == generate_puzzles("train", config)[:5]
+
+
+def test_guessing_without_the_image_is_weak():
+    config = SyntheticTaskConfig()
+    answers = {split: [cell_name(p.path[-1]) for p in generate_puzzles(split, config)] for split in ("train", "test")}
+    train, test = (Dataset.from_dict({"answer": answers[split]}) for split in ("train", "test"))
+    accuracy = majority_baseline(train, test)
+    assert accuracy == pytest.approx(0.07)  # 14 of 200: the majority train answer, B2, on the test split
+    assert len(Counter(answers["test"])) == 16  # every cell is a possible answer
+    hops = Counter(len(p.path) - 1 for p in generate_puzzles("test", config))
+    assert sorted(hops) == [2, 3, 4, 5, 6] and min(hops.values()) >= 30
+
+
+def test_tokenizer_is_small_and_covers_the_task(tmp_path):
+    tokenizer = synthetic_tokenizer()
+    assert len(tokenizer) < 400
+    assert tokenizer.convert_ids_to_tokens(list(range(len(tokenizer) - 3, len(tokenizer)))) == sorted(
+        LATENT_TOKENS, key=LATENT_TOKENS.index
+    )
+    for text in synthetic_corpus():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.unk_token_id not in ids
+    record = build_synthetic_split(tmp_path, "test", num_records=1)[0]
+    example = build_training_example(record, 2, tokenizer, CurriculumConfig(c_thought=1, max_latent_stage=6))
+    text_only = build_training_example({**record, "images": []}, 2, tokenizer, CurriculumConfig(max_latent_stage=6))
+    assert len(example["prompt"]) > len(text_only["prompt"]) and len(example["images"]) == 1
+    assert example["completion"].count("\n") == len(record["steps"]) - 2  # two steps replaced by thoughts
+    # Whole words: a step is a handful of tokens, so six of them fit easily in a tiny model's context.
+    assert len(tokenizer.tokenize("B4 points down to B1.\n")) <= 9
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"grid_size": 9}, "`grid_size` must be in \\[2, 8\\], got 9"),
+        ({"image_size": 50}, "`image_size`=50 must be a multiple of `grid_size`=4"),
+        ({"min_hops": 4, "max_hops": 3}, "Need 1 <= `min_hops` <= `max_hops`, got 4 and 3"),
+        ({"test_size": -1}, "`test_size` must be >= 0, got -1"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SyntheticTaskConfig(**overrides)
