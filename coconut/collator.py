@@ -1,12 +1,15 @@
 """Batches of the Coconut curriculum: each scheduled sample is built for its stage, processed, padded and labelled."""
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from transformers.utils import logging
+
+from coconut.curriculum import CurriculumConfig, build_training_example
 
 
 logger = logging.get_logger(__name__)
@@ -30,10 +33,11 @@ def load_image(image: Any, record_id: Any = None) -> Image.Image:
 
 class CoconutDataCollator:
     r"""
-    Turns schedule rows `{"sample": i, "stage": k}` into a training batch.
+    Turns schedule rows `{"epoch": e, "sample": i, "stage": k}` into a training batch.
 
-    Each row's record is built for its stage by `build_example(record, stage)`, which returns the text pieces
-    `{"prompt": str, "completion": str, "images": list}` (the prompt holds one image placeholder per image). The
+    Each row's record is built for its stage by [`coconut.curriculum.build_training_example`] as the text pieces
+    `{"prompt", "completion", "images"}` (the prompt holds one image placeholder per image); with `uniform_prob` the
+    stage may be redrawn by an RNG seeded by `(seed, epoch, sample)`, so the same row always builds the same text. The
     prompts go through the processor (image placeholders expanded to `<img>` + `<IMG_CONTEXT>` x tiles x
     `image_seq_length` + `</img>`, images split into tiles), the completions through its tokenizer; each row is the
     prompt followed by the completion, right-padded.
@@ -45,9 +49,11 @@ class CoconutDataCollator:
         processor ([`ProcessorMixin`]):
             The Coconut-InternVL processor (its `tokenizer` must hold the three latent tokens).
         records (`Sequence[dict]`):
-            The dataset records, indexed by the schedule's `sample` column.
-        build_example (`Callable[[dict, int], dict]`):
-            Builds `{"prompt", "completion", "images"}` for a record at a stage.
+            The dataset records (`id, question, steps, answer, images`), indexed by the schedule's `sample` column.
+        curriculum ([`CurriculumConfig`]):
+            The curriculum settings.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the per-sample stage draws of `uniform_prob`.
         max_length (`int`, *optional*):
             Longest sequence; longer completions are cut at the end. A prompt longer than this is an error, since
             cutting it would drop image tokens or thoughts.
@@ -57,13 +63,15 @@ class CoconutDataCollator:
         self,
         processor,
         records: Sequence[dict],
-        build_example: Callable[[dict, int], dict],
+        curriculum: CurriculumConfig,
+        seed: int = 0,
         max_length: int | None = None,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)  # a tokenizer alone serves text-only data
         self.records = records
-        self.build_example = build_example
+        self.curriculum = curriculum
+        self.seed = seed
         self.max_length = max_length
         latent_tokens = ("<|latent|>", "<|start-latent|>", "<|end-latent|>")
         self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(latent_tokens)))
@@ -74,7 +82,8 @@ class CoconutDataCollator:
         examples = []
         for feature in features:
             record = self.records[feature["sample"]]
-            example = self.build_example(record, feature["stage"])
+            rng = random.Random(f"{self.seed}-{feature['epoch']}-{feature['sample']}")
+            example = build_training_example(record, feature["stage"], self.tokenizer, self.curriculum, rng)
             images = [load_image(image, record.get("id")) for image in example.get("images") or []]
             examples.append({**example, "images": images})
         return examples

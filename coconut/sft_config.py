@@ -5,8 +5,9 @@ from typing import Any
 
 from trl import SFTConfig
 
+from coconut.curriculum import METHODS, CurriculumConfig
 
-METHODS = ("coconut", "cot", "no_cot", "pause_as_thought", "no_thought")
+
 # Methods whose sequences hold `<|latent|>` tokens, so the model runs its sequential latent passes.
 LATENT_METHODS = ("coconut",)
 
@@ -45,11 +46,13 @@ class CoconutSFTConfig(SFTConfig):
             fewer steps, instead of one group of thoughts per step.
         uniform_prob (`float`, *optional*, defaults to `0.0`):
             Probability that a sample is trained at a stage drawn uniformly from `0..len(steps)` instead of the
-            scheduled stage (the paper's mixing of earlier stages).
+            scheduled stage (the paper's mixing of earlier stages); drawn with an RNG seeded by
+            `(seed, epoch, sample)`, so a resumed run draws the same stages.
         reset_optimizer (`bool`, *optional*, defaults to `True`):
             Start every stage with a fresh optimizer state and learning-rate schedule.
         eval_max_new_tokens (`int`, *optional*, defaults to `64`):
-            Tokens generated per validation question in the greedy exact-match evaluation after each stage.
+            Tokens generated per validation question in the greedy exact-match evaluation after each stage
+            ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`).
     """
 
     method: str = field(
@@ -113,15 +116,9 @@ class CoconutSFTConfig(SFTConfig):
 
     def validate_curriculum(self):
         """Raise a `ValueError` naming the field, its value and the fix for settings the curriculum cannot run."""
-        if self.method not in METHODS:
-            raise ValueError(f"`method`={self.method!r} is not one of {METHODS}.")
-        for name in ("c_thought", "epochs_per_stage"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}`={getattr(self, name)} must be at least 1.")
-        if self.max_latent_stage < 0:
-            raise ValueError(f"`max_latent_stage`={self.max_latent_stage} must be 0 or more.")
-        if not 0.0 <= self.uniform_prob <= 1.0:
-            raise ValueError(f"`uniform_prob`={self.uniform_prob} is a probability: choose a value in [0, 1].")
+        self.curriculum.validate_curriculum()  # method, c_thought, max_latent_stage, uniform_prob
+        if self.epochs_per_stage < 1:
+            raise ValueError(f"`epochs_per_stage`={self.epochs_per_stage} must be at least 1.")
         if self.activation_checkpointing and self.method in LATENT_METHODS:
             raise ValueError(
                 f"`activation_checkpointing` (`gradient_checkpointing`)=True with `method`={self.method!r}: checkpointed decoder layers drop the "
@@ -148,6 +145,17 @@ class CoconutSFTConfig(SFTConfig):
                 f"`label_smoothing_factor`={self.label_smoothing_factor}: the loss is the model's own forward loss, "
                 "which has no label smoothing. Set it to 0."
             )
+
+    @property
+    def curriculum(self) -> CurriculumConfig:
+        """The curriculum settings the example builders and the evaluation read."""
+        return CurriculumConfig(
+            method=self.method,
+            c_thought=self.c_thought,
+            max_latent_stage=self.max_latent_stage,
+            pad_latent_to_max=self.pad_latent_to_max,
+            uniform_prob=self.uniform_prob,
+        )
 
     def stage_of_epoch(self, epoch: int) -> int:
         """The scheduled stage of curriculum epoch `epoch` (0 = full chain of thought)."""

@@ -3,7 +3,7 @@
 import copy
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +13,12 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
 
-from .collator import CoconutDataCollator, load_image
-from .sft_config import CoconutSFTConfig
+from coconut.collator import CoconutDataCollator
+from coconut.evaluation import CoconutEvalConfig, EvalResults, evaluate_stage
+from coconut.sft_config import CoconutSFTConfig
 
 
 logger = logging.get_logger(__name__)
-
-ANSWER_MARKER = "### "
-START_LATENT, END_LATENT = "<|start-latent|>", "<|end-latent|>"
 
 
 @dataclass
@@ -34,7 +32,7 @@ class CurriculumSchedule:
 
     Args:
         args ([`CoconutSFTConfig`]): the curriculum settings, `num_train_epochs` and `seed`.
-        records (`Sequence[dict]`): the training records (each with its `steps`).
+        records (`Sequence[dict]`): the training records.
         rows_per_step (`int`): samples per optimizer step over all processes
             (`per_device_train_batch_size * gradient_accumulation_steps * world_size`).
     """
@@ -63,12 +61,7 @@ class CurriculumSchedule:
             ]
             stage = args.stage_of_epoch(epoch)
             stages.append(stage)
-            for sample in order:
-                row_stage = stage
-                if args.uniform_prob > 0 and torch.rand(1, generator=generator).item() < args.uniform_prob:
-                    num_steps = len(records[sample]["steps"])
-                    row_stage = int(torch.randint(num_steps + 1, (1,), generator=generator).item())
-                rows.append({"epoch": epoch, "sample": sample, "stage": row_stage})
+            rows += [{"epoch": epoch, "sample": sample, "stage": stage} for sample in order]
         return cls(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, stage_of_epoch=stages)
 
     @property
@@ -91,22 +84,6 @@ class CurriculumSchedule:
         return [tuple(span) for span in spans]
 
 
-def split_latent_block(prompt: str, completion: str) -> tuple[str, str]:
-    """Move a leading `<|start-latent|>...<|end-latent|>` block of the completion onto the prompt.
-
-    At evaluation the model is given the thoughts' slots and generates the rest, whichever side the builder put them.
-    """
-    if completion.startswith(START_LATENT) and END_LATENT in completion:
-        end = completion.index(END_LATENT) + len(END_LATENT)
-        return prompt + completion[:end], completion[end:]
-    return prompt, completion
-
-
-def extract_answer(text: str) -> str:
-    """The text after the last answer marker `### ` (the whole text without one), stripped."""
-    return text.rsplit(ANSWER_MARKER, 1)[-1].strip()
-
-
 class CurriculumCallback(TrainerCallback):
     """Resets the optimizer state at each stage change and evaluates at the end of each stage."""
 
@@ -126,8 +103,8 @@ class CurriculumCallback(TrainerCallback):
         schedule = self.trainer.schedule
         step = state.global_step  # steps done
         stage_done = step == state.max_steps or schedule.stage_of_step(step) != schedule.stage_of_step(step - 1)
-        if stage_done and self.trainer.eval_records:
-            self.trainer.log(self.trainer.evaluate_generation(schedule.stage_of_step(step - 1)))
+        if stage_done and self.trainer.eval_records is not None:
+            self.trainer.evaluate_curriculum_stage(schedule.stage_of_step(step - 1))
 
 
 class CoconutSFTTrainer(SFTTrainer):
@@ -142,15 +119,20 @@ class CoconutSFTTrainer(SFTTrainer):
     own `args.num_train_epochs` is therefore 1 (on a copy of `args`). The collator builds each sample for its stage
     from the records, so the training data changes at each stage change; with `reset_optimizer` each stage starts
     with a fresh optimizer state and learning-rate schedule. After each stage the model answers `eval_dataset` by
-    greedy generation and the exact-match accuracy is logged (`eval_accuracy`, `eval_generated_tokens`, `stage`).
+    greedy generation ([`coconut.evaluation.evaluate_stage`]); the accuracy and generated tokens are logged
+    (`eval_accuracy`, `eval_mean_generated_tokens`, `stage`) and kept in `self.eval_results`.
+
+    With `method="pause_as_thought"` the `<|latent|>` tokens are learned pause tokens: the model's
+    `config.latent_token_id` is set to `None`, so it does not feed hidden states back.
 
     Args:
         model ([`PreTrainedModel`] or `str`): a Coconut-InternVL model.
         args ([`CoconutSFTConfig`]): training and curriculum settings.
-        train_dataset (`Sequence[dict]` or [`~datasets.Dataset`]): records `id, question, steps, answer, images`.
-        build_example (`Callable[[dict, int], dict]`): `{"prompt", "completion", "images"}` of a record at a stage.
-        processing_class ([`ProcessorMixin`]): the Coconut-InternVL processor.
-        eval_dataset (`Sequence[dict]`, *optional*): validation records for the evaluation after each stage.
+        train_dataset ([`~datasets.Dataset`] or `Sequence[dict]`): records `id, question, steps, answer, images`
+            ([`coconut.data`]). Only the collator reads them; TRL sees integer schedule columns.
+        processing_class ([`CoconutInternVLProcessor`] or a tokenizer for text-only records).
+        eval_dataset ([`~datasets.Dataset`] or `Sequence[dict]`, *optional*): validation records for the
+            evaluation after each stage.
         kwargs: passed to [`~trl.SFTTrainer`] (`peft_config`, `callbacks`, ...).
     """
 
@@ -159,22 +141,26 @@ class CoconutSFTTrainer(SFTTrainer):
         model,
         args: CoconutSFTConfig,
         train_dataset: Sequence[dict],
-        build_example: Callable[[dict, int], dict],
         processing_class,
         eval_dataset: Sequence[dict] | None = None,
         **kwargs,
     ):
         if not isinstance(args, CoconutSFTConfig):
             raise ValueError(f"`args` is a {type(args).__name__}; CoconutSFTTrainer needs a `CoconutSFTConfig`.")
-        self.records = list(train_dataset)
-        self.eval_records = list(eval_dataset) if eval_dataset is not None else []
-        self.build_example = build_example
+        self.records = train_dataset
+        self.eval_records = eval_dataset
+        self.eval_results = EvalResults()
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.schedule = CurriculumSchedule.build(args, self.records, rows_per_step)
         self.curriculum_epochs = args.num_train_epochs
         args = copy.copy(args)
         args.num_train_epochs = 1  # one pass over the schedule, which holds every curriculum epoch
-        collator = CoconutDataCollator(processing_class, self.records, build_example, max_length=args.max_length)
+        collator = CoconutDataCollator(
+            processing_class, self.records, args.curriculum, seed=args.seed, max_length=args.max_length
+        )
+        if args.method == "pause_as_thought" and not isinstance(model, str):
+            # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
+            model.config.latent_token_id = None
         # Only integer columns: TRL reads `image`/`images` columns as its own vision format.
         schedule = Dataset.from_list(self.schedule.rows)
         callbacks = [CurriculumCallback(self), *(kwargs.pop("callbacks", None) or [])]
@@ -261,54 +247,24 @@ class CoconutSFTTrainer(SFTTrainer):
             return
         optimizer.state.clear()
 
-    def generation_inputs(self, record: dict, stage: int) -> tuple[str, list, str]:
-        """Prompt (with the stage's thoughts), images and reference answer of a validation record."""
-        example = self.build_example(record, stage)
-        prompt, _ = split_latent_block(example["prompt"], example["completion"])
-        images = [load_image(image, record.get("id")) for image in example.get("images") or []]
-        return prompt, images, str(record["answer"]).strip()
-
-    @torch.no_grad()
-    def evaluate_generation(self, stage: int) -> dict[str, float]:
-        """Greedy exact-match accuracy and mean generated tokens on the validation records at `stage`."""
+    def evaluate_curriculum_stage(self, stage: int):
+        """Greedy generation on the validation records at `stage`; logs and keeps the metrics."""
+        config = CoconutEvalConfig(
+            stage=stage,
+            batch_size=self.args.per_device_eval_batch_size,
+            max_new_tokens=self.args.eval_max_new_tokens,
+            disable_tqdm=True,
+        )
         model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        correct, generated, batch_size = 0, 0, self.args.per_device_eval_batch_size
-        for start in range(0, len(self.eval_records), batch_size):
-            batch = [self.generation_inputs(record, stage) for record in self.eval_records[start : start + batch_size]]
-            images = [image for _, row_images, _ in batch for image in row_images]
-            image_kwargs = {"images": images} if images else {}
-            inputs = self.processing_class(
-                text=[prompt for prompt, _, _ in batch],
-                **image_kwargs,
-                padding=True,
-                padding_side="left",
-                return_tensors="pt",
-            ).to(self.args.device)
-            output_ids = model.generate(
-                **inputs,
-                max_new_tokens=self.args.eval_max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_ids = output_ids[:, inputs["input_ids"].shape[1] :]  # (B, new tokens)
-            for row, (_, _, answer) in enumerate(batch):
-                ids = new_ids[row].tolist()
-                if tokenizer.eos_token_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
-                generated += len(ids)
-                correct += extract_answer(tokenizer.decode(ids, skip_special_tokens=True)) == answer
-        if was_training:
-            model.train()
-        count = max(len(self.eval_records), 1)
-        return {"stage": stage, "eval_accuracy": correct / count, "eval_generated_tokens": generated / count}
+        result = evaluate_stage(model, self.processing_class, self.eval_records, self.args.curriculum, config)
+        self.eval_results.add(result)
+        metrics = {f"eval_{name}": value for name, value in result.metrics.items()}
+        self.log({"stage": stage, **metrics})
+        return result
 
     def stage_results(self) -> list[dict]:
         """The evaluation after each stage, from the log history (so a resumed run has the earlier stages too)."""
         return [entry for entry in self.state.log_history if "eval_accuracy" in entry]
 
 
-__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback", "extract_answer", "split_latent_block"]
+__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback"]

@@ -6,8 +6,9 @@ from conftest import tiny_config
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from coconut.curriculum import build_training_example
 from coconut.sft_config import CoconutSFTConfig
-from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule, extract_answer, split_latent_block
+from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
 from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
@@ -15,7 +16,7 @@ from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 # A toy task with three reasoning steps per question, small enough to tokenize and train on in milliseconds.
 RECORDS = [
     {
-        "id": i,
+        "id": f"toy-{i}",
         "question": f"start {i % 5} add {i % 3} add {i % 2} add 1",
         "steps": [f"{i % 5} + {i % 3} = {i % 5 + i % 3}", f"+ {i % 2} = {i % 5 + i % 3 + i % 2}", "+ 1"],
         "answer": str(i % 5 + i % 3 + i % 2 + 1),
@@ -23,15 +24,6 @@ RECORDS = [
     }
     for i in range(8)
 ]
-
-
-def build_example(record: dict, stage: int, c_thought: int = 1) -> dict:
-    """Coconut's format: stage k replaces the first k steps by k * c_thought thoughts."""
-    replaced = min(stage, len(record["steps"]))
-    thoughts = START_LATENT + LATENT * (replaced * c_thought) + END_LATENT if replaced else ""
-    prompt = f"<|im_start|>user\n{record['question']}<|im_end|>\n<|im_start|>assistant\n{thoughts}"
-    completion = "".join(f"{step}\n" for step in record["steps"][replaced:]) + f"### {record['answer']}<|im_end|>"
-    return {"prompt": prompt, "completion": completion, "images": record["images"]}
 
 
 def corpus(records):
@@ -120,7 +112,6 @@ def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, **overrides) -> C
         model=text_model(tokenizer, seed),
         args=sft_config(tmp_path, **overrides),
         train_dataset=records,
-        build_example=build_example,
         processing_class=tokenizer,
     )
 
@@ -128,7 +119,7 @@ def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, **overrides) -> C
 def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer)
     model = trainer.model.train()
-    batch = trainer.data_collator([{"sample": i, "stage": 2} for i in range(4)])
+    batch = trainer.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
     latent_id = model.config.latent_token_id
     assert (batch["input_ids"] == latent_id).sum(dim=1).tolist() == [2, 2, 2, 2]
 
@@ -154,9 +145,9 @@ def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
 
 def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer)
-    batch = trainer.data_collator([{"sample": 0, "stage": 1}, {"sample": 3, "stage": 0}])
+    batch = trainer.data_collator([{"epoch": 0, "sample": 0, "stage": 1}, {"epoch": 0, "sample": 3, "stage": 0}])
     for row, (sample, stage) in enumerate([(0, 1), (3, 0)]):
-        example = build_example(RECORDS[sample], stage)
+        example = build_training_example(RECORDS[sample], stage, tokenizer, trainer.args.curriculum)
         labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert tokenizer.decode(labelled) == example["completion"]
         real = batch["attention_mask"][row].bool()
@@ -166,7 +157,7 @@ def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
-def test_stage_schedule_and_uniform_prob(tmp_path):
+def test_stage_schedule(tmp_path):
     records = [{"steps": ["a"] * (i % 4)} for i in range(10)]
     args = sft_config(tmp_path, num_train_epochs=7, epochs_per_stage=2)
     schedule = CurriculumSchedule.build(args, records, rows_per_step=4)
@@ -183,13 +174,28 @@ def test_stage_schedule_and_uniform_prob(tmp_path):
         0
     }
 
-    mixed = CurriculumSchedule.build(sft_config(tmp_path, num_train_epochs=40, uniform_prob=0.5), records, 4).rows
-    off_schedule = [row for row in mixed if row["stage"] != row["epoch"]]
-    assert 0.3 < len(off_schedule) / len(mixed) < 0.6
-    assert all(0 <= row["stage"] <= len(records[row["sample"]]["steps"]) for row in off_schedule)
-    # Same seed, same schedule: what makes a resumed run see the same data.
-    again = CurriculumSchedule.build(sft_config(tmp_path, num_train_epochs=40, uniform_prob=0.5), records, 4).rows
-    assert again == mixed
+
+def test_uniform_prob_redraws_stages_reproducibly(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, num_train_epochs=30, uniform_prob=0.5)
+    rows = trainer.schedule.rows
+    examples = trainer.data_collator.examples(rows)
+    used = [example["stage"] for example in examples]
+    off_schedule = [u for u, row in zip(used, rows, strict=True) if u != row["stage"]]
+    assert 0.25 < len(off_schedule) / len(rows) < 0.6
+    assert set(off_schedule) <= {0, 1, 2, 3}  # uniform over 0..len(steps)
+    assert [example["stage"] for example in trainer.data_collator.examples(rows)] == used  # what resume relies on
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_pad_latent_to_max_past_the_last_stage(tmp_path, tokenizer, pad):
+    short = [{**RECORDS[0], "steps": RECORDS[0]["steps"][:1]}]  # one step
+    trainer = make_trainer(tmp_path, tokenizer, records=short, c_thought=2, max_latent_stage=2, pad_latent_to_max=pad)
+    latent_id = tokenizer.convert_tokens_to_ids(LATENT)
+    counts = [
+        int((trainer.data_collator([{"epoch": 0, "sample": 0, "stage": stage}])["input_ids"] == latent_id).sum())
+        for stage in (0, 1, 2, 3, 9)
+    ]
+    assert counts == ([0, 2, 4, 4, 4] if pad else [0, 2, 4, 2, 2])
 
 
 def test_config_refuses_gradient_checkpointing_with_thoughts(tmp_path):
@@ -267,10 +273,3 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
     assert resumed.state.global_step == 12
     for (name, expected), actual in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_answer_parsing():
-    assert extract_answer("3 + 1 = 4\n### 4") == "4"
-    assert extract_answer(" 4 ") == "4"
-    prompt, completion = split_latent_block("Q", f"{START_LATENT}{LATENT}{END_LATENT}step\n### 1")
-    assert (prompt, completion) == (f"Q{START_LATENT}{LATENT}{END_LATENT}", "step\n### 1")
