@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
 from test_sft_trainer import RECORDS, sft_config, text_model, tokenizer  # noqa: F401 (fixture)
+from transformers import AutoModel, AutoProcessor
 from trl import ModelConfig
 
 import modeling_coconut_internvl
@@ -127,3 +128,9 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     assert "Trained 8 steps on 2 processes" in result.stderr, result.stderr[-3000:]
     results = json.loads((output / "eval_results.json").read_text())
     assert [row["stage"] for row in results["stages"]] == [0, 1]
+    # The saved folder is a Hub repository: remote code, processor, card.
+    model = AutoModel.from_pretrained(output, trust_remote_code=True)
+    assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
+    assert model.config.latent_token_id is not None
+    assert AutoProcessor.from_pretrained(output, trust_remote_code=True).image_seq_length == 4
+    assert "| stage | accuracy | generated tokens |" in (output / "README.md").read_text()
