@@ -158,9 +158,6 @@ class CoconutSFTTrainer(SFTTrainer):
         collator = CoconutDataCollator(
             processing_class, self.records, args.curriculum, seed=args.seed, max_length=args.max_length
         )
-        if args.method == "pause_as_thought" and not isinstance(model, str):
-            # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
-            model.config.latent_token_id = None
         # Only integer columns: TRL reads `image`/`images` columns as its own vision format.
         schedule = Dataset.from_list(self.schedule.rows)
         callbacks = [CurriculumCallback(self), *(kwargs.pop("callbacks", None) or [])]
@@ -173,6 +170,9 @@ class CoconutSFTTrainer(SFTTrainer):
             callbacks=callbacks,
             **kwargs,
         )
+        if args.method == "pause_as_thought":
+            # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
+            self.model.config.latent_token_id = None
         # FSDP and ZeRO-3 gather parameters in every forward call: all ranks must make the same calls.
         self.sync_latent_passes = self.is_fsdp_enabled or self.is_deepspeed_enabled
 

@@ -198,6 +198,19 @@ def test_pad_latent_to_max_past_the_last_stage(tmp_path, tokenizer, pad):
     assert counts == ([0, 2, 4, 4, 4] if pad else [0, 2, 4, 2, 2])
 
 
+def test_pause_as_thought_keeps_the_layout_without_thought_feedback(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, method="pause_as_thought")
+    latent_id = tokenizer.convert_tokens_to_ids(LATENT)
+    batch = trainer.data_collator([{"epoch": 0, "sample": 0, "stage": 2}])
+    assert int((batch["input_ids"] == latent_id).sum()) == 2  # the pause tokens are there
+    assert trainer.model.config.latent_token_id is None  # and are ordinary tokens: one plain forward
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    plain = torch.nn.functional.cross_entropy(
+        trainer.model(input_ids=batch["input_ids"]).logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100
+    )
+    torch.testing.assert_close(loss, plain)
+
+
 def test_config_refuses_gradient_checkpointing_with_thoughts(tmp_path):
     for name in ("gradient_checkpointing", "activation_checkpointing"):
         with pytest.raises(ValueError, match="gradient_checkpointing"):
