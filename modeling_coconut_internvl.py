@@ -198,23 +198,46 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
         ranges = plan_latent_passes(latent_mask, min_passes=num_passes)
         hidden_chunks, layer_chunks = [], []
-        for start, end in ranges:
-            chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
-            if start > 0 and latent_mask[:, start].any():
-                thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
-                first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
-                chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+        if self._latents_under_checkpointing():
+            # Checkpointed layers cannot keep a KV cache (the backward replay would write it again), so each pass
+            # recomputes its whole prefix without one: the same thoughts, exactly, at the cost of more compute.
+            if past_length > 0:
+                raise ValueError(
+                    f"The cache already holds {past_length} tokens, but gradient checkpointing recomputes the latent "
+                    "passes from the start. Train without a cache, or disable gradient checkpointing."
+                )
+            inputs_embeds = self._fill_thoughts_by_prefix(
+                inputs_embeds, latent_mask, ranges, attention_mask, position_ids, kwargs
+            )
             outputs = self.model.language_model(
-                inputs_embeds=chunk,
-                attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
-                position_ids=position_ids[..., start:end],
-                cache=cache,
-                use_cache=True,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
                 **kwargs,
             )
             hidden_chunks.append(outputs.last_hidden_state)
             if outputs.hidden_states is not None:
                 layer_chunks.append(outputs.hidden_states)
+            use_cache = False
+        else:
+            for start, end in ranges:
+                chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
+                if start > 0 and latent_mask[:, start].any():
+                    thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
+                    first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
+                    chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+                outputs = self.model.language_model(
+                    inputs_embeds=chunk,
+                    attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
+                    position_ids=position_ids[..., start:end],
+                    cache=cache,
+                    use_cache=True,
+                    **kwargs,
+                )
+                hidden_chunks.append(outputs.last_hidden_state)
+                if outputs.hidden_states is not None:
+                    layer_chunks.append(outputs.hidden_states)
         # Ranks that could not split their sequence into the agreed number of passes still make the same calls.
         for _ in range(num_passes - len(ranges)):
             self.model.language_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
@@ -236,6 +259,27 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             hidden_states=all_hidden_states,
             image_outputs=image_outputs,
         )
+
+    def _latents_under_checkpointing(self) -> bool:
+        """Whether the language model's layers are checkpointed in this forward (training, with gradients)."""
+        text_model = self.model.language_model
+        return text_model.is_activation_checkpointing and text_model.training and torch.is_grad_enabled()
+
+    def _fill_thoughts_by_prefix(self, inputs_embeds, latent_mask, ranges, attention_mask, position_ids, kwargs):
+        """`(B, T, H)` embeddings with every thought in place, each read from a cache-free pass over its prefix."""
+        for start, _ in ranges[1:]:
+            prefix = self.model.language_model(
+                inputs_embeds=inputs_embeds[:, :start],
+                attention_mask=None if attention_mask is None else attention_mask[:, :start],
+                position_ids=position_ids[..., :start],
+                use_cache=False,
+                **kwargs,
+            )
+            if latent_mask[:, start].any():
+                thought = prefix.last_hidden_state[:, -1:]  # (B, 1, H): final hidden state at column start - 1
+                first = torch.where(latent_mask[:, start, None, None], thought, inputs_embeds[:, start : start + 1])
+                inputs_embeds = torch.cat([inputs_embeds[:, :start], first, inputs_embeds[:, start + 1 :]], dim=1)
+        return inputs_embeds
 
     def _check_latent_inputs(self, latent_mask, attention_mask, past_length, kwargs):
         """Raise a `ValueError` for inputs the latent passes cannot compute correctly."""
@@ -260,13 +304,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             raise ValueError(
                 "`output_attentions=True` is not supported with `<|latent|>` tokens: each pass attends over a "
                 "different number of keys. Run the forward without latents, or without `output_attentions`."
-            )
-        text_model = self.model.language_model
-        if text_model.is_activation_checkpointing and text_model.training and torch.is_grad_enabled():
-            raise ValueError(
-                "Gradient checkpointing drops the KV cache that the latent passes share, so the thoughts would be "
-                "computed without their context. Disable it (`model.gradient_checkpointing_disable()`, or "
-                "`gradient_checkpointing=False` in the training config) for inputs with `<|latent|>` tokens."
             )
 
 

@@ -199,14 +199,6 @@ def test_output_attentions_with_latents_is_an_error(model):
         model(**model_inputs(batch), output_attentions=True)
 
 
-def test_gradient_checkpointing_with_latents_is_an_error():
-    model = tiny_model().train()
-    model.activation_checkpointing_enable()
-    batch = build_batch([Row()])
-    with pytest.raises(ValueError, match="Gradient checkpointing"):
-        model(**model_inputs(batch))
-
-
 @pytest.mark.parametrize(
     "overrides, match",
     [
