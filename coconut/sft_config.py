@@ -22,8 +22,9 @@ class CoconutSFTConfig(SFTConfig):
 
     Defaults that differ from [`~trl.SFTConfig`]:
 
-    - `gradient_checkpointing` / `activation_checkpointing` is off: checkpointed decoder layers drop the KV cache that the latent passes share
-      (the model refuses the combination with a `ValueError`).
+    - `gradient_checkpointing` / `activation_checkpointing` is off. It works with continuous thoughts (the model then
+      recomputes each latent pass's prefix without a KV cache: the same loss and gradients, fewer activations kept,
+      more compute), so turn it on when memory is short.
     - `train_sampling_strategy` is `"sequential"`: the trainer orders the data itself (one seeded permutation per
       curriculum epoch), so that a resumed run sees the same batches.
     - `remove_unused_columns` is `False` and `dataset_kwargs={"skip_prepare_dataset": True}`: the collator builds
@@ -89,8 +90,7 @@ class CoconutSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Deprecated alias of `activation_checkpointing` (SFTConfig turns it on by default; here it is "
-            "off). Refused for methods with continuous thoughts, whose latent passes share a KV cache that "
-            "checkpointed layers drop.",
+            "off). With continuous thoughts each latent pass then recomputes its prefix: less memory, more compute.",
             "nargs": "?",
             "const": True,
         },
@@ -119,13 +119,6 @@ class CoconutSFTConfig(SFTConfig):
         self.curriculum.validate_curriculum()  # method, c_thought, max_latent_stage, uniform_prob
         if self.epochs_per_stage < 1:
             raise ValueError(f"`epochs_per_stage`={self.epochs_per_stage} must be at least 1.")
-        if self.activation_checkpointing and self.method in LATENT_METHODS:
-            raise ValueError(
-                f"`activation_checkpointing` (`gradient_checkpointing`)=True with `method`={self.method!r}: checkpointed decoder layers drop the "
-                "KV cache that the latent passes share, so the thoughts would be computed without their context. Set "
-                "it to False (and lower `per_device_train_batch_size`, raising "
-                "`gradient_accumulation_steps`, if memory is short)."
-            )
         if self.train_sampling_strategy != "sequential":
             raise ValueError(
                 f"`train_sampling_strategy`={self.train_sampling_strategy!r}: the trainer orders the data itself "

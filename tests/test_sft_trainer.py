@@ -211,16 +211,24 @@ def test_pause_as_thought_keeps_the_layout_without_thought_feedback(tmp_path, to
     torch.testing.assert_close(loss, plain)
 
 
-def test_config_refuses_gradient_checkpointing_with_thoughts(tmp_path):
-    for name in ("gradient_checkpointing", "activation_checkpointing"):
-        with pytest.raises(ValueError, match="gradient_checkpointing"):
-            sft_config(tmp_path, **{name: True})
-    assert sft_config(tmp_path, method="cot", activation_checkpointing=True).activation_checkpointing
+def test_config_defaults_and_checks(tmp_path):
     assert not sft_config(tmp_path).activation_checkpointing  # SFTConfig's default is on
     with pytest.raises(ValueError, match="uniform_prob"):
         sft_config(tmp_path, uniform_prob=1.5)
     with pytest.raises(ValueError, match="method"):
         sft_config(tmp_path, method="latent")
+    with pytest.raises(ValueError, match="train_sampling_strategy"):
+        sft_config(tmp_path, train_sampling_strategy="random")
+
+
+def test_gradient_checkpointing_keeps_the_training_loss(tmp_path, tokenizer):
+    plain = make_trainer(tmp_path / "plain", tokenizer)
+    checkpointed = make_trainer(tmp_path / "ckpt", tokenizer, activation_checkpointing=True)
+    batch = plain.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
+    checkpointed.model.train()
+    checkpointed.model.gradient_checkpointing_enable()  # what Trainer.train does with the setting
+    loss = checkpointed.compute_loss(checkpointed.model, dict(batch))
+    torch.testing.assert_close(loss, plain.compute_loss(plain.model.train(), dict(batch)), rtol=1e-5, atol=1e-6)
 
 
 class RecordOptimizer(TrainerCallback):
