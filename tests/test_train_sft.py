@@ -1,7 +1,7 @@
 """train_sft.py: LoRA on the language model only, pass-count agreement across ranks, 2-process DDP, the script."""
 
 import json
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +20,13 @@ from train_sft import LANGUAGE_MODEL_LORA_TARGETS, coconut_peft_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide with other test runs on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_lora_on_language_model_with_trainable_latent_rows(tmp_path, tokenizer):  # noqa: F811
@@ -85,7 +92,7 @@ def _count_passes(rank: int, world_size: int, port: int, results):
 
 def test_ranks_agree_on_the_latent_pass_count():
     results = mp.Manager().dict()
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.spawn(_count_passes, args=(2, port, results), nprocs=2, join=True)
     (synced_0, alone_0, difference_0), (synced_1, alone_1, difference_1) = results[0], results[1]
     assert (alone_0, alone_1) == (4, 1)
@@ -113,7 +120,7 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     output = tmp_path / "out"
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(29600 + os.getpid() % 300), "train_sft.py",
+        "--main_process_port", str(free_port()), "train_sft.py",
         "--output_dir", str(output), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_max_hops", "2",
         "--num_train_epochs", "2", "--max_latent_stage", "1", "--per_device_train_batch_size", "2",
