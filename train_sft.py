@@ -19,7 +19,8 @@ python train_sft.py --config recipes/prosqa_coconut.yaml --use_peft --lora_r 16 
 
 # Two processes on CPU (gloo); `--cpu --num_processes 2` would silently run one process
 ```bash
-accelerate launch --multi_gpu --num_processes 2 train_sft.py --output_dir outputs/ddp
+accelerate launch --multi_gpu --num_processes 2 train_sft.py --output_dir outputs/ddp --synthetic_train_size 200 \
+    --num_train_epochs 4 --bf16 false --use_cpu true --report_to none --save_strategy no
 ```
 
 A run resumes from the last checkpoint in `--output_dir` (or `--resume_from_checkpoint PATH`), with its stage,
