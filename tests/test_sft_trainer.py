@@ -1,0 +1,283 @@
+"""CoconutSFTTrainer: the model's own loss, the stage schedule, optimizer resets and exact resume, on a tiny model."""
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+from coconut.curriculum import build_training_example
+from coconut.reference import reference_logits
+from coconut.sft_config import CoconutSFTConfig
+from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+
+# A toy task with three reasoning steps per question, small enough to tokenize and train on in milliseconds.
+RECORDS = [
+    {
+        "id": f"toy-{i}",
+        "question": f"start {i % 5} add {i % 3} add {i % 2} add 1",
+        "steps": [f"{i % 5} + {i % 3} = {i % 5 + i % 3}", f"+ {i % 2} = {i % 5 + i % 3 + i % 2}", "+ 1"],
+        "answer": str(i % 5 + i % 3 + i % 2 + 1),
+        "images": [],
+    }
+    for i in range(8)
+]
+
+
+def corpus(records):
+    for record in records:
+        yield record["question"]
+        yield from record["steps"]
+        yield f"### {record['answer']}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(corpus(RECORDS), vocab_size=320)
+
+
+def text_model(tokenizer, seed: int = 0) -> CoconutInternVLForConditionalGeneration:
+    """A tiny Coconut-InternVL whose vocabulary and special ids are the tokenizer's."""
+    ids = dict(
+        zip(
+            ("start", "end", "latent"),
+            tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT]),
+            strict=True,
+        )
+    )
+    text_config = dict(
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = tiny_config(
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        latent_token_id=ids["latent"],
+        start_latent_token_id=ids["start"],
+        end_latent_token_id=ids["end"],
+    )
+    torch.manual_seed(seed)
+    return CoconutInternVLForConditionalGeneration(config)
+
+
+def sft_config(tmp_path, **overrides) -> CoconutSFTConfig:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=3,
+        epochs_per_stage=1,
+        max_latent_stage=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return CoconutSFTConfig(**settings)
+
+
+def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, **overrides) -> CoconutSFTTrainer:
+    return CoconutSFTTrainer(
+        model=text_model(tokenizer, seed),
+        args=sft_config(tmp_path, **overrides),
+        train_dataset=records,
+        processing_class=tokenizer,
+    )
+
+
+def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer)
+    model = trainer.model.train()
+    batch = trainer.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
+    latent_id = model.config.latent_token_id
+    assert (batch["input_ids"] == latent_id).sum(dim=1).tolist() == [2, 2, 2, 2]
+
+    loss = trainer.compute_loss(model, dict(batch))
+
+    # Reference: each row recomputed alone, every thought from the whole prefix without a cache.
+    reference_sum, count = 0.0, 0
+    for row in range(4):
+        real = batch["attention_mask"][row].bool()
+        ids, labels = batch["input_ids"][row][real].tolist(), batch["labels"][row][real]
+        logits = reference_logits(model, ids, None)
+        reference_sum = reference_sum + torch.nn.functional.cross_entropy(
+            logits[:-1], labels[1:], ignore_index=-100, reduction="sum"
+        )
+        count += (labels[1:] != -100).sum()
+    reference = reference_sum / count
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+    # TRL's own compute_loss runs the fused LM head on the backbone: no latent passes, another loss.
+    plain = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    assert abs(plain.item() - reference.item()) > 1e-3, (plain.item(), reference.item())
+
+
+def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer)
+    batch = trainer.data_collator([{"epoch": 0, "sample": 0, "stage": 1}, {"epoch": 0, "sample": 3, "stage": 0}])
+    for row, (sample, stage) in enumerate([(0, 1), (3, 0)]):
+        example = build_training_example(RECORDS[sample], stage, tokenizer, trainer.args.curriculum)
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert tokenizer.decode(labelled) == example["completion"]
+        real = batch["attention_mask"][row].bool()
+        assert tokenizer.decode(batch["input_ids"][row][real]) == example["prompt"] + example["completion"]
+    # Right padding; padding never labelled.
+    assert batch["attention_mask"][:, 0].all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_stage_schedule(tmp_path):
+    records = [{"steps": ["a"] * (i % 4)} for i in range(10)]
+    args = sft_config(tmp_path, num_train_epochs=7, epochs_per_stage=2)
+    schedule = CurriculumSchedule.build(args, records, rows_per_step=4)
+    assert schedule.steps_per_epoch == 3 and schedule.total_steps == 21  # 10 records padded to 12 per epoch
+    assert [row["stage"] for row in schedule.rows[::12]] == [0, 0, 1, 1, 2, 2, 3]
+    assert [schedule.stage_of_step(step) for step in range(0, 21, 3)] == [0, 0, 1, 1, 2, 2, 3]
+    assert schedule.stage_spans() == [(0, 0, 6), (1, 6, 6), (2, 12, 6), (3, 18, 3)]
+    # Every record once per epoch (wrapped to fill the last step), in a different order each epoch.
+    epoch_0, epoch_1 = (schedule.rows[e * 12 : e * 12 + 10] for e in range(2))
+    assert sorted(row["sample"] for row in epoch_0) == list(range(10))
+    assert [row["sample"] for row in epoch_0] != [row["sample"] for row in epoch_1]
+
+    assert {row["stage"] for row in CurriculumSchedule.build(sft_config(tmp_path, method="cot"), records, 4).rows} == {
+        0
+    }
+
+
+def test_uniform_prob_redraws_stages_reproducibly(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, num_train_epochs=30, uniform_prob=0.5)
+    rows = trainer.schedule.rows
+    examples = trainer.data_collator.examples(rows)
+    used = [example["stage"] for example in examples]
+    off_schedule = [u for u, row in zip(used, rows, strict=True) if u != row["stage"]]
+    assert 0.25 < len(off_schedule) / len(rows) < 0.6
+    assert set(off_schedule) <= {0, 1, 2, 3}  # uniform over 0..len(steps)
+    assert [example["stage"] for example in trainer.data_collator.examples(rows)] == used  # what resume relies on
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_pad_latent_to_max_past_the_last_stage(tmp_path, tokenizer, pad):
+    short = [{**RECORDS[0], "steps": RECORDS[0]["steps"][:1]}]  # one step
+    trainer = make_trainer(tmp_path, tokenizer, records=short, c_thought=2, max_latent_stage=2, pad_latent_to_max=pad)
+    latent_id = tokenizer.convert_tokens_to_ids(LATENT)
+    counts = [
+        int((trainer.data_collator([{"epoch": 0, "sample": 0, "stage": stage}])["input_ids"] == latent_id).sum())
+        for stage in (0, 1, 2, 3, 9)
+    ]
+    assert counts == ([0, 2, 4, 4, 4] if pad else [0, 2, 4, 2, 2])
+
+
+def test_pause_as_thought_keeps_the_layout_without_thought_feedback(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, method="pause_as_thought")
+    latent_id = tokenizer.convert_tokens_to_ids(LATENT)
+    batch = trainer.data_collator([{"epoch": 0, "sample": 0, "stage": 2}])
+    assert int((batch["input_ids"] == latent_id).sum()) == 2  # the pause tokens are there
+    assert trainer.model.config.latent_token_id is None  # and are ordinary tokens: one plain forward
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    plain = torch.nn.functional.cross_entropy(
+        trainer.model(input_ids=batch["input_ids"]).logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100
+    )
+    torch.testing.assert_close(loss, plain)
+
+
+def test_config_defaults_and_checks(tmp_path):
+    assert not sft_config(tmp_path).activation_checkpointing  # SFTConfig's default is on
+    with pytest.raises(ValueError, match="uniform_prob"):
+        sft_config(tmp_path, uniform_prob=1.5)
+    with pytest.raises(ValueError, match="method"):
+        sft_config(tmp_path, method="latent")
+    with pytest.raises(ValueError, match="train_sampling_strategy"):
+        sft_config(tmp_path, train_sampling_strategy="random")
+
+
+def test_gradient_checkpointing_keeps_the_training_loss(tmp_path, tokenizer):
+    plain = make_trainer(tmp_path / "plain", tokenizer)
+    checkpointed = make_trainer(tmp_path / "ckpt", tokenizer, activation_checkpointing=True)
+    batch = plain.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
+    checkpointed.model.train()
+    checkpointed.model.gradient_checkpointing_enable()  # what Trainer.train does with the setting
+    loss = checkpointed.compute_loss(checkpointed.model, dict(batch))
+    torch.testing.assert_close(loss, plain.compute_loss(plain.model.train(), dict(batch)), rtol=1e-5, atol=1e-6)
+
+
+class RecordOptimizer(TrainerCallback):
+    """Per optimizer step: the Adam step count of one parameter and the learning rate used."""
+
+    def __init__(self):
+        self.adam_steps, self.learning_rates = [], []
+        self.trainer = None
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        parameter = self.trainer.model.lm_head.weight
+        self.adam_steps.append(int(optimizer.state[parameter]["step"]))
+        self.learning_rates.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_reset_optimizer_per_stage(tmp_path, tokenizer, reset):
+    recorder = RecordOptimizer()
+    trainer = make_trainer(tmp_path, tokenizer, reset_optimizer=reset)  # 3 stages x 2 steps
+    trainer.add_callback(recorder)
+    recorder.trainer = trainer
+    before = {
+        name: p.detach().clone()
+        for name, p in trainer.model.named_parameters()
+        if "language_model" in name or "lm_head" in name
+    }
+    trainer.train()
+    if reset:
+        assert recorder.adam_steps == [1, 2, 1, 2, 1, 2]
+        assert recorder.learning_rates == pytest.approx([0, 1e-2] * 3)  # 1 warmup step, then decay, per stage
+    else:
+        assert recorder.adam_steps == [1, 2, 3, 4, 5, 6]
+        assert recorder.learning_rates == pytest.approx([0, 1e-2, 0.8e-2, 0.6e-2, 0.4e-2, 0.2e-2])
+    assert [entry["stage"] for entry in trainer.state.log_history if "loss" in entry] == [0, 0, 1, 1, 2, 2]
+    # Every text parameter trained (the vision tower sees no image in this task).
+    unchanged = [
+        name for name, p in trainer.model.named_parameters() if name in before and torch.equal(before[name], p)
+    ]
+    assert unchanged == []
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
+    common = dict(num_train_epochs=3, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
+    full = make_trainer(tmp_path / "full", tokenizer, **common)  # 3 stages x 4 steps
+    full.train()
+
+    interrupted = make_trainer(tmp_path / "resumed", tokenizer, **common)
+    interrupted.add_callback(StopAt(7))  # the middle of stage 1, after the optimizer reset at step 4
+    interrupted.train()
+    assert interrupted.state.global_step == 7
+
+    resumed = make_trainer(tmp_path / "resumed", tokenizer, seed=1, **common)  # other init: weights come from disk
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 12
+    for (name, expected), actual in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,143 @@
+"""train_sft.py: LoRA on the language model only, pass-count agreement across ranks, 2-process DDP, the script."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
+from test_sft_trainer import RECORDS, sft_config, text_model, tokenizer  # noqa: F401 (fixture)
+from transformers import AutoModel, AutoProcessor
+from trl import ModelConfig
+
+import modeling_coconut_internvl
+from coconut.sft_trainer import CoconutSFTTrainer
+from train_sft import LANGUAGE_MODEL_LORA_TARGETS, coconut_peft_config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide with other test runs on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_lora_on_language_model_with_trainable_latent_rows(tmp_path, tokenizer):  # noqa: F811
+    model = text_model(tokenizer)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    peft_config = coconut_peft_config(ModelConfig(use_peft=True, lora_r=4, lora_alpha=8), model)
+    assert peft_config.target_modules == LANGUAGE_MODEL_LORA_TARGETS
+    trainer = CoconutSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, num_train_epochs=2, learning_rate=5e-2),
+        train_dataset=RECORDS,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    lora = [name for name, _ in trainer.model.named_parameters() if "lora_" in name]
+    assert lora and all(".language_model." in name for name in lora)  # none in the vision tower's q/k/v_proj
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora) | {name for name in trainable if "trainable_tokens" in name}
+    trainer.train()
+
+    # Base weights untouched (LoRA's base layers, the frozen embedding matrix, the vision tower, the LM head).
+    base = trainer.model.get_base_model()
+    for name, tensor in base.state_dict().items():
+        plain = name.replace(".base_layer", "").replace(".token_adapter", "")
+        if plain in before and "lora_" not in name and "trainable_tokens" not in name:
+            assert torch.equal(tensor, before[plain]), name
+
+    merged = trainer.model.merge_and_unload()
+    state = merged.state_dict()
+    latent_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|start-latent|>", "<|end-latent|>", "<|latent|>")]
+    embeddings, old_embeddings = (
+        state["model.language_model.embed_tokens.weight"],
+        before["model.language_model.embed_tokens.weight"],
+    )
+    other = torch.ones(len(embeddings), dtype=torch.bool)
+    other[latent_ids] = False
+    assert torch.equal(embeddings[other], old_embeddings[other])
+    # The markers' rows train; `<|latent|>`'s own row is never read (its input is the thought) under `coconut`.
+    assert not torch.equal(embeddings[latent_ids[0]], old_embeddings[latent_ids[0]])
+    assert not torch.equal(embeddings[latent_ids[1]], old_embeddings[latent_ids[1]])
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(state[name], before[name])  # the adapter, merged
+    for name in state:
+        if "vision" in name or "lm_head" in name:
+            assert torch.equal(state[name], before[name]), name
+
+
+def _count_passes(rank: int, world_size: int, port: int, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model = tiny_model(seed=0)
+    calls = []
+    model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
+    latents = [3, 0][rank]  # rank 1 has no thoughts: without agreement it makes one call, rank 0 makes four
+    batch = model_inputs(build_batch([Row(latents=latents)], seed=rank))
+    with torch.no_grad():
+        synced = model(**batch, sync_latent_passes=True).logits
+        synced_calls = len(calls)
+        calls.clear()
+        alone = model(**batch).logits
+    results[rank] = (synced_calls, len(calls), (synced - alone).abs().max().item())
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_the_latent_pass_count():
+    results = mp.Manager().dict()
+    port = free_port()
+    mp.spawn(_count_passes, args=(2, port, results), nprocs=2, join=True)
+    (synced_0, alone_0, difference_0), (synced_1, alone_1, difference_1) = results[0], results[1]
+    assert (alone_0, alone_1) == (4, 1)
+    assert synced_0 == synced_1 == 4
+    assert difference_0 < 1e-5 and difference_1 < 1e-5  # the extra passes change nothing
+
+
+def test_compute_loss_asks_for_synced_passes_under_sharding(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    trainer = CoconutSFTTrainer(
+        model=text_model(tokenizer), args=sft_config(tmp_path), train_dataset=RECORDS, processing_class=tokenizer
+    )
+    assert trainer.sync_latent_passes is False  # plain DDP / one process: nothing to agree on
+    calls = []
+    monkeypatch.setattr(modeling_coconut_internvl, "agree_on_pass_count", lambda n, device: calls.append(n) or n)
+    batch = trainer.data_collator([{"epoch": 0, "sample": 0, "stage": 1}])
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert calls == []
+    trainer.sync_latent_passes = True  # what FSDP / DeepSpeed set
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert calls == [2]  # the all-reduce is asked for: one pass up to the thought, one from it
+
+
+def test_two_process_ddp_on_cpu(tmp_path, hf_home):
+    """`accelerate launch --multi_gpu --num_processes 2` runs two gloo processes on CPU and trains the demo model."""
+    output = tmp_path / "out"
+    command = [
+        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", str(free_port()), "train_sft.py",
+        "--output_dir", str(output), "--synthetic_dir", str(tmp_path / "data"),
+        "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_max_hops", "2",
+        "--num_train_epochs", "2", "--max_latent_stage", "1", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4", "--eval_max_new_tokens", "4", "--save_strategy", "no",
+        "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env=subprocess_env(hf_home), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 16 records / (2 per device x 2 processes) = 4 steps per epoch; one process would need 8.
+    assert "Trained 8 steps on 2 processes" in result.stderr, result.stderr[-3000:]
+    results = json.loads((output / "eval_results.json").read_text())
+    assert [row["stage"] for row in results["stages"]] == [0, 1]
+    # The saved folder is a Hub repository: remote code, processor, card.
+    model = AutoModel.from_pretrained(output, trust_remote_code=True)
+    assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
+    assert model.config.latent_token_id is not None
+    assert AutoProcessor.from_pretrained(output, trust_remote_code=True).image_seq_length == 4
+    assert "| stage | accuracy | generated tokens |" in (output / "README.md").read_text()

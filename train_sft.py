@@ -1,0 +1,313 @@
+"""Train Coconut-InternVL with the Coconut curriculum (Hao et al. 2024, arXiv 2412.06769) on TRL's SFTTrainer.
+
+# The embedded default: a tiny InternVL-shaped model from scratch on the bundled arrow-chase task, every stage,
+# an evaluation after each stage, the model in outputs/demo (minutes on a CPU)
+```bash
+python train_sft.py
+```
+
+# A converted InternVL3 (see convert_to_coconut.py) on ProsQA, from a YAML recipe; flags override the recipe
+```bash
+accelerate launch --config_file recipes/accelerate/ddp.yaml train_sft.py --config recipes/prosqa_coconut.yaml
+```
+
+# LoRA on the language model only (the new tokens' embedding rows train too), merged model in <output_dir>/merged
+```bash
+python train_sft.py --config recipes/prosqa_coconut.yaml --use_peft --lora_r 16 --lora_alpha 32 \\
+    --learning_rate 2e-4 --output_dir outputs/prosqa-lora
+```
+
+# Two processes on CPU (gloo); `--cpu --num_processes 2` would silently run one process
+```bash
+accelerate launch --multi_gpu --num_processes 2 train_sft.py --output_dir outputs/ddp --synthetic_train_size 200 \
+    --num_train_epochs 4 --bf16 false --use_cpu true --report_to none --save_strategy no
+```
+
+A run resumes from the last checkpoint in `--output_dir` (or `--resume_from_checkpoint PATH`), with its stage,
+that stage's optimizer state and the data order. `--push_to_hub --hub_model_id you/name` pushes at the end.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, TrlParser, get_peft_config
+
+from coconut.convert import build_generation_config, push_folder, save_repository
+from coconut.data import load_coconut_json, load_records
+from coconut.model_card import ModelCardData, render_model_card
+from coconut.sft_config import CoconutSFTConfig
+from coconut.sft_trainer import CoconutSFTTrainer
+from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
+from configuration_coconut_internvl import CoconutInternVLConfig
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import CoconutInternVLProcessor
+
+
+logger = logging.getLogger(__name__)
+
+# LoRA on the language model's projections only: the vision tower has modules with the same names (`mlp.*`).
+LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# `python train_sft.py` without arguments: the tiny model from scratch on the arrow-chase task, through every stage.
+DEMO_ARGS = [
+    "--output_dir", "outputs/demo",
+    "--dataset", "synthetic",
+    "--synthetic_train_size", "2000",
+    "--synthetic_validation_size", "100",
+    "--synthetic_grid_size", "2",
+    "--synthetic_max_hops", "3",
+    "--method", "coconut",
+    "--c_thought", "1",
+    "--max_latent_stage", "3",
+    "--epochs_per_stage", "4",
+    "--num_train_epochs", "16",
+    "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "100",
+    "--learning_rate", "2e-3",
+    "--lr_scheduler_type", "constant",
+    "--reset_optimizer", "false",
+    "--eval_max_new_tokens", "40",
+    "--logging_steps", "20",
+    "--save_strategy", "no",
+    "--bf16", "false",
+    "--use_cpu", "true",
+    "--report_to", "none",
+    "--seed", "0",
+]  # fmt: skip
+
+
+@dataclass
+class ScriptArguments:
+    """Data and model-building arguments of the script (training ones are in `CoconutSFTConfig`)."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (the bundled arrow-chase task), a Coconut JSON file, a folder of "
+            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Training split (picks the file in a folder)."})
+    eval_split: str = field(default="valid", metadata={"help": "Split evaluated after each stage; '' for none."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N records only."})
+    synthetic_dir: str = field(
+        default="outputs/data/arrow_chase", metadata={"help": "Where the synthetic task's images are rendered."}
+    )
+    synthetic_train_size: int = field(default=1500, metadata={"help": "Synthetic training records."})
+    synthetic_validation_size: int = field(default=200, metadata={"help": "Synthetic validation records."})
+    synthetic_grid_size: int = field(default=4, metadata={"help": "Cells per side of the arrow-chase board."})
+    synthetic_max_hops: int = field(default=6, metadata={"help": "Most arrows (reasoning steps) per question."})
+    merge_adapter: bool = field(
+        default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
+    )
+
+
+def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
+    """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor."""
+    tokenizer = synthetic_tokenizer(task)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": task.image_size, "width": task.image_size},
+        crop_to_patches=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    # A 56 px image in 14 px patches is 4 x 4 patches; InternVL's pixel shuffle (0.5) leaves 2 x 2 tokens.
+    image_seq_length = (task.image_size // 14) ** 2 // 4
+    processor = CoconutInternVLProcessor(image_processor, tokenizer, image_seq_length=image_seq_length)
+    start, end, latent = tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT])
+    config = CoconutInternVLConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=task.image_size,
+            patch_size=14,
+        ),
+        image_token_id=processor.image_token_id,
+        image_seq_length=image_seq_length,
+        start_latent_token_id=start,
+        end_latent_token_id=end,
+        latent_token_id=latent,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = CoconutInternVLForConditionalGeneration(config)
+    model.generation_config = build_generation_config(model, tokenizer)
+    return model, processor
+
+
+def load_splits(script_args: ScriptArguments, seed: int):
+    """Training and validation records, and the synthetic task settings when the task is the bundled one."""
+    if script_args.dataset == "synthetic":
+        task = SyntheticTaskConfig(
+            seed=seed,
+            grid_size=script_args.synthetic_grid_size,
+            max_hops=script_args.synthetic_max_hops,
+            train_size=script_args.synthetic_train_size,
+            validation_size=script_args.synthetic_validation_size,
+        )
+        train = build_synthetic_split(script_args.synthetic_dir, "train", task)
+        validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
+        return train, validation, task
+    path = Path(script_args.dataset)
+
+    def split(name):
+        if path.is_dir():
+            matches = sorted(path.glob(f"*{name}.json"))
+            if len(matches) != 1:
+                raise ValueError(
+                    f"`dataset` folder {str(path)!r} has {len(matches)} files ending in '{name}.json'; pass a split "
+                    "that names exactly one."
+                )
+            return load_coconut_json(matches[0])
+        if path.suffix == ".json" and path.is_file():
+            return load_coconut_json(path)
+        return load_records(script_args.dataset, split=name)
+
+    validation = split(script_args.eval_split) if script_args.eval_split else None
+    return split(script_args.train_split), validation, None
+
+
+def load_model_and_processor(model_args: ModelConfig):
+    """A converted Coconut-InternVL repository (`convert_to_coconut.py`), with its remote code."""
+    model = AutoModel.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        trust_remote_code=True,
+        attn_implementation=model_args.attn_implementation,
+    )
+    processor = AutoProcessor.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=True
+    )
+    if getattr(model.config, "latent_token_id", None) is None:
+        raise ValueError(
+            f"{model_args.model_name_or_path!r} has no `latent_token_id`: convert the base InternVL checkpoint with "
+            "`python convert_to_coconut.py` first."
+        )
+    return model, processor
+
+
+def coconut_peft_config(model_args: ModelConfig, model):
+    """TRL's LoRA config, on the language model only, with the latent tokens' embedding rows trainable."""
+    if not model_args.use_peft:
+        return None
+    if model_args.lora_target_modules is None:
+        model_args.lora_target_modules = LANGUAGE_MODEL_LORA_TARGETS
+    peft_config = get_peft_config(model_args)
+    ids = [model.config.start_latent_token_id, model.config.end_latent_token_id, model.config.latent_token_id]
+    peft_config.trainable_token_indices = {"embed_tokens": [i for i in ids if i is not None]}
+    return peft_config
+
+
+def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_args: ModelConfig):
+    # Logging
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    # Data
+    train, validation, task = load_splits(script_args, training_args.seed)
+    if validation is not None and script_args.max_eval_samples is not None:
+        validation = validation.select(range(min(script_args.max_eval_samples, len(validation))))
+
+    # Model
+    if model_args.model_name_or_path is None:
+        if task is None:
+            raise ValueError("`--model_name_or_path` is needed for a dataset other than 'synthetic'.")
+        model, processor = tiny_model_and_processor(task, training_args.seed)
+        base_model = "from scratch (tiny InternVL-shaped model)"
+    else:
+        model, processor = load_model_and_processor(model_args)
+        base_model = model_args.model_name_or_path
+
+    # Train. Pushing happens at the end only: Trainer would create the Hub repository at construction.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and not training_args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id you/name`.")
+    trainer = CoconutSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=processor,
+        peft_config=coconut_peft_config(model_args, model),
+    )
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and Path(training_args.output_dir).is_dir():
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    logger.info("Trained %d steps on %d processes", trainer.state.global_step, trainer.accelerator.num_processes)
+
+    # Save + model card
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))
+    if not trainer.accelerator.is_main_process:
+        return trainer
+    final_stage = training_args.stage_of_epoch(int(training_args.num_train_epochs) - 1)
+    num_thoughts = min(final_stage, training_args.max_latent_stage) * training_args.c_thought
+    rows = [
+        {
+            "stage": row["stage"],
+            "accuracy": row["eval_accuracy"],
+            "generated tokens": row["eval_mean_generated_tokens"],
+        }
+        for row in trainer.stage_results()
+    ]
+    card = render_model_card(
+        ModelCardData(
+            repo_id=training_args.hub_model_id or str(output_dir),
+            base_model=base_model,
+            license="apache-2.0",
+            datasets=[script_args.dataset],
+            num_latent_thoughts=num_thoughts if training_args.method in ("coconut", "pause_as_thought") else 0,
+            training=f"Trained by `train_sft.py` with the Coconut curriculum: method `{training_args.method}`, "
+            f"c_thought {training_args.c_thought}, {training_args.epochs_per_stage} epochs per stage, max latent "
+            f"stage {training_args.max_latent_stage}, {int(training_args.num_train_epochs)} epochs.",
+            evaluation=rows,
+        )
+    )
+    if model_args.use_peft:
+        (output_dir / "README.md").write_text(card)
+        if script_args.merge_adapter:
+            merged = trainer.model.merge_and_unload()
+            save_repository(merged, processor, output_dir / "merged", card)
+    else:
+        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card)
+
+    # Evaluate: the table of the evaluations after each stage
+    if trainer.eval_results.results:
+        trainer.eval_results.save(output_dir)
+        print(trainer.eval_results.markdown_table())
+
+    # Push (only at the end: the trainer itself never talks to the Hub)
+    if push_to_hub:
+        folder = output_dir / "merged" if model_args.use_peft and script_args.merge_adapter else output_dir
+        url = push_folder(folder, training_args.hub_model_id, private=bool(training_args.hub_private_repo))
+        logger.info("Pushed to %s", url)
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((ScriptArguments, CoconutSFTConfig, ModelConfig))
+    args = sys.argv[1:] or DEMO_ARGS
+    main(*parser.parse_args_and_config(args=args))
