@@ -430,9 +430,10 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
         latent_token_id = self.config.latent_token_id
         if latent_token_id is not None:
+            # One generation config carries every setting: `generate` warns when it gets a config and settings both.
             generation_config = copy.deepcopy(generation_config or self.generation_config)
-            suppressed = kwargs.pop("suppress_tokens", None) or generation_config.suppress_tokens or []
-            generation_config.suppress_tokens = sorted({*suppressed, latent_token_id})
+            kwargs = generation_config.update(**kwargs)
+            generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or []), latent_token_id})
 
         if synced_gpus is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
