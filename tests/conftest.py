@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from coconut.reference import reference_embeddings, reference_greedy, reference_logits  # noqa: F401
+from coconut.tokenizer import END_LATENT, IMAGE_CONTEXT, START_LATENT
+from coconut.tokenizer import LATENT as LATENT_TOKEN
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
@@ -53,6 +55,23 @@ def tiny_config(**overrides) -> CoconutInternVLConfig:
     )
     config.update(overrides)
     return CoconutInternVLConfig(**config)
+
+
+def tiny_config_for(tokenizer, **overrides) -> CoconutInternVLConfig:
+    """`tiny_config` with the vocabulary and special token ids of a `coconut.tokenizer.train_tokenizer` tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = tiny_config().text_config.to_dict()
+    text_config.update(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    return tiny_config(
+        text_config=text_config,
+        image_token_id=ids(IMAGE_CONTEXT),
+        latent_token_id=ids(LATENT_TOKEN),
+        start_latent_token_id=ids(START_LATENT),
+        end_latent_token_id=ids(END_LATENT),
+        **overrides,
+    )
 
 
 def tiny_model(seed: int = 0, **overrides) -> CoconutInternVLForConditionalGeneration:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config_for
 from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig
@@ -29,16 +29,7 @@ SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"
 def saved_model(tmp_path, hf_home):
     records = json.loads(SLICE.read_text())
     tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=320)
-    ids = tokenizer.convert_tokens_to_ids
-    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
-    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = tiny_config(
-        text_config=text_config,
-        image_token_id=ids("<IMG_CONTEXT>"),
-        latent_token_id=ids(LATENT),
-        start_latent_token_id=ids(START_LATENT),
-        end_latent_token_id=ids(END_LATENT),
-    )
+    config = tiny_config_for(tokenizer)
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path / "model")

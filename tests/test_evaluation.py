@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config_for
 
 from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
@@ -50,16 +50,7 @@ def trained():
     records = make_records()
     corpus = [r["question"] + " ".join(r["steps"]) + r["answer"] for r in records]
     tokenizer = train_tokenizer(corpus, vocab_size=300)
-    ids = tokenizer.convert_tokens_to_ids
-    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
-    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = tiny_config(
-        text_config=text_config,
-        image_token_id=ids("<IMG_CONTEXT>"),
-        latent_token_id=ids(LATENT),
-        start_latent_token_id=ids(START_LATENT),
-        end_latent_token_id=ids(END_LATENT),
-    )
+    config = tiny_config_for(tokenizer)
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config)
     prompts = [eval_prompt(tokenizer, r, COCONUT, CoconutEvalConfig(stage=1))["prompt"] for r in records]
@@ -244,15 +235,7 @@ def test_image_records_through_the_processor(tmp_path):
         image_processor=image_processor, tokenizer=synthetic_tokenizer(task), image_seq_length=4
     )
     tokenizer = processor.tokenizer
-    text_config = dict(tiny_config().text_config.to_dict(), vocab_size=len(tokenizer))
-    text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = tiny_config(
-        text_config=text_config,
-        image_token_id=processor.image_token_id,
-        latent_token_id=processor.latent_token_id,
-        start_latent_token_id=processor.start_latent_token_id,
-        end_latent_token_id=processor.end_latent_token_id,
-    )
+    config = tiny_config_for(tokenizer)
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config).eval()
     with torch.no_grad():  # large weights: clear argmax margins, so padding's rounding cannot flip a greedy token

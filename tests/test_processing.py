@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, tiny_config
+from conftest import IMAGE_SIZE, TOKENS_PER_TILE, tiny_config_for
 from PIL import Image
 from transformers import AutoProcessor, GotOcr2ImageProcessorPil
 
@@ -36,18 +36,7 @@ def processor_model(processor: CoconutInternVLProcessor, seed: int = 0):
     """A tiny model whose token ids are the processor's tokenizer's."""
     from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
-    tokenizer = processor.tokenizer
-    text_config = tiny_config().text_config.to_dict()
-    text_config.update(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    config = tiny_config(
-        text_config=text_config,
-        image_token_id=processor.image_token_id,
-        latent_token_id=processor.latent_token_id,
-        start_latent_token_id=processor.start_latent_token_id,
-        end_latent_token_id=processor.end_latent_token_id,
-    )
+    config = tiny_config_for(processor.tokenizer)
     torch.manual_seed(seed)
     model = CoconutInternVLForConditionalGeneration(config)
     with torch.no_grad():

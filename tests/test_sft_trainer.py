@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config_for
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -10,7 +10,7 @@ from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from coconut.tokenizer import LATENT, train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
 
@@ -41,32 +41,7 @@ def tokenizer():
 
 def text_model(tokenizer, seed: int = 0) -> CoconutInternVLForConditionalGeneration:
     """A tiny Coconut-InternVL whose vocabulary and special ids are the tokenizer's."""
-    ids = dict(
-        zip(
-            ("start", "end", "latent"),
-            tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT]),
-            strict=True,
-        )
-    )
-    text_config = dict(
-        model_type="qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    config = tiny_config(
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        latent_token_id=ids["latent"],
-        start_latent_token_id=ids["start"],
-        end_latent_token_id=ids["end"],
-    )
+    config = tiny_config_for(tokenizer)
     torch.manual_seed(seed)
     return CoconutInternVLForConditionalGeneration(config)
 
