@@ -1,8 +1,10 @@
 """Evaluate a Coconut-InternVL model on a reasoning dataset: accuracy, generated tokens and speed at one stage.
 
 ```bash
-# The model `python train_sft.py` trains, on the bundled arrow-chase task's test split, at its last stage
-python evaluate.py --model outputs/demo --dataset arrow_chase --split test --stage 4
+# The model `python train_sft.py` trains, on the test split of its arrow-chase task (2 x 2 board, up to 3 arrows),
+# at its last stage
+python evaluate.py --model outputs/demo --dataset arrow_chase --synthetic_grid_size 2 --synthetic_max_hops 3 \
+    --split test --stage 3 --max_latent_stage 3
 
 # ProsQA test split (Coconut JSON files `prosqa_<split>.json` in a folder), the Coconut prompt of stage 6
 python evaluate.py --model outputs/prosqa --dataset data/prosqa --split test --stage 6 --max_latent_stage 6
@@ -38,7 +40,7 @@ from coconut.evaluation import (
     load_model_and_processor,
     write_table_into_card,
 )
-from coconut.synthetic import build_synthetic_split
+from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,12 @@ class ScriptArguments:
     data_dir: str = field(
         default="outputs/data/arrow_chase", metadata={"help": "Where `arrow_chase` images are rendered."}
     )
+    synthetic_grid_size: int = field(
+        default=4, metadata={"help": "`arrow_chase`: cells per side of the board (the demo of train_sft.py uses 2)."}
+    )
+    synthetic_max_hops: int = field(
+        default=6, metadata={"help": "`arrow_chase`: most arrows per question (the demo of train_sft.py uses 3)."}
+    )
     aokvqa_target: str = field(
         default="multiple_choice",
         metadata={"help": "A-OKVQA answer target.", "choices": ["multiple_choice", "direct"]},
@@ -73,11 +81,15 @@ class ScriptArguments:
 
 
 def load_eval_records(
-    dataset: str, split: str, aokvqa_target: str = "multiple_choice", data_dir: str = "outputs/data/arrow_chase"
+    dataset: str,
+    split: str,
+    aokvqa_target: str = "multiple_choice",
+    data_dir: str = "outputs/data/arrow_chase",
+    task: SyntheticTaskConfig | None = None,
 ):
     """The records of `dataset`'s `split`, with the loader that fits the source."""
     if dataset == "arrow_chase":
-        return build_synthetic_split(data_dir, split)
+        return build_synthetic_split(data_dir, split, task)
     path = Path(dataset)
     if path.is_dir():
         matches = sorted(path.glob(f"*{split}.json"))
@@ -96,8 +108,9 @@ def load_eval_records(
 
 
 def main(script_args: ScriptArguments, curriculum: CurriculumConfig, eval_config: CoconutEvalConfig) -> EvalResults:
+    task = SyntheticTaskConfig(grid_size=script_args.synthetic_grid_size, max_hops=script_args.synthetic_max_hops)
     records = load_eval_records(
-        script_args.dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir
+        script_args.dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir, task
     )
     if script_args.max_samples is not None:
         records = records.select(range(min(script_args.max_samples, len(records))))
