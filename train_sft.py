@@ -71,7 +71,7 @@ DEMO_ARGS = [
     "--per_device_eval_batch_size", "100",
     "--learning_rate", "2e-3",
     "--lr_scheduler_type", "constant",
-    "--reset_optimizer", "false",
+    "--reset_optimizer", "true",
     "--eval_max_new_tokens", "40",
     "--logging_steps", "20",
     "--save_strategy", "no",

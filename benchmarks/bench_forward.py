@@ -118,12 +118,12 @@ def main():
             losses.append(torch.nn.functional.cross_entropy(logits[:-1], inputs["labels"][row, 1:]))
         torch.stack(losses).mean().backward()
 
-    seconds = {name: time_fwd_bwd(step, args.repeats) for name, step in (("ours", ours), ("plain", plain))}
-    seconds["naive"] = time_fwd_bwd(naive, args.repeats)
     tokens = inputs["input_ids"].shape[1]
     print(f"preset={args.preset} device={args.device} dtype={args.dtype} batch={args.batch_size} tokens={tokens}")
-    for name, value in seconds.items():
-        print(f"  {name:<6} forward+backward: {value * 1000:9.1f} ms")
+    seconds = {}
+    for name, step in (("ours", ours), ("plain", plain), ("naive", naive)):
+        seconds[name] = time_fwd_bwd(step, args.repeats)
+        print(f"  {name:<6} forward+backward: {seconds[name] * 1000:9.1f} ms", flush=True)
     result = {
         "preset": args.preset,
         "device": args.device,

@@ -13,6 +13,7 @@ The last line printed is one JSON object with the ratios.
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -45,10 +46,14 @@ def build_prompts(config, batch_size: int, generator: torch.Generator) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
-def timed(function):
-    start = time.perf_counter()
-    result = function()
-    return time.perf_counter() - start, result
+def timed(function, repeats: int = 1):
+    """Median seconds of `repeats` calls, and the last call's result."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
 
 
 def main():
@@ -57,6 +62,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-latent-thoughts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="Timed runs of (a) and (c); (b) runs once.")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -77,9 +83,13 @@ def main():
     with torch.no_grad():
         model.generate(**inputs, num_latent_thoughts=k, max_new_tokens=2, **fixed)  # warm-up
         ours_s, ours = timed(
-            lambda: model.generate(**inputs, num_latent_thoughts=k, max_new_tokens=n, min_new_tokens=n, **fixed)
+            lambda: model.generate(**inputs, num_latent_thoughts=k, max_new_tokens=n, min_new_tokens=n, **fixed),
+            args.repeats,
         )
-        plain_s, _ = timed(lambda: plain_model.generate(**inputs, max_new_tokens=n + k, min_new_tokens=n + k, **fixed))
+        plain_model.generate(**inputs, max_new_tokens=2, **fixed)  # warm-up
+        plain_s, _ = timed(
+            lambda: plain_model.generate(**inputs, max_new_tokens=n + k, min_new_tokens=n + k, **fixed), args.repeats
+        )
 
         def reference():
             with_block, mask = model.append_latent_thoughts(inputs["input_ids"], inputs["attention_mask"], k)
