@@ -259,7 +259,10 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                     thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
                     first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
                     chunk = torch.cat([first, chunk[:, 1:]], dim=1)
-                keys_before = [(layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers]
+                if checkpointing:
+                    keys_before = [
+                        (layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers
+                    ]
                 outputs = self.model.language_model(
                     inputs_embeds=chunk,
                     attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
