@@ -32,7 +32,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig
-from coconut.data import load_aokvqa, load_coconut_json, load_records
+from coconut.data import load_split
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
@@ -90,21 +90,7 @@ def load_eval_records(
     """The records of `dataset`'s `split`, with the loader that fits the source."""
     if dataset == "arrow_chase":
         return build_synthetic_split(data_dir, split, task)
-    path = Path(dataset)
-    if path.is_dir():
-        matches = sorted(path.glob(f"*{split}.json"))
-        if len(matches) != 1:
-            found = sorted(p.name for p in path.glob("*.json"))
-            raise ValueError(
-                f"`dataset` folder {dataset!r} has {len(matches)} files ending in '{split}.json' (JSON files: {found}); "
-                "pass a `--split` that names exactly one, or the file itself."
-            )
-        return load_coconut_json(matches[0])
-    if path.suffix == ".json" and path.is_file():
-        return load_coconut_json(path)
-    if "a-okvqa" in dataset.lower():
-        return load_aokvqa(dataset, split=split, target=aokvqa_target)
-    return load_records(dataset, split=split)
+    return load_split(dataset, split, aokvqa_target)
 
 
 def main(script_args: ScriptArguments, curriculum: CurriculumConfig, eval_config: CoconutEvalConfig) -> EvalResults:

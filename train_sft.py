@@ -38,7 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from coconut.convert import build_generation_config, push_folder, save_repository
-from coconut.data import load_coconut_json, load_records
+from coconut.data import load_split
 from coconut.model_card import ModelCardData, render_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
@@ -57,7 +57,7 @@ LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj
 # `python train_sft.py` without arguments: the tiny model from scratch on the arrow-chase task, through every stage.
 DEMO_ARGS = [
     "--output_dir", "outputs/demo",
-    "--dataset", "synthetic",
+    "--dataset", "arrow_chase",
     "--synthetic_train_size", "2000",
     "--synthetic_validation_size", "100",
     "--synthetic_grid_size", "2",
@@ -87,9 +87,9 @@ class ScriptArguments:
     """Data and model-building arguments of the script (training ones are in `CoconutSFTConfig`)."""
 
     dataset: str = field(
-        default="synthetic",
+        default="arrow_chase",
         metadata={
-            "help": "'synthetic' (the bundled arrow-chase task), a Coconut JSON file, a folder of "
+            "help": "'arrow_chase' (the bundled synthetic visual task), a Coconut JSON file, a folder of "
             "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id."
         },
     )
@@ -157,7 +157,7 @@ def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
 
 def load_splits(script_args: ScriptArguments, seed: int):
     """Training and validation records, and the synthetic task settings when the task is the bundled one."""
-    if script_args.dataset == "synthetic":
+    if script_args.dataset == "arrow_chase":
         task = SyntheticTaskConfig(
             seed=seed,
             grid_size=script_args.synthetic_grid_size,
@@ -168,23 +168,9 @@ def load_splits(script_args: ScriptArguments, seed: int):
         train = build_synthetic_split(script_args.synthetic_dir, "train", task)
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
         return train, validation, task
-    path = Path(script_args.dataset)
 
-    def split(name):
-        if path.is_dir():
-            matches = sorted(path.glob(f"*{name}.json"))
-            if len(matches) != 1:
-                raise ValueError(
-                    f"`dataset` folder {str(path)!r} has {len(matches)} files ending in '{name}.json'; pass a split "
-                    "that names exactly one."
-                )
-            return load_coconut_json(matches[0])
-        if path.suffix == ".json" and path.is_file():
-            return load_coconut_json(path)
-        return load_records(script_args.dataset, split=name)
-
-    validation = split(script_args.eval_split) if script_args.eval_split else None
-    return split(script_args.train_split), validation, None
+    validation = load_split(script_args.dataset, script_args.eval_split) if script_args.eval_split else None
+    return load_split(script_args.dataset, script_args.train_split), validation, None
 
 
 def load_model_and_processor(model_args: ModelConfig):

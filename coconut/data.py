@@ -353,3 +353,29 @@ __all__ = [
     "records_to_dataset",
     "validate_dataset",
 ]
+
+
+def load_split(dataset: str, split: str, aokvqa_target: str = "multiple_choice") -> Dataset:
+    """The records of `dataset`'s `split`, with the loader that fits the source.
+
+    Args:
+        dataset (`str`): a folder of Coconut JSON files `<name>_<split>.json`, a Coconut JSON file, a Hub id of
+            A-OKVQA (its own loader), or any local JSON/JSONL file or Hub dataset (the generic loader).
+        split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`.
+        aokvqa_target (`str`): `"multiple_choice"` or `"direct"`, for A-OKVQA.
+    """
+    path = Path(dataset)
+    if path.is_dir():
+        matches = sorted(path.glob(f"*{split}.json"))
+        if len(matches) != 1:
+            found = sorted(p.name for p in path.glob("*.json"))
+            raise ValueError(
+                f"`dataset` folder {dataset!r} has {len(matches)} files ending in '{split}.json' (JSON files: {found}); "
+                "pass a split that names exactly one, or the file itself."
+            )
+        return load_coconut_json(matches[0])
+    if path.suffix == ".json" and path.is_file():
+        return load_coconut_json(path)
+    if "a-okvqa" in dataset.lower():
+        return load_aokvqa(dataset, split=split, target=aokvqa_target)
+    return load_records(dataset, split=split)
