@@ -40,7 +40,8 @@ class CoconutDataCollator:
     stage may be redrawn by an RNG seeded by `(seed, epoch, sample)`, so the same row always builds the same text. The
     prompts go through the processor (image placeholders expanded to `<img>` + `<IMG_CONTEXT>` x tiles x
     `image_seq_length` + `</img>`, images split into tiles), the completions through its tokenizer; each row is the
-    prompt followed by the completion, right-padded.
+    prompt followed by the completion, padded on the left up to the longest prompt (so the latent blocks, at the
+    end of the prompts, share their columns) and on the right after the completion.
 
     Labels are the input ids except -100 on the prompt, on the latent tokens and their markers (wherever they are)
     and on padding, so the loss covers the language steps, the answer and the end-of-turn token only.
@@ -116,14 +117,19 @@ class CoconutDataCollator:
             sequences.append(ids)
             prompt_lengths.append(len(prompt))
 
-        length = max(map(len, sequences))
+        # Every prompt ends at the same column, and with it every row's latent block (the end of the prompt): the
+        # model makes one pass per distinct latent column, so a batch costs (most thoughts in a row) + 1 passes
+        # instead of up to the sum over rows. Positions come from the attention mask, so padding changes nothing.
+        prompt_width = max(prompt_lengths)
+        length = prompt_width + max(len(ids) - prompt for ids, prompt in zip(sequences, prompt_lengths, strict=True))
         input_ids = torch.full((len(sequences), length), self.pad_token_id)  # (B, T)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (B, T)
         labels = torch.full((len(sequences), length), IGNORE_INDEX)  # (B, T)
         for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, prompt_length : len(ids)] = input_ids[row, prompt_length : len(ids)]
+            start, end = prompt_width - prompt_length, prompt_width - prompt_length + len(ids)
+            input_ids[row, start:end] = torch.tensor(ids)
+            attention_mask[row, start:end] = 1
+            labels[row, prompt_width:end] = input_ids[row, prompt_width:end]
         labels[torch.isin(input_ids, self.unlabelled_ids)] = IGNORE_INDEX
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

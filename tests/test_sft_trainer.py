@@ -114,9 +114,25 @@ def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
         assert tokenizer.decode(labelled) == example["completion"]
         real = batch["attention_mask"][row].bool()
         assert tokenizer.decode(batch["input_ids"][row][real]) == example["prompt"] + example["completion"]
-    # Right padding; padding never labelled.
-    assert batch["attention_mask"][:, 0].all()
+    # Padding never labelled.
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_collator_aligns_latent_blocks_so_a_batch_needs_few_passes(tmp_path, tokenizer):
+    """Rows with different prompt lengths and thought counts: one pass per thought of the longest block, plus one."""
+    from modeling_coconut_internvl import plan_latent_passes
+
+    trainer = make_trainer(tmp_path, tokenizer)
+    rows = [{"epoch": 0, "sample": sample, "stage": stage} for sample, stage in [(0, 1), (1, 2), (2, 1), (3, 2)]]
+    batch = trainer.data_collator(rows)
+    latent_mask = batch["input_ids"] == tokenizer.convert_tokens_to_ids(LATENT)
+    most_thoughts = latent_mask.sum(-1).max().item()
+    assert most_thoughts >= 2
+    assert not batch["attention_mask"][:, 0].all(), "the prompts should differ in length for this test"
+    assert len(plan_latent_passes(latent_mask)) == most_thoughts + 1
+    # Each row's block ends at the same column: the end of the longest prompt.
+    last_latent = [row.nonzero().max().item() for row in latent_mask if row.any()]
+    assert len(set(last_latent)) == 1
 
 
 def test_stage_schedule(tmp_path):
