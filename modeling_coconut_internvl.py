@@ -202,7 +202,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             device = input_ids.device if input_ids is not None else inputs_embeds.device
             agreed = agree_on_pass_count(num_passes, device)
             if agreed > num_passes:  # this rank splits its passes further, or makes passes it has no latents for
-                latent_mask = torch.zeros_like(input_ids, dtype=torch.bool) if latent_mask is None else latent_mask
+                if latent_mask is None:
+                    shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+                    latent_mask = torch.zeros(shape, dtype=torch.bool, device=device)
                 num_passes, ranges = agreed, plan_latent_passes(latent_mask, min_passes=agreed)
         if latent_mask is None and num_passes == 1:
             return super().forward(
@@ -223,7 +225,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
 
-        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, H)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, H)
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None:
             image_outputs = self.model.get_image_features(
@@ -243,7 +246,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
                 position_ids = position_ids[:, past_length:]
             else:
-                position_ids = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+                position_ids = torch.arange(past_length, past_length + latent_mask.shape[1], device=latent_mask.device)
                 position_ids = position_ids.unsqueeze(0)
 
         use_cache = kwargs.pop("use_cache", None) is not False

@@ -250,3 +250,27 @@ def test_reentrant_gradient_checkpointing_with_latents_is_an_error():
 def test_config_rejects_bad_token_ids(overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**overrides)
+
+
+def test_rank_without_latents_splits_its_passes_exactly(model, monkeypatch):
+    """Under `sync_latent_passes`, a rank with no latents (ids or embeddings only) still makes the agreed calls."""
+    import modeling_coconut_internvl
+
+    batch = build_batch([Row(latents=0), Row(latents=0, lead=2)], padding_side="left")
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    monkeypatch.setattr(modeling_coconut_internvl, "agree_on_pass_count", lambda n, device: 4)
+    calls = []
+    handle = model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            split = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], sync_latent_passes=True)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = InternVLForConditionalGeneration.forward(
+            model, inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=None
+        )
+    assert len(calls) == 4
+    real = batch["attention_mask"].bool()
+    # Positions from the mask (ours) and from 0 (the parent) differ by a constant per row: RoPE is relative.
+    assert (split.logits - plain.logits)[real].abs().max() <= TOLERANCE
