@@ -36,11 +36,17 @@ def base_tokenizer():
     return train_tokenizer(CORPUS, vocab_size=300, with_latent_tokens=False)
 
 
-def native_base_model(tokenizer, tie_word_embeddings=False, seed=0) -> InternVLForConditionalGeneration:
-    """A tiny transformers-native InternVL (no Coconut) over `tokenizer`'s ids, with a biased vision qkv."""
+def native_base_model(
+    tokenizer, tie_word_embeddings=False, seed=0, text_model_type="qwen2"
+) -> InternVLForConditionalGeneration:
+    """A tiny transformers-native InternVL (no Coconut) over `tokenizer`'s ids, with a biased vision qkv.
+
+    `text_model_type="qwen3"` gives the InternVL3.5 kind of text model (Qwen3, with q/k norms).
+    """
     coconut = tiny_config()
     text_config = coconut.text_config.to_dict()
     text_config.update(
+        model_type=text_model_type,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -215,10 +221,11 @@ def test_original_layout_converts_to_the_same_model(base, converted_original, hf
     assert_same_model_with_latent_rows(converted, base_model, dict(inputs), old_vocab)
 
 
-@pytest.mark.parametrize("tie_word_embeddings", [False, True])
-def test_native_layout_converts_to_the_same_model(tmp_path, hf_home, tie_word_embeddings):
+@pytest.mark.parametrize("tie_word_embeddings, text_model_type", [(False, "qwen2"), (True, "qwen2"), (False, "qwen3")])
+def test_native_layout_converts_to_the_same_model(tmp_path, hf_home, tie_word_embeddings, text_model_type):
     tokenizer = base_tokenizer()
-    base_model = native_base_model(tokenizer, tie_word_embeddings=tie_word_embeddings, seed=1)
+    base_model = native_base_model(tokenizer, tie_word_embeddings, seed=1, text_model_type=text_model_type)
+    assert base_model.config.text_config.model_type == text_model_type
     write_native_checkpoint(tmp_path / "base", base_model, tokenizer)
     main(ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "repo"), license="apache-2.0"))
     converted = AutoModel.from_pretrained(tmp_path / "repo", trust_remote_code=True).eval()
