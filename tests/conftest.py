@@ -1,4 +1,4 @@
-"""Tiny Coconut-InternVL models, batches built from per-row specs, and the obviously-correct reference.
+"""Tiny Coconut-InternVL models, and batches built from per-row specs (the reference algorithm is `coconut/reference.py`).
 
 Token ids of the tiny vocabulary: 0 pad, 1 image context, 2 `<|latent|>`, 3 `<|start-latent|>`, 4 `<|end-latent|>`,
 5 `<img>`, 6 `</img>`; ordinary text tokens are 10 and up.
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from coconut.reference import reference_embeddings, reference_greedy, reference_logits  # noqa: F401
 from coconut.tokenizer import END_LATENT, IMAGE_CONTEXT, START_LATENT
 from coconut.tokenizer import LATENT as LATENT_TOKEN
 from configuration_coconut_internvl import CoconutInternVLConfig
@@ -75,9 +74,17 @@ def tiny_config_for(tokenizer, **overrides) -> CoconutInternVLConfig:
 
 
 def tiny_model(seed: int = 0, **overrides) -> CoconutInternVLForConditionalGeneration:
+    return random_model(CoconutInternVLForConditionalGeneration, tiny_config(**overrides), seed)
+
+
+def random_model(model_class, config, seed: int = 0):
+    """`model_class(config)` in eval mode, every weight drawn from N(0, 0.2) after `torch.manual_seed(seed)`.
+
+    The default init is small; larger weights make every token matter (a wrong thought changes the logits visibly)
+    and give greedy decoding clear argmax margins, so rounding from padding cannot flip a token.
+    """
     torch.manual_seed(seed)
-    model = CoconutInternVLForConditionalGeneration(tiny_config(**overrides))
-    # Random init is small; larger weights make every token matter, so a wrong thought changes the logits visibly.
+    model = model_class(config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, subprocess_env, tiny_config
+from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model, subprocess_env, tiny_config
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import (
@@ -61,12 +61,7 @@ def native_base_model(
         image_seq_length=TOKENS_PER_TILE,
         tie_word_embeddings=tie_word_embeddings,
     )
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model.eval()
+    return random_model(InternVLForConditionalGeneration, config, seed)
 
 
 def native_to_original_state_dict(model) -> dict[str, torch.Tensor]:

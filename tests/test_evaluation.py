@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_config_for
+from conftest import random_model, tiny_config_for
 
 from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
@@ -236,11 +236,7 @@ def test_image_records_through_the_processor(tmp_path):
     )
     tokenizer = processor.tokenizer
     config = tiny_config_for(tokenizer)
-    torch.manual_seed(0)
-    model = CoconutInternVLForConditionalGeneration(config).eval()
-    with torch.no_grad():  # large weights: clear argmax margins, so padding's rounding cannot flip a greedy token
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
+    model = random_model(CoconutInternVLForConditionalGeneration, config)
     curriculum = CurriculumConfig(c_thought=1, max_latent_stage=6)
     eval_config = CoconutEvalConfig(stage=2, batch_size=2, max_new_tokens=8, disable_tqdm=True)
     result = evaluate_stage(model, processor, records, curriculum, eval_config)

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, reference_logits, tiny_model
+from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, tiny_model
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from coconut.reference import reference_greedy as coconut_reference_greedy
+from coconut.reference import reference_logits
 
 
 EOS = FIRST_TEXT_ID

@@ -9,12 +9,12 @@ from conftest import (
     build_batch,
     model_inputs,
     real_columns,
-    reference_logits,
     tiny_config,
     tiny_model,
 )
 from transformers import InternVLForConditionalGeneration
 
+from coconut.reference import reference_logits
 from modeling_coconut_internvl import plan_latent_passes
 
 

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import LATENT, Row, build_batch, reference_embeddings, tiny_model
+from conftest import LATENT, Row, build_batch, tiny_model
 
 from coconut.probe import format_probes, probe_thoughts, probe_vectors, save_probes, thought_vectors
+from coconut.reference import reference_embeddings
 
 
 class IdTokenizer:

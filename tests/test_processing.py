@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, tiny_config_for
+from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model, tiny_config_for
 from PIL import Image
 from transformers import AutoProcessor, GotOcr2ImageProcessorPil
 
@@ -36,13 +36,7 @@ def processor_model(processor: CoconutInternVLProcessor, seed: int = 0):
     """A tiny model whose token ids are the processor's tokenizer's."""
     from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
-    config = tiny_config_for(processor.tokenizer)
-    torch.manual_seed(seed)
-    model = CoconutInternVLForConditionalGeneration(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    return model.eval()
+    return random_model(CoconutInternVLForConditionalGeneration, tiny_config_for(processor.tokenizer), seed)
 
 
 @pytest.fixture(scope="module")
