@@ -3,19 +3,26 @@
 The input embedding at every `<|latent|>` position is the language model's final hidden state (after the final norm,
 the vector the LM head reads) at the position just before it. The forward pass therefore runs the language model in
 sequential passes over one KV cache: a pass ends right before every column that holds a latent, and the next pass
-starts with the thought the previous pass produced. Images are encoded once, before the first pass.
+starts with the thought the previous pass produced. Images are encoded once, before the first pass. Rows whose thoughts
+sit at different columns are first moved inside the batch so that their thoughts share columns, which keeps the number
+of passes at (most thoughts in a row + 1) however the batch was padded.
 """
 
-import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import transformers
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, InternVLForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.integrations.fsdp import is_fsdp_managed_module
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 from transformers.utils import logging
@@ -35,6 +42,77 @@ logger = logging.get_logger(__name__)
 # those keys by model type, so read them for `coconut_internvl` exactly as for `internvl`.
 if get_checkpoint_conversion_mapping("coconut_internvl") is None:
     register_checkpoint_conversion_mapping("coconut_internvl", get_checkpoint_conversion_mapping("internvl"))
+
+
+# Gradient checkpointing with thoughts keeps the KV cache inside checkpointed layers, which rests on two behaviours of
+# transformers that are not public API. `_checkpointed_layers_keep_cache` and `_seal_pass_cache` are the only code that
+# relies on them, and `_verify_transformers_internals` checks both when this file is imported.
+SUPPORTED_TRANSFORMERS = ">=5.24,<5.25"
+
+
+@contextmanager
+def _checkpointed_layers_keep_cache(layers):
+    """Let checkpointed decoder layers keep the KV cache for the duration of a latent forward.
+
+    `GradientCheckpointingLayer` drops the cache unless the layer's `_can_checkpoint_with_cache` is True, because the
+    backward replay of a layer would update it a second time. `_seal_pass_cache` makes that replay see exactly the
+    cache the pass saw, so the cache can stay.
+    """
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class default
+
+
+def _seal_pass_cache(cache: DynamicCache, keys_before: list, text_config) -> DynamicCache:
+    """Leave `cache` as it was before the pass (for the pass's backward replay) and continue in a new cache.
+
+    The replay of a checkpointed layer calls `cache.update` again with the same new keys and values; with the old
+    entries put back it returns exactly the tensors of the first run. Later passes write into the returned copy,
+    which holds the same tensors (and autograd history) as `cache` did after the pass. This needs `DynamicLayer.update`
+    to concatenate out of place, so that `keys_before` still hold the keys from before the pass.
+    """
+    continued = DynamicCache(config=text_config)
+    for index, (layer, before) in enumerate(zip(cache.layers, keys_before)):
+        continued.update(layer.keys, layer.values, index)
+        layer.keys, layer.values = before if before is not None else (layer.keys[..., :0, :], layer.values[..., :0, :])
+    return continued
+
+
+def _verify_transformers_internals() -> None:
+    """Fail at import, naming the supported versions, where transformers no longer behaves as checkpointing needs."""
+
+    class CacheProbe(GradientCheckpointingLayer):
+        def forward(self, hidden_states, cache=None):
+            self.kept_cache = cache is not None
+            return hidden_states
+
+    probe = CacheProbe()
+    probe.gradient_checkpointing = True
+    probe._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+    with torch.enable_grad(), _checkpointed_layers_keep_cache([probe]):
+        probe(torch.zeros(1, requires_grad=True), cache=DynamicCache())
+    problems = (
+        [] if probe.kept_cache else ["a checkpointed layer drops the cache despite `_can_checkpoint_with_cache`"]
+    )
+
+    layer, states = DynamicLayer(), torch.zeros(1, 1, 1, 1)
+    layer.update(states, states)
+    before = layer.keys
+    layer.update(states, states)
+    if layer.keys is before or before.shape[-2] != 1:
+        problems.append("`DynamicLayer.update` no longer concatenates out of place")
+    if problems:
+        raise ImportError(
+            f"modeling_coconut_internvl supports transformers{SUPPORTED_TRANSFORMERS}, found {transformers.__version__}: "
+            f"{'; '.join(problems)}. Install a supported version: pip install 'transformers{SUPPORTED_TRANSFORMERS}'."
+        )
+
+
+_verify_transformers_internals()
 
 
 def plan_latent_passes(latent_mask: torch.Tensor, min_passes: int = 1) -> list[tuple[int, int]]:
@@ -75,11 +153,77 @@ def agree_on_pass_count(num_passes: int, device: torch.device) -> int:
     return int(count.item())
 
 
+@dataclass
+class LatentRowPlacement:
+    """Rows moved inside a batch: column `t` of row `b` goes to column `columns[b, t]` of a batch `width` wide.
+
+    Each row is rotated as a whole (`columns[b] = (arange(T) + shift[b]) % width`), so its real tokens keep their order
+    and neighbours and its padding wraps around to the other end. Positions come from the attention mask, so a moved
+    row computes exactly what it computed in place.
+    """
+
+    columns: torch.LongTensor  # (B, T)
+    width: int
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`(B, T, ...)` in the caller's layout -> `(B, width, ...)`; columns no caller column moved to hold zeros."""
+        placed = tensor.new_zeros((tensor.shape[0], self.width, *tensor.shape[2:]))
+        return placed.scatter(1, self._index(tensor.shape, dim=1), tensor)
+
+    def restore(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Back to the caller's layout along `dim`: `(B, ..., width, ...)` -> `(B, ..., T, ...)`."""
+        shape = list(tensor.shape)
+        shape[dim] = self.columns.shape[1]
+        return tensor.gather(dim, self._index(shape, dim))
+
+    def restore_cache(self, cache: DynamicCache, into: DynamicCache) -> DynamicCache:
+        """Write the keys and values of `cache`, `(B, heads, width, head_dim)` a layer, into `into` in caller order."""
+        for index, layer in enumerate(cache.layers):
+            into.update(self.restore(layer.keys, dim=2), self.restore(layer.values, dim=2), index)
+        return into
+
+    def _index(self, shape, dim: int) -> torch.LongTensor:
+        view = [self.columns.shape[0]] + [1] * (len(shape) - 1)
+        view[dim] = self.columns.shape[1]
+        return self.columns.view(view).expand(*shape)
+
+
+def align_latent_rows(latent_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> LatentRowPlacement | None:
+    """Move rows so that every row's first `<|latent|>` falls in the same column, where that saves passes.
+
+    Every row with thoughts is moved by `target - first_latent`, with the smallest `target` that moves no row's first
+    real token before column 0; a row therefore moves right into its right padding, or left into its left padding,
+    and the batch widens only where a row runs out of padding. Rows whose thoughts form one block then share their
+    latent columns, and the batch costs (most thoughts in a row + 1) passes.
+
+    Args:
+        latent_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): where the `<|latent|>` tokens are.
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens.
+
+    Returns:
+        A [`LatentRowPlacement`], or `None` where moving the rows would not take fewer passes.
+    """
+    length = latent_mask.shape[1]
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(latent_mask)
+    has_thoughts = latent_mask.any(dim=1)
+    first_latent = latent_mask.int().argmax(dim=1)  # (B,)
+    first_real = real.int().argmax(dim=1)
+    end_real = length - real.flip(1).int().argmax(dim=1)  # one past each row's last real token
+    target = int((first_latent - first_real)[has_thoughts].max())
+    shift = torch.where(has_thoughts, target - first_latent, 0)  # (B,)
+    width = max(length, int((end_real + shift).max()))
+    columns = (torch.arange(length, device=latent_mask.device) + shift[:, None]) % width  # (B, T)
+    placement = LatentRowPlacement(columns, width)
+    if placement.place(latent_mask).any(dim=0).sum() >= latent_mask.any(dim=0).sum():
+        return None
+    return placement
+
+
 def _slice_attention_mask(attention_mask, past_length: int, start: int, end: int):
-    """The attention mask of the pass over columns `[start, end)` with `past_length` tokens already in the cache.
+    """The caller's attention mask for the pass over columns `[start, end)` with `past_length` tokens already cached.
 
     A 2D padding mask covers every key seen so far: `(batch_size, past_length + end)`. A prepared 4D mask (static
-    cache in `generate`) is `(batch_size, 1, query_length, key_length)`: keep the pass's query rows.
+    cache in `generate`) is `(batch_size, 1, query_length, key_length)` with a fixed key length: keep the pass's rows.
     """
     if attention_mask is None:
         return None
@@ -90,39 +234,6 @@ def _slice_attention_mask(attention_mask, past_length: int, start: int, end: int
     return attention_mask[:, :, start:end]
 
 
-@contextmanager
-def _layers_keep_cache(layers, enabled: bool):
-    """Let checkpointed decoder layers keep the KV cache for the duration of a latent forward.
-
-    `GradientCheckpointingLayer` drops the cache because the backward replay of a layer would update it a second
-    time. `_seal_pass_cache` makes that replay see exactly the cache the pass saw, so the cache can stay.
-    """
-    if not enabled:
-        yield
-        return
-    for layer in layers:
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer._can_checkpoint_with_cache  # back to the class default
-
-
-def _seal_pass_cache(cache: DynamicCache, keys_before: list, text_config) -> DynamicCache:
-    """Leave `cache` as it was before the pass (for the pass's backward replay) and continue in a new cache.
-
-    The replay of a checkpointed layer calls `cache.update` again with the same new keys and values; with the old
-    entries put back it returns exactly the tensors of the first run. Later passes write into the returned copy,
-    which holds the same tensors (and autograd history) as `cache` did after the pass.
-    """
-    continued = DynamicCache(config=text_config)
-    for index, (layer, before) in enumerate(zip(cache.layers, keys_before)):
-        continued.update(layer.keys, layer.values, index)
-        layer.keys, layer.values = before if before is not None else (layer.keys[..., :0, :], layer.values[..., :0, :])
-    return continued
-
-
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
     """Generation appends to the right end of each row: right padding would put the new tokens after the padding."""
     if attention_mask.ndim == 2 and not attention_mask[:, -1].all():
@@ -131,6 +242,37 @@ def _check_left_padded(attention_mask: torch.Tensor) -> None:
             f"Rows {rows} of `attention_mask` end in padding: generating with thoughts needs left padding. "
             "Tokenize with `padding_side='left'` (the processor's default)."
         )
+
+
+def _check_pixel_values(pixel_values: torch.Tensor | None) -> None:
+    if pixel_values is not None and pixel_values.shape[0] == 0:
+        raise ValueError(
+            f"`pixel_values` holds 0 image tiles (shape {tuple(pixel_values.shape)}). For text-only inputs pass "
+            "`pixel_values=None`; otherwise check that the images reached the processor."
+        )
+
+
+def _thought_counts(num_latent_thoughts, batch_size: int) -> list[int]:
+    """One count per prompt from an int, an integral float, a NumPy or tensor value, or a list of them."""
+    values = num_latent_thoughts.tolist() if hasattr(num_latent_thoughts, "tolist") else num_latent_thoughts
+    values = list(values) if isinstance(values, (list, tuple)) else [values] * batch_size
+    counts = []
+    for value in values:
+        value = value.tolist() if hasattr(value, "tolist") else value  # NumPy scalars and 0-d tensors
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`num_latent_thoughts` must be a whole number of thoughts (0 or more), got {value!r} in "
+                f"{num_latent_thoughts!r}. Pass an int such as 6, or one int per prompt."
+            )
+        counts.append(value)
+    if len(counts) != batch_size:
+        raise ValueError(
+            f"`num_latent_thoughts` must be one int for every prompt or one per prompt ({batch_size} prompts), got "
+            f"{len(counts)} values: {num_latent_thoughts!r}."
+        )
+    return counts
 
 
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
@@ -152,6 +294,15 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
     """
 
     config_class = CoconutInternVLConfig
+
+    def __init__(self, config: CoconutInternVLConfig):
+        super().__init__(config)
+        # A generated `<|latent|>` would have no hidden state to take, and an answer never opens or closes a latent
+        # block: the generation config (saved with the model) suppresses the three tokens once, for every `generate`.
+        block_ids = (config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id)
+        if self.generation_config is not None and any(token_id is not None for token_id in block_ids):
+            suppressed = {*(self.generation_config.suppress_tokens or []), *(i for i in block_ids if i is not None)}
+            self.generation_config.suppress_tokens = sorted(suppressed)
 
     def _latent_mask(self, input_ids: torch.LongTensor | None) -> torch.BoolTensor | None:
         """`(batch_size, sequence_length)` mask of the `<|latent|>` positions, or `None` if there are none."""
@@ -193,19 +344,31 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the language-modelling loss, shifted inside `self.loss_function`; -100 is ignored.
 
+        With latents, rows whose thoughts start at different columns are moved inside the batch (their padding moves,
+        see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
+        (most thoughts in a row + 1) language-model passes however it is padded. Rows stay in place, and every column
+        holding a latent in any row starts a pass, where moving is not possible: a cache that already holds tokens, a
+        non-dynamic cache, a prepared 4D attention mask, explicit `position_ids`, or sliding-window layers. Logits at
+        padding columns (`attention_mask` 0) are not meaningful; give them the label -100.
+
         Returns `InternVLCausalLMOutputWithPast` with logits for every position (or the last `logits_to_keep`), the
         filled cache and the loss.
         """
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_image_inputs(input_ids, pixel_values, mm_encoder_outputs, past_length)
         latent_mask = self._latent_mask(input_ids)
-        num_passes = 1 if latent_mask is None else len(ranges := plan_latent_passes(latent_mask))
+        placement = None
+        if latent_mask is not None:
+            self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
+            if self._can_move_rows(attention_mask, position_ids, cache, past_length):
+                placement = align_latent_rows(latent_mask, attention_mask)
+        if placement is not None:
+            latent_mask = placement.place(latent_mask)
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        ranges, num_passes = self._plan_passes(latent_mask, (shape[0], placement.width if placement else shape[1]))
         if sync_latent_passes:
             device = input_ids.device if input_ids is not None else inputs_embeds.device
-            agreed = agree_on_pass_count(num_passes, device)
-            if agreed > num_passes:  # this rank splits its passes further, or makes passes it has no latents for
-                if latent_mask is None:
-                    shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-                    latent_mask = torch.zeros(shape, dtype=torch.bool, device=device)
-                num_passes, ranges = agreed, plan_latent_passes(latent_mask, min_passes=agreed)
+            ranges, num_passes = self._sync_passes(latent_mask, ranges, num_passes, device)
         if latent_mask is None and num_passes == 1:
             return super().forward(
                 input_ids=input_ids,
@@ -222,53 +385,137 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 mm_encoder_outputs=mm_encoder_outputs,
                 **kwargs,
             )
-        past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
 
+        inputs_embeds, image_outputs = self._embed_with_images(
+            input_ids,
+            inputs_embeds,
+            pixel_values,
+            mm_encoder_outputs,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+        )
+        if placement is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones(shape, dtype=torch.long, device=inputs_embeds.device)
+            inputs_embeds, attention_mask = placement.place(inputs_embeds), placement.place(attention_mask)
+        position_ids = self._latent_position_ids(attention_mask, position_ids, past_length, inputs_embeds)
+        use_cache = kwargs.pop("use_cache", None) is not False
+        pass_cache = cache if cache is not None and placement is None else DynamicCache(config=self.config.text_config)
+
+        hidden_states, layer_hidden_states, pass_cache = self._run_latent_passes(
+            inputs_embeds,
+            latent_mask,
+            ranges,
+            num_passes,
+            attention_mask,
+            position_ids,
+            pass_cache,
+            past_length,
+            kwargs,
+        )
+
+        if placement is not None:  # back to the caller's layout
+            hidden_states = placement.restore(hidden_states)
+            if layer_hidden_states is not None:
+                layer_hidden_states = tuple(placement.restore(layer) for layer in layer_hidden_states)
+            if use_cache:
+                pass_cache = placement.restore_cache(pass_cache, cache or DynamicCache(config=self.config.text_config))
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return InternVLCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=pass_cache if use_cache else None,
+            hidden_states=layer_hidden_states,
+            image_outputs=image_outputs,
+        )
+
+    def _plan_passes(self, latent_mask, shape) -> tuple[list[tuple[int, int]], int]:
+        """The passes' column ranges over a batch of `shape` `(batch_size, width)`, and their number."""
+        if latent_mask is None:
+            return [(0, shape[1])], 1
+        ranges = plan_latent_passes(latent_mask)
+        return ranges, len(ranges)
+
+    def _sync_passes(self, latent_mask, ranges, num_passes, device):
+        """Split this rank's passes further, or add passes without work, to make as many as the busiest rank."""
+        agreed = agree_on_pass_count(num_passes, device)
+        if agreed <= num_passes:
+            return ranges, num_passes
+        if latent_mask is None:
+            latent_mask = torch.zeros((1, ranges[-1][1]), dtype=torch.bool, device=device)
+        return plan_latent_passes(latent_mask, min_passes=agreed), agreed
+
+    def _embed_with_images(
+        self, input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, vision_feature_layer, select_strategy
+    ):
+        """Token embeddings `(B, T, H)` with the image features placed at the image tokens, and the image outputs."""
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, H)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None:
             image_outputs = self.model.get_image_features(
                 pixel_values=pixel_values,
                 vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
+                vision_feature_select_strategy=select_strategy,
                 return_dict=True,
             )
         if image_outputs is not None:
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+        return inputs_embeds, image_outputs
 
-        if position_ids is None:
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-                # Same positions as `generate` gives a padded row, and as the row alone, unpadded.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-                position_ids = position_ids[:, past_length:]
-            else:
-                position_ids = torch.arange(past_length, past_length + latent_mask.shape[1], device=latent_mask.device)
-                position_ids = position_ids.unsqueeze(0)
+    @staticmethod
+    def _latent_position_ids(attention_mask, position_ids, past_length: int, inputs_embeds) -> torch.LongTensor:
+        """`(B, T)` positions counted from a 2D attention mask, as `generate` counts them; else from `past_length`."""
+        if position_ids is not None:
+            return position_ids
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            # Same positions as `generate` gives a padded row, and as the row alone, unpadded.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            return position_ids[:, past_length:]
+        length = inputs_embeds.shape[1]
+        return torch.arange(past_length, past_length + length, device=inputs_embeds.device).unsqueeze(0)
 
-        use_cache = kwargs.pop("use_cache", None) is not False
-        if cache is None:
-            cache = DynamicCache(config=self.config.text_config)
+    def _run_latent_passes(
+        self, inputs_embeds, latent_mask, ranges, num_passes, attention_mask, position_ids, cache, past_length, kwargs
+    ):
+        """Run the language model over the column `ranges` in order, each pass feeding the thoughts it starts with.
 
+        Returns the final hidden states `(B, T, H)`, every layer's hidden states (if asked for) and the filled cache.
+        """
+        text_model = self.model.language_model
+        pass_masks = self._pass_masks(inputs_embeds, attention_mask, position_ids, cache)
+        thought_columns, every_row_columns = set(), set()
+        if latent_mask is not None:
+            thought_columns = set(latent_mask.any(dim=0).nonzero().flatten().tolist())
+            every_row_columns = set(latent_mask.all(dim=0).nonzero().flatten().tolist())
         checkpointing = self._checkpointing_layers()
         hidden_chunks, layer_chunks = [], []
-        with _layers_keep_cache(self.model.language_model.layers, checkpointing):
-            for start, end in ranges:
+        with _checkpointed_layers_keep_cache(text_model.layers) if checkpointing else nullcontext():
+            for index, (start, end) in enumerate(ranges):
                 chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
-                if start > 0 and latent_mask[:, start].any():
+                if start in thought_columns and start > 0:
                     thought = hidden_chunks[-1][:, -1:]  # (B, 1, H): final hidden state at column start - 1
-                    first = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
-                    chunk = torch.cat([first, chunk[:, 1:]], dim=1)
+                    if start not in every_row_columns:
+                        thought = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
+                    chunk = thought if end - start == 1 else torch.cat([thought, chunk[:, 1:]], dim=1)
                 if checkpointing:
                     keys_before = [
                         (layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers
                     ]
-                outputs = self.model.language_model(
+                if pass_masks is not None:  # this pass's query rows, and the keys cached so far
+                    masks = {name: full[:, :, start:end, : past_length + end] for name, full in pass_masks.items()}
+                else:
+                    masks = _slice_attention_mask(attention_mask, past_length, start, end)
+                outputs = text_model(
                     inputs_embeds=chunk,
-                    attention_mask=_slice_attention_mask(attention_mask, past_length, start, end),
+                    attention_mask=masks,
                     position_ids=position_ids[..., start:end],
                     cache=cache,
                     use_cache=True,
@@ -278,28 +525,67 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 if outputs.hidden_states is not None:
                     layer_chunks.append(outputs.hidden_states)
                 if checkpointing:
+                    if index == 0:
+                        self._check_cache_keeps_gradients(cache, chunk)
                     cache = _seal_pass_cache(cache, keys_before, self.config.text_config)
         # Ranks that could not split their sequence into the agreed number of passes still make the same calls.
         for _ in range(num_passes - len(ranges)):
-            self.model.language_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
+            text_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
 
-        hidden_states = torch.cat(hidden_chunks, dim=1)  # (B, T, H)
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
-        all_hidden_states = None
-        if layer_chunks:
-            all_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_chunks))
-        return InternVLCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            image_outputs=image_outputs,
+        hidden_states = hidden_chunks[0] if len(hidden_chunks) == 1 else torch.cat(hidden_chunks, dim=1)
+        layer_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_chunks)) if layer_chunks else None
+        return hidden_states, layer_hidden_states, cache
+
+    def _pass_masks(self, inputs_embeds, attention_mask, position_ids, cache) -> dict | None:
+        """The 4D attention mask of the whole forward, built once; each pass slices its rows and keys from it.
+
+        `None` where the slices would not be the masks transformers builds per pass (a prepared mask, a non-dynamic
+        cache, layers other than full attention, an attention implementation whose mask is not a 4D tensor): each
+        pass then gets the caller's mask and builds its own.
+        """
+        text_config = self.model.language_model.config
+        if set(getattr(text_config, "layer_types", None) or ()) != {"full_attention"}:
+            return None
+        if not isinstance(cache, DynamicCache) or isinstance(attention_mask, dict):
+            return None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 2:
+            return None
+        mask = create_causal_mask(
+            config=text_config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            allow_is_causal_skip=False,
         )
+        return {"full_attention": mask} if isinstance(mask, torch.Tensor) and mask.ndim == 4 else None
+
+    def _can_move_rows(self, attention_mask, position_ids, cache, past_length: int) -> bool:
+        """Whether the rows may be moved inside the batch (see `forward`): outputs and cache can be moved back."""
+        layer_types = set(getattr(self.config.text_config, "layer_types", None) or ())
+        return (
+            past_length == 0
+            and position_ids is None
+            and (cache is None or isinstance(cache, DynamicCache))
+            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2))
+            and layer_types == {"full_attention"}
+        )
+
+    def _check_image_inputs(self, input_ids, pixel_values, mm_encoder_outputs, past_length: int) -> None:
+        """Raise a `ValueError` for images that the forward would drop or could not encode."""
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        _check_pixel_values(pixel_values)
+        has_images = pixel_values is not None or (mm_encoder_outputs or {}).get("image") is not None
+        if input_ids is None or past_length > 0 or has_images:
+            return  # decoding steps after the prompt carry no image tokens
+        image_tokens = int((input_ids == self.config.image_token_id).sum())
+        if image_tokens:
+            raise ValueError(
+                f"`input_ids` holds {image_tokens} image tokens (id {self.config.image_token_id}) but neither "
+                "`pixel_values` nor `mm_encoder_outputs['image']` was given, so the model would answer without "
+                "seeing the image. Pass the processor's `pixel_values`, or build text-only prompts without images."
+            )
 
     def _check_latent_inputs(self, latent_mask, attention_mask, past_length, kwargs):
         """Raise a `ValueError` for inputs the latent passes cannot compute correctly."""
@@ -325,16 +611,20 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 "`output_attentions=True` is not supported with `<|latent|>` tokens: each pass attends over a "
                 "different number of keys. Run the forward without latents, or without `output_attentions`."
             )
-        if self._checkpointing_layers():
-            checkpoints = [
-                getattr(layer, "_gradient_checkpointing_func", None) for layer in self.model.language_model.layers
-            ]
-            if any(getattr(checkpoint, "keywords", {}).get("use_reentrant", False) for checkpoint in checkpoints):
-                raise ValueError(
-                    "Gradient checkpointing with `use_reentrant=True` loses the gradient that flows from later "
-                    "thoughts into earlier keys and values. Enable it with "
-                    "`gradient_checkpointing_kwargs={'use_reentrant': False}` (the transformers default)."
-                )
+
+    def _check_cache_keeps_gradients(self, cache: DynamicCache, chunk: torch.Tensor) -> None:
+        """After the first checkpointed pass: the cached keys must carry gradient wherever the pass does.
+
+        Reentrant checkpointing (`use_reentrant=True`) runs each layer without autograd, so the keys and values it
+        caches are cut from the graph and later thoughts could not send gradient back through them.
+        """
+        needs_grad = chunk.requires_grad or any(p.requires_grad for p in self.model.language_model.parameters())
+        if needs_grad and not all(layer.keys.requires_grad for layer in cache.layers if layer.is_initialized):
+            raise ValueError(
+                "Gradient checkpointing with `use_reentrant=True` loses the gradient that flows from later "
+                "thoughts into earlier keys and values. Enable it with "
+                "`activation_checkpointing_kwargs={'use_reentrant': False}` (the transformers default)."
+            )
 
     def _checkpointing_layers(self) -> bool:
         """Whether the language model's layers are checkpointed in this forward (training with gradients)."""
@@ -352,31 +642,46 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         Append Coconut's inference block, `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>`, to each prompt.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts.
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts without a
+                latent block of their own.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding mask.
-            num_latent_thoughts (`int` or `list[int]`): k for every prompt, or one k per prompt.
+            num_latent_thoughts (`int` or `list[int]`): k for every prompt, or one k per prompt. Integral floats
+                (`2.0`), NumPy integers and tensors are accepted.
             pad_token_id (`int`, *optional*): fills the left padding; defaults to the generation config's.
 
         Returns:
             `(input_ids, attention_mask)` of shape `(batch_size, sequence_length + max(k) + 2)`, still left-padded.
         """
         config = self.config
-        if None in (config.latent_token_id, config.start_latent_token_id, config.end_latent_token_id):
+        block_ids = (config.start_latent_token_id, config.latent_token_id, config.end_latent_token_id)
+        if None in block_ids:
             raise ValueError(
                 "`num_latent_thoughts` needs `latent_token_id`, `start_latent_token_id` and `end_latent_token_id` in "
                 f"the config, got {config.latent_token_id}, {config.start_latent_token_id}, "
                 f"{config.end_latent_token_id}. Convert the checkpoint with `convert_to_coconut.py` first."
             )
         batch_size = input_ids.shape[0]
-        counts = [num_latent_thoughts] * batch_size if isinstance(num_latent_thoughts, int) else num_latent_thoughts
-        if len(counts) != batch_size or any(count < 0 for count in counts):
-            raise ValueError(
-                f"`num_latent_thoughts` must be a non-negative int or one per prompt ({batch_size} prompts), got "
-                f"{num_latent_thoughts}."
-            )
+        counts = _thought_counts(num_latent_thoughts, batch_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         _check_left_padded(attention_mask)
+        real = attention_mask.bool()
+        with_block = (torch.isin(input_ids, input_ids.new_tensor(block_ids)) & real).any(dim=1)
+        if with_block.any():
+            raise ValueError(
+                f"Prompts {with_block.nonzero().flatten().tolist()} already hold a latent block, and "
+                "`num_latent_thoughts` would append a second one. Pass `num_latent_thoughts` only for prompts "
+                "without thoughts, or leave it out to use the prompts' own blocks."
+            )
+        lengths = (real.sum(dim=1) + torch.tensor(counts, device=real.device) + 2).tolist()
+        limit = config.text_config.max_position_embeddings
+        if max(lengths) > limit:
+            row = lengths.index(max(lengths))
+            raise ValueError(
+                f"`num_latent_thoughts`={counts[row]} makes prompt {row} {lengths[row]} tokens long with its latent "
+                f"block, past the model's `max_position_embeddings` ({limit}). Use fewer thoughts, e.g. as many as "
+                "the model was trained with."
+            )
         if pad_token_id is None:
             pad_token_id = self.generation_config.pad_token_id
         if pad_token_id is None:
@@ -387,7 +692,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         new_mask = torch.zeros((batch_size, new_length), dtype=attention_mask.dtype, device=attention_mask.device)
         for row, count in enumerate(counts):
             block = [config.start_latent_token_id] + [config.latent_token_id] * count + [config.end_latent_token_id]
-            ids = torch.cat([input_ids[row][attention_mask[row].bool()], input_ids.new_tensor(block)])
+            ids = torch.cat([input_ids[row][real[row]], input_ids.new_tensor(block)])
             new_ids[row, new_length - len(ids) :] = ids
             new_mask[row, new_length - len(ids) :] = 1
         return new_ids, new_mask
@@ -415,7 +720,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
                 passes, whatever its prompts' thoughts.
 
-        `<|latent|>` is never generated: a thought needs the hidden state before it, which decoding does not keep.
+        `<|latent|>` is never generated (the generation config suppresses it): a thought needs the hidden state before
+        it, which decoding does not keep.
 
         Example:
 
@@ -424,6 +730,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         ```
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        _check_pixel_values(kwargs.get("pixel_values"))
         if num_latent_thoughts is not None:
             if input_ids is None:
                 raise ValueError("`num_latent_thoughts` needs the prompt as `input_ids`, got none.")
@@ -433,13 +740,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             )
         if self._latent_mask(input_ids) is not None and kwargs.get("attention_mask") is not None:
             _check_left_padded(kwargs["attention_mask"])
-
-        latent_token_id = self.config.latent_token_id
-        if latent_token_id is not None:
-            # One generation config carries every setting: `generate` warns when it gets a config and settings both.
-            generation_config = copy.deepcopy(generation_config or self.generation_config)
-            kwargs = generation_config.update(**kwargs)
-            generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or []), latent_token_id})
 
         if synced_gpus is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -452,4 +752,10 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 CoconutInternVLConfig.register_for_auto_class()
 CoconutInternVLForConditionalGeneration.register_for_auto_class("AutoModel")
 
-__all__ = ["CoconutInternVLForConditionalGeneration", "plan_latent_passes", "agree_on_pass_count"]
+__all__ = [
+    "CoconutInternVLForConditionalGeneration",
+    "LatentRowPlacement",
+    "align_latent_rows",
+    "plan_latent_passes",
+    "agree_on_pass_count",
+]

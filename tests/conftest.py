@@ -5,6 +5,7 @@ Token ids of the tiny vocabulary: 0 pad, 1 image context, 2 `<|latent|>`, 3 `<|s
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,3 +185,14 @@ def hf_home(tmp_path, monkeypatch):
 
 def subprocess_env(hf_home: Path) -> dict:
     return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+
+
+@contextmanager
+def counting_passes(model):
+    """Count the language-model passes made inside the block: `with counting_passes(model) as calls: ...`."""
+    calls = []
+    handle = model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()

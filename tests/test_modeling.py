@@ -1,5 +1,7 @@
 """The latent forward against the reference (each row alone, the whole prefix recomputed per thought)."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from conftest import (
@@ -7,15 +9,18 @@ from conftest import (
     PAD,
     Row,
     build_batch,
+    counting_passes,
     model_inputs,
     real_columns,
     tiny_config,
     tiny_model,
 )
 from transformers import InternVLForConditionalGeneration
+from transformers.cache_utils import DynamicLayer
 
+import modeling_coconut_internvl
 from coconut.reference import reference_logits
-from modeling_coconut_internvl import plan_latent_passes
+from modeling_coconut_internvl import align_latent_rows, plan_latent_passes
 
 
 TOLERANCE = 1e-5
@@ -27,12 +32,24 @@ BATCHES = {
     "row_without_image": [Row(images=[]), Row(images=[1], lead=2)],
     "several_images_and_tiles": [Row(images=[2, 1]), Row(images=[3], lead=1, latents=5)],
     "one_row_many_thoughts": [Row(latents=8, question=1)],
+    "blocks_far_apart": [Row(latents=2, answer=9), Row(latents=3, lead=6, answer=1)],
+    "row_without_latents_between": [Row(latents=3, lead=5), Row(latents=0, answer=12), Row(latents=2)],
 }
+# Batches whose thought blocks start in different columns: the forward moves the rows so that every block starts in
+# the same column, and makes (most thoughts in a row + 1) passes instead of one per latent column.
+MOVED = [
+    ("misaligned_latents", "right"),
+    ("blocks_far_apart", "left"),
+    ("blocks_far_apart", "right"),
+    ("row_without_latents_between", "right"),
+]
+# Rows of one length (no padding) whose blocks start 4 columns apart.
+SAME_LENGTH_ROWS = [Row(latents=2, answer=6, images=[]), Row(latents=2, lead=4, answer=2, images=[])]
 
 
-def max_difference_to_reference(model, batch) -> float:
+def max_difference_to_reference(model, batch, **kwargs) -> float:
     with torch.no_grad():
-        logits = model(**model_inputs(batch)).logits
+        logits = model(**model_inputs(batch), **kwargs).logits
         worst = 0.0
         for b, ids in enumerate(batch["sequences"]):
             expected = reference_logits(model, ids, batch["pixel_rows"][b])
@@ -59,8 +76,96 @@ def test_thoughts_change_the_logits(model):
     assert (coconut - plain)[after_first_thought].abs().max() > 1e-2
 
 
+def latent_passes(model, inputs: dict) -> int:
+    with counting_passes(model) as calls, torch.no_grad():
+        model(**inputs)
+    return len(calls)
+
+
+def most_thoughts(batch) -> int:
+    return int((batch["input_ids"] == LATENT).sum(dim=1).max())
+
+
+@pytest.mark.parametrize("name, padding_side", MOVED)
+def test_rows_move_so_their_thoughts_share_passes(model, name, padding_side):
+    batch = build_batch(BATCHES[name], padding_side=padding_side)
+    latent_mask = batch["input_ids"] == LATENT
+    assert len(plan_latent_passes(latent_mask)) > most_thoughts(batch) + 1  # in place, more passes than thoughts
+    assert align_latent_rows(latent_mask, batch["attention_mask"]) is not None
+    assert latent_passes(model, model_inputs(batch)) == most_thoughts(batch) + 1
+    difference = max_difference_to_reference(model, batch)
+    assert difference <= TOLERANCE, f"{name}, {padding_side} padding: max abs difference {difference:.2e}"
+
+
+def test_rows_without_attention_mask_move_too(model):
+    batch = build_batch(SAME_LENGTH_ROWS)
+    assert batch["attention_mask"].all()
+    inputs = {key: value for key, value in model_inputs(batch).items() if key != "attention_mask"}
+    assert latent_passes(model, inputs) == 2 + 1
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    for b, ids in enumerate(batch["sequences"]):
+        expected = reference_logits(model, ids, batch["pixel_rows"][b])
+        assert (logits[b] - expected).abs().max() <= TOLERANCE
+
+
+def test_aligned_and_end_aligned_rows_stay_in_place():
+    """Rows whose blocks already share their columns (the collator's and `generate`'s left padding) do not move."""
+    for rows in (BATCHES["aligned"], BATCHES["misaligned_latents"], BATCHES["several_images_and_tiles"]):
+        batch = build_batch(rows, padding_side="left")
+        assert align_latent_rows(batch["input_ids"] == LATENT, batch["attention_mask"]) is None
+
+
+def test_moved_rows_give_outputs_in_the_callers_layout(model):
+    """Hidden states, logits, loss and cache of moved rows equal those of the same rows computed in place."""
+    batch = build_batch(BATCHES["misaligned_latents"], padding_side="right")
+    inputs = model_inputs(batch)
+    mask = batch["attention_mask"]
+    in_place_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # explicit positions: rows stay in place
+    with torch.no_grad():
+        moved = model(**inputs, output_hidden_states=True)
+        in_place = model(**inputs, position_ids=in_place_positions, output_hidden_states=True)
+    assert moved.logits.shape == in_place.logits.shape == (*mask.shape, model.config.text_config.vocab_size)
+    real = mask.bool()
+    assert (moved.logits - in_place.logits)[real].abs().max() <= TOLERANCE
+    assert abs(moved.loss - in_place.loss) <= TOLERANCE
+    assert len(moved.hidden_states) == len(in_place.hidden_states) == model.config.text_config.num_hidden_layers + 1
+    for ours, theirs in zip(moved.hidden_states, in_place.hidden_states):
+        assert (ours - theirs)[real].abs().max() <= TOLERANCE
+    for ours, theirs in zip(moved.cache.layers, in_place.cache.layers):
+        assert ours.keys.shape == theirs.keys.shape
+        assert (ours.keys - theirs.keys).transpose(1, 2)[real].abs().max() <= TOLERANCE
+        assert (ours.values - theirs.values).transpose(1, 2)[real].abs().max() <= TOLERANCE
+
+
+def test_decoding_continues_from_the_cache_of_moved_rows(model):
+    """The cache comes back in the caller's layout: a next token appended to each row sees its row's whole past."""
+    batch = build_batch(BATCHES["blocks_far_apart"], padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with counting_passes(model) as calls, torch.no_grad():
+        prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=batch["pixel_values"])
+        assert len(calls) == most_thoughts(batch) + 1
+        position = mask.sum(dim=1, keepdim=True) - 1  # as `generate` counts it: the row's own length
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position, cache=prefix.cache)
+    for b, sequence in enumerate(batch["sequences"]):
+        expected = reference_logits(model, sequence, batch["pixel_rows"][b])[-1]
+        assert (step.logits[b, -1] - expected).abs().max() <= TOLERANCE
+
+
+def test_rows_stay_in_place_when_they_cannot_move(model):
+    """With tokens already in the cache or explicit positions, every latent column is a pass, still exact."""
+    batch = build_batch(BATCHES["misaligned_latents"], padding_side="right")
+    inputs = model_inputs(batch)
+    latent_columns = len(set((batch["input_ids"] == LATENT).nonzero()[:, 1].tolist()))
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    assert latent_passes(model, {**inputs, "position_ids": positions}) == latent_columns + 1
+    assert max_difference_to_reference(model, batch, position_ids=positions) <= TOLERANCE
+
+
 def test_misaligned_rows_need_their_own_passes():
-    """The original Coconut advanced one column per pass from the batch's earliest latent; each column is a pass."""
+    """In place, each latent column is a pass (the original Coconut advanced one column per pass from the batch's
+    earliest latent, which is wrong for misaligned rows)."""
     batch = build_batch(BATCHES["misaligned_latents"])
     latent_mask = batch["input_ids"] == LATENT
     ranges = plan_latent_passes(latent_mask)
@@ -127,10 +232,15 @@ def reference_gradients(model, batch, detach_thoughts=False) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_match_reference_through_every_thought():
+@pytest.mark.parametrize(
+    "rows, padding_side",
+    [([Row(latents=4, answer=3), Row(latents=2, lead=2)], "left"), (BATCHES["blocks_far_apart"], "right")],
+    ids=["in_place", "moved_rows"],
+)
+def test_gradients_match_reference_through_every_thought(rows, padding_side):
     """The answer loss reaches the parameters through the chain of thoughts, exactly as in the reference."""
     model = tiny_model().train()
-    batch = build_batch([Row(latents=4, answer=3), Row(latents=2, lead=2)], padding_side="left")
+    batch = build_batch(rows, padding_side=padding_side)
     model.zero_grad()
     model(**model_inputs(batch)).loss.backward()
     ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -150,25 +260,21 @@ def test_forced_extra_passes_are_exact(model):
     """Splitting passes further (to agree on a pass count across ranks) does not change the result."""
     batch = build_batch(BATCHES["misaligned_latents"])
     latent_mask = batch["input_ids"] == LATENT
-    natural = len(plan_latent_passes(latent_mask))
-    ranges = plan_latent_passes(latent_mask, min_passes=natural + 5)
-    assert len(ranges) == natural + 5
+    in_place = len(plan_latent_passes(latent_mask))
+    ranges = plan_latent_passes(latent_mask, min_passes=in_place + 5)
+    assert len(ranges) == in_place + 5
     assert ranges[0][0] == 0 and ranges[-1][1] == latent_mask.shape[1]
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
-    import modeling_coconut_internvl
-
-    calls = []
+    natural = most_thoughts(batch) + 1  # the rows move (right padding), see `test_rows_move_so_...`
     original = modeling_coconut_internvl.agree_on_pass_count
     modeling_coconut_internvl.agree_on_pass_count = lambda n, device: natural + 5
-    handle = model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
     try:
-        with torch.no_grad():
+        with counting_passes(model) as calls, torch.no_grad():
             synced = model(**model_inputs(batch), sync_latent_passes=True).logits
             plain = model(**model_inputs(batch)).logits
     finally:
         modeling_coconut_internvl.agree_on_pass_count = original
-        handle.remove()
     assert len(calls) == (natural + 5) + natural
     assert (synced - plain).abs().max() <= TOLERANCE
 
@@ -215,8 +321,9 @@ def loss_grads_and_saved_bytes(model, batch):
     return loss.detach(), grads, sum(saved)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memory():
-    batch = build_batch(BATCHES["misaligned_latents"], padding_side="left")
+@pytest.mark.parametrize("padding_side", ["left", "right"])  # right: the rows move
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memory(padding_side):
+    batch = build_batch(BATCHES["misaligned_latents"], padding_side=padding_side)
     model = tiny_model(num_hidden_layers=2).train()
     loss, grads, saved_bytes = loss_grads_and_saved_bytes(model, batch)
     model.activation_checkpointing_enable()
@@ -254,18 +361,11 @@ def test_config_rejects_bad_token_ids(overrides, match):
 
 def test_rank_without_latents_splits_its_passes_exactly(model, monkeypatch):
     """Under `sync_latent_passes`, a rank with no latents (ids or embeddings only) still makes the agreed calls."""
-    import modeling_coconut_internvl
-
     batch = build_batch([Row(latents=0), Row(latents=0, lead=2)], padding_side="left")
     embeds = model.get_input_embeddings()(batch["input_ids"])
     monkeypatch.setattr(modeling_coconut_internvl, "agree_on_pass_count", lambda n, device: 4)
-    calls = []
-    handle = model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
-    try:
-        with torch.no_grad():
-            split = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], sync_latent_passes=True)
-    finally:
-        handle.remove()
+    with counting_passes(model) as calls, torch.no_grad():
+        split = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], sync_latent_passes=True)
     with torch.no_grad():
         plain = InternVLForConditionalGeneration.forward(
             model, inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=None
@@ -274,3 +374,73 @@ def test_rank_without_latents_splits_its_passes_exactly(model, monkeypatch):
     real = batch["attention_mask"].bool()
     # Positions from the mask (ours) and from 0 (the parent) differ by a constant per row: RoPE is relative.
     assert (split.logits - plain.logits)[real].abs().max() <= TOLERANCE
+
+
+def test_latent_forward_under_torch_compile_gives_the_same_logits(model):
+    """`torch.compile` (graph breaks allowed) over moved rows; the cheap `eager` backend keeps the test fast, and
+    `benchmarks/bench_forward.py --compile inductor` measures inductor."""
+    batch = build_batch([Row(latents=2, images=[]), Row(latents=1, lead=2, images=[])], padding_side="right")
+    inputs = model_inputs(batch)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(**inputs).logits
+    torch._dynamo.reset()
+    assert (compiled - expected).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "broken, problem",
+    [
+        ("flag", "drops the cache despite `_can_checkpoint_with_cache`"),
+        ("update", "`DynamicLayer.update` no longer concatenates out of place"),
+    ],
+)
+def test_import_fails_naming_the_supported_transformers_when_internals_change(monkeypatch, broken, problem):
+    if broken == "flag":  # as if transformers ignored the flag: the checkpointed layer drops the cache
+        monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", lambda layers: nullcontext())
+    else:  # as if the cache were written in place into a preallocated buffer
+
+        def update_in_place(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = (
+                    key_states.new_zeros(key_states.shape),
+                    value_states.new_zeros(key_states.shape),
+                )
+            self.keys.copy_(key_states)
+            return self.keys, self.values
+
+        monkeypatch.setattr(DynamicLayer, "update", update_in_place)
+    with pytest.raises(ImportError, match="supports transformers>=5.24,<5.25") as error:
+        modeling_coconut_internvl._verify_transformers_internals()
+    assert problem in str(error.value)
+    assert "pip install 'transformers>=5.24,<5.25'" in str(error.value)
+
+
+def test_image_tokens_without_pixel_values_are_an_error(model):
+    batch = build_batch([Row(latents=2), Row(latents=0, images=[2])])
+    inputs = {key: value for key, value in model_inputs(batch).items() if key != "pixel_values"}
+    with pytest.raises(ValueError, match="holds 12 image tokens \\(id 1\\) but neither `pixel_values`"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="holds 8 image tokens"):  # the parent's path, without latents
+        model(input_ids=inputs["input_ids"][1:], attention_mask=inputs["attention_mask"][1:])
+
+
+def test_encoded_images_may_replace_pixel_values(model):
+    batch = build_batch([Row(latents=2), Row(latents=1, lead=3, images=[2])], padding_side="left")
+    inputs = {key: value for key, value in model_inputs(batch).items() if key != "pixel_values"}
+    with torch.no_grad():
+        encoded = {"image": model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)}
+        from_pixels = model(**inputs, pixel_values=batch["pixel_values"]).logits
+        from_features = model(**inputs, mm_encoder_outputs=encoded).logits
+    assert torch.equal(from_pixels, from_features)
+    with pytest.raises(ValueError, match="both pixel_values and mm_encoder_outputs"):
+        model(**inputs, pixel_values=batch["pixel_values"], mm_encoder_outputs=encoded)
+
+
+def test_pixel_values_without_tiles_are_an_error(model):
+    batch = build_batch([Row(latents=2)])
+    inputs = {**model_inputs(batch), "pixel_values": batch["pixel_values"][:0]}
+    with pytest.raises(ValueError, match=r"`pixel_values` holds 0 image tiles \(shape \(0, 3, 56, 56\)\)"):
+        model(**inputs)
