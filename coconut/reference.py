@@ -39,13 +39,13 @@ def reference_logits(model, ids: list[int], pixel_values: torch.Tensor | None, d
 def reference_greedy(model, ids: list[int], pixel_values, max_new_tokens: int, eos_token_id: int | None) -> list[int]:
     """Greedy decoding of one prompt: all thoughts and the whole sequence recomputed for every new token.
 
-    `<|latent|>` is never chosen, as in `generate`.
+    The tokens the generation config suppresses (the latent block's three) are never chosen, as in `generate`.
     """
     ids, new_tokens = list(ids), []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = reference_logits(model, ids, pixel_values)[-1]
-            logits[model.config.latent_token_id] = -float("inf")
+            logits[model.generation_config.suppress_tokens or []] = -float("inf")
             token = int(logits.argmax())
             ids.append(token)
             new_tokens.append(token)
@@ -62,7 +62,7 @@ def original_coconut_greedy(model, ids: list[int], pixel_values, max_new_tokens:
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model(input_ids=input_ids, pixel_values=pixel_values, logits_to_keep=1, use_cache=False).logits
-            logits[..., model.config.latent_token_id] = -float("inf")
+            logits[..., model.generation_config.suppress_tokens or []] = -float("inf")
             token = int(logits[0, -1].argmax())
             input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
             new_tokens.append(token)

@@ -3,12 +3,13 @@
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, tiny_model
-from transformers import StoppingCriteria, StoppingCriteriaList
+from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, counting_passes, tiny_model
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from coconut.reference import reference_greedy as coconut_reference_greedy
@@ -239,3 +240,71 @@ def test_synced_gpus_makes_every_rank_run_the_same_passes():
     (calls_0, exact_0), (calls_1, exact_1) = results[0], results[1]
     assert calls_0 == calls_1 == 7 + 2  # 7 prefill passes (1 + 6 thoughts), then 2 decoding steps
     assert exact_0 and exact_1
+
+
+def test_generation_config_suppresses_the_latent_block_once(model, tmp_path):
+    """Stored in the generation config (and saved with the model), not added by every `generate` call."""
+    block = [model.config.start_latent_token_id, model.config.end_latent_token_id, LATENT]
+    assert sorted(model.generation_config.suppress_tokens) == sorted(block)
+    model.save_pretrained(tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert sorted(saved.suppress_tokens) == sorted(block)
+    before = model.generation_config.to_dict()
+    model.generate(**prompt_inputs(build_batch(MIXED_PROMPTS[:1], padding_side="left")), max_new_tokens=2)
+    assert model.generation_config.to_dict() == before
+
+
+def test_thoughts_asked_for_twice_are_an_error(model):
+    """A prompt that already holds a latent block, plus `num_latent_thoughts`, would stack two blocks."""
+    batch = build_batch([Row(latents=0, answer=0), Row(latents=2, answer=0, lead=1)], padding_side="left")
+    with pytest.raises(ValueError, match=r"Prompts \[1\] already hold a latent block"):
+        model.generate(**prompt_inputs(batch), num_latent_thoughts=3, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("count", [2.0, np.int64(2), torch.tensor(2), [2, np.int64(2)], torch.tensor([2.0, 2.0])])
+def test_integral_thought_counts_of_any_type_are_accepted(model, count):
+    batch = build_batch([Row(latents=0, answer=0), Row(latents=0, answer=0, lead=2)], padding_side="left")
+    expected = model.generate(**prompt_inputs(batch), num_latent_thoughts=2, max_new_tokens=3, do_sample=False)
+    got = model.generate(**prompt_inputs(batch), num_latent_thoughts=count, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "count, match",
+    [
+        (2.5, "whole number of thoughts \\(0 or more\\), got 2.5"),
+        (-1, "got -1"),
+        (True, "got True"),
+        ([1, "2"], "got '2'"),
+        (torch.tensor([1.5, 2.0]), "got 1.5"),
+    ],
+)
+def test_bad_thought_counts_are_an_error(model, count, match):
+    batch = build_batch([Row(latents=0, answer=0), Row(latents=0, answer=0, lead=2)], padding_side="left")
+    with pytest.raises(ValueError, match=match):
+        model.generate(**prompt_inputs(batch), num_latent_thoughts=count, max_new_tokens=2)
+
+
+def test_thoughts_past_max_position_embeddings_are_an_error_before_any_work(model):
+    batch = build_batch([Row(latents=0, answer=0)], padding_side="left")
+    limit = model.config.text_config.max_position_embeddings
+    with (
+        counting_passes(model) as calls,
+        pytest.raises(ValueError, match=f"past the model's `max_position_embeddings` \\({limit}\\)"),
+    ):
+        model.generate(**prompt_inputs(batch), num_latent_thoughts=10**6, max_new_tokens=2)
+    assert calls == []
+
+
+def test_image_tokens_without_pixel_values_are_an_error_in_generate(model):
+    batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
+    inputs = {key: value for key, value in prompt_inputs(batch).items() if key != "pixel_values"}
+    with pytest.raises(ValueError, match="image tokens \\(id 1\\) but neither `pixel_values`"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_pixel_values_without_tiles_are_an_error_in_generate(model):
+    batch = build_batch(MIXED_PROMPTS[:1], padding_side="left")
+    inputs = {**prompt_inputs(batch), "pixel_values": batch["pixel_values"][:0]}
+    with pytest.raises(ValueError, match="`pixel_values` holds 0 image tiles"):
+        model.generate(**inputs, max_new_tokens=2)
