@@ -285,12 +285,16 @@ def add_latent_tokens(model: CoconutInternVLForConditionalGeneration, tokenizer)
 
 
 def build_generation_config(model, tokenizer) -> GenerationConfig:
-    """Greedy decoding that stops at `<|im_end|>` (InternVL's end of turn) and pads with the tokenizer's pad token."""
+    """Greedy decoding that stops at `<|im_end|>` (InternVL's end of turn), pads with the tokenizer's pad token and
+    never generates the latent block's tokens (a generated `<|latent|>` would have no thought to take)."""
+    config = model.config
+    block_ids = [config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id]
     return GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=getattr(model.config.text_config, "bos_token_id", None),
+        bos_token_id=getattr(config.text_config, "bos_token_id", None),
         do_sample=False,
+        suppress_tokens=sorted(token_id for token_id in block_ids if token_id is not None) or None,
     )
 
 

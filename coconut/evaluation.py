@@ -25,7 +25,7 @@ from coconut.metrics import (
     mean,
     multiple_choice_score,
 )
-from coconut.tokenizer import END_LATENT, LATENT, LATENT_TOKENS, START_LATENT
+from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
 
 
 logger = logging.getLogger(__name__)
@@ -150,11 +150,6 @@ def _check_ids(records: Sequence[dict]) -> list[str]:
     return ids
 
 
-def _special_token_ids(tokenizer, tokens: Iterable[str]) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
-    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
-
-
 @torch.no_grad()
 def generate_predictions(
     model,
@@ -196,8 +191,6 @@ def generate_predictions(
         max_new_tokens=config.max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_token_id,
-        # An answer never holds a latent block, and a generated `<|latent|>` would have no thought to take.
-        suppress_tokens=_special_token_ids(tokenizer, LATENT_TOKENS) or None,
     )
 
     generations, seconds, batch_seconds = {}, 0.0, []
