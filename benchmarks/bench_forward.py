@@ -1,7 +1,7 @@
 """Forward+backward time of the latent forward, side by side with plain InternVL and the naive reference.
 
     python -m benchmarks.bench_forward                        # small presets, CPU
-    python -m benchmarks.bench_forward --threads 1 --repeats 9
+    python -m benchmarks.bench_forward --threads 1 --clock cpu --repeats 9  # steadier on a shared machine
     python -m benchmarks.bench_forward --compile inductor     # also: the latent passes under torch.compile
     python -m benchmarks.bench_forward --preset internvl3-1b  # the real InternVL3-1B dimensions (random weights)
 
@@ -108,16 +108,16 @@ def build_text_inputs(config, misaligned: bool, generator: torch.Generator, batc
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def time_interleaved(steps: dict, repeats: int) -> dict:
+def time_interleaved(steps: dict, repeats: int, clock=time.perf_counter) -> dict:
     """Median seconds of each step over `repeats` rounds; every round runs each step once, in turn."""
     for step in steps.values():
         step()  # warm-up: allocator, kernels
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -151,6 +151,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2, help="Rows of the image batch.")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="`cpu` times this process's CPU time instead of wall time: steadier on a shared machine, with --threads 1.",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -162,6 +168,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     torch.manual_seed(0)
     if args.preset == "small":
@@ -190,10 +197,10 @@ def main():
     tokens = inputs["input_ids"].shape[1]
     print(
         f"preset={args.preset} device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats}"
+        f"repeats={args.repeats} clock={args.clock}"
     )
     print(f"image row: batch={args.batch_size} tokens={tokens}")
-    seconds = time_interleaved({**fwd_bwd_steps(model, inputs), "naive": naive}, args.repeats)
+    seconds = time_interleaved({**fwd_bwd_steps(model, inputs), "naive": naive}, args.repeats, clock)
     for name, value in seconds.items():
         print(f"  {name:<6} forward+backward: {value * 1000:9.1f} ms", flush=True)
 
@@ -204,7 +211,7 @@ def main():
         text_inputs = {key: value.to(args.device) for key, value in text_inputs.items()}
         passes[layout] = count_passes(text_model, text_inputs)
         text_tokens[layout] = text_inputs["input_ids"].shape[1]
-        text_seconds[layout] = time_interleaved(fwd_bwd_steps(text_model, text_inputs), args.repeats)
+        text_seconds[layout] = time_interleaved(fwd_bwd_steps(text_model, text_inputs), args.repeats, clock)
         print(f"text rows, {layout}: batch=2 tokens={text_tokens[layout]} passes={passes[layout]}")
         for name, value in text_seconds[layout].items():
             print(f"  {name:<6} forward+backward: {value * 1000:9.1f} ms", flush=True)
@@ -213,6 +220,7 @@ def main():
         "preset": args.preset,
         "device": args.device,
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "batch_size": args.batch_size,
         "tokens_per_sample": tokens,
         "num_latents": NUM_LATENTS,
@@ -229,11 +237,11 @@ def main():
         ),
     }
     if args.compile != "none":
-        result.update(compare_compiled(text_model, text_config, generator, args))
+        result.update(compare_compiled(text_model, text_config, generator, args, clock))
     print(json.dumps(result))
 
 
-def compare_compiled(model, config, generator, args) -> dict:
+def compare_compiled(model, config, generator, args, clock) -> dict:
     """The aligned text rows with the language model compiled (every pass), against the same weights in eager mode."""
     inputs = build_text_inputs(config, misaligned=False, generator=generator)
     inputs = {key: value.to(args.device) for key, value in inputs.items()}
@@ -248,7 +256,7 @@ def compare_compiled(model, config, generator, args) -> dict:
     eager, compiled = fwd_bwd_steps(model, inputs), fwd_bwd_steps(compiled_model, inputs)
     steps = {"ours": eager["ours"], "ours_compiled": compiled["ours"]}
     steps.update({"plain": eager["plain"], "plain_compiled": compiled["plain"]})
-    seconds = time_interleaved(steps, args.repeats)
+    seconds = time_interleaved(steps, args.repeats, clock)
     print(f"text rows, aligned, language model compiled with {args.compile} (first calls {compile_seconds:.0f} s):")
     for name, value in seconds.items():
         print(f"  {name:<14} forward+backward: {value * 1000:9.1f} ms", flush=True)
