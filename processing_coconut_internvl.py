@@ -187,7 +187,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return prompt
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
-        """The answer in generated text: what follows the first `answer_marker`, up to the end-of-sequence token,
+        """The answer in generated text: what follows the last `answer_marker`, up to the end-of-sequence token,
         stripped; `None` where the text has no marker.
 
         Args:
@@ -204,7 +204,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return [self.decode_answer(sequence, answer_marker) for sequence in sequences]
 
     def _answer_from_text(self, text: str, answer_marker: str) -> str | None:
-        _, found, answer = text.partition(answer_marker)
+        _, found, answer = text.rpartition(answer_marker)  # the last marker: a step may contain one too
         if not found:
             return None
         if self.tokenizer.eos_token:

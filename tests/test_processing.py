@@ -137,6 +137,7 @@ def test_decode_answer(processor):
     assert processor.decode_answer(f"Tom is a wump.\n### Yes{eos}{pad}{pad}") == "Yes"
     assert processor.decode_answer("Tom is a wump.\n###   No  ") == "No"  # no eos: to the end, stripped
     assert processor.decode_answer("Tom is a wump.") is None
+    assert processor.decode_answer("Tom ### is a wump.\n### Yes") == "Yes"  # a step may hold the marker: the last
     prompt = processor.build_prompt("Is Tom a wump?", num_latent_thoughts=1)
     ids = processor(text=[prompt + f"### Yes{eos}", prompt + f"step\n### No{eos}"], return_tensors="pt")["input_ids"]
     assert processor.decode_answer(ids) == ["Yes", "No"]  # left padding and the prompt's own eos are skipped
