@@ -120,7 +120,7 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     output = tmp_path / "out"
     command = [
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", str(free_port()), "train_sft.py",
+        "--main_process_port", str(free_port()), "train_sft.py", "--dataset", "arrow_chase",
         "--output_dir", str(output), "--synthetic_dir", str(tmp_path / "data"),
         "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_max_hops", "2",
         "--num_train_epochs", "2", "--max_latent_stage", "1", "--per_device_train_batch_size", "2",
@@ -140,4 +140,4 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
     assert model.config.latent_token_id is not None
     assert AutoProcessor.from_pretrained(output, trust_remote_code=True).image_seq_length == 4
-    assert "| stage | accuracy | generated tokens |" in (output / "README.md").read_text()
+    assert "| stage | thoughts (max) | accuracy | generated tokens |" in (output / "README.md").read_text()
