@@ -229,9 +229,7 @@ def load_aokvqa(
     validation, since scoring needs answers. See [`aokvqa_to_record`] for steps and targets; `validation` is
     forwarded to [`validate_dataset`].
     """
-    source = load_dataset(path, split=split, **(load_kwargs or {}))
-    if len(source) == 0:
-        raise ValueError(f"No records in {path!r} (split {split!r}).")
+    source = _load_split(path, split, load_kwargs)
     source = _undecode_images(source)
     dataset = source.map(
         aokvqa_to_record,
@@ -285,10 +283,10 @@ def load_records(
         columns = sorted({column for row in rows if isinstance(row, dict) for column in row})
         image_root = image_root if image_root is not None else local.parent
     else:
-        source = load_dataset(str(path), split=split, **(load_kwargs or {}))
+        source = _load_split(str(path), split, load_kwargs)
         rows, columns = None, source.column_names
     where = f"{str(path)!r}" + ("" if rows is not None else f" (split {split!r})")
-    if (len(rows) if rows is not None else len(source)) == 0:
+    if rows is not None and not rows:
         raise ValueError(f"No records in {where}.")
     required = {"question", "answer", *(column_mapping or {})}
     for field in (field for field in RECORD_FIELDS if field in required):
@@ -324,6 +322,19 @@ def load_records(
         features=_STORED_FEATURES,
     )
     return validate_dataset(dataset.cast_column("images", RECORD_FEATURES["images"]), **validation)
+
+
+def _load_split(path: str, split: str, load_kwargs: dict | None) -> Dataset:
+    """`datasets.load_dataset(path, split=split, **load_kwargs)`; an empty split is an error saying so."""
+    try:
+        source = load_dataset(path, split=split, **(load_kwargs or {}))
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # datasets' words for an empty split
+            raise
+        source = None
+    if source is None or len(source) == 0:
+        raise ValueError(f"No records in {path!r} (split {split!r}).")
+    return source
 
 
 def _read_json(path: Path):
@@ -435,7 +446,7 @@ def _normalise(record: dict, index: int, image_root: str | Path | None) -> dict:
 
 def _value(value, limit: int = 40) -> str:
     text = repr(value)
-    return f"a {type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 def _record_problem(
