@@ -103,6 +103,27 @@ def test_short_run_card_and_results_describe_the_saved_model(tmp_path, caplog):
         train(tmp_path, "--num_train_epochs", "0")
 
 
+def test_killed_run_keeps_every_stage_in_its_results(tmp_path):
+    """Item 4 through the script: a run killed after step 3 (stage 0 evaluated, checkpoint-3 saved) and started
+    again writes the same results and predictions for every stage as a run that was never killed."""
+    output = tmp_path / "out"
+    train(tmp_path, "--save_strategy", "steps", "--save_steps", "1")
+    finished = {path.name: path.read_text() for path in output.glob("predictions_stage_*.jsonl")}
+    results = json.loads((output / "eval_results.json").read_text())
+    # What a SIGKILL after checkpoint-3 leaves: checkpoints 1 to 3, no later checkpoint, no final files.
+    for path in output.iterdir():
+        if path.name not in ("checkpoint-1", "checkpoint-2", "checkpoint-3"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = train(tmp_path, "--save_strategy", "steps", "--save_steps", "1")
+    assert resumed.state.global_step == 6
+    assert sorted(finished) == ["predictions_stage_0.jsonl", "predictions_stage_1.jsonl", "predictions_stage_2.jsonl"]
+    assert {name: (output / name).read_text() for name in finished} == finished
+    again = json.loads((output / "eval_results.json").read_text())
+    assert [row["stage"] for row in again["stages"]] == [0, 1, 2]
+    for row, expected in zip(again["stages"], results["stages"], strict=True):
+        assert row["metrics"]["accuracy"] == expected["metrics"]["accuracy"]
+
+
 def test_records_longer_than_max_length_are_refused_or_skipped(tmp_path, caplog):
     """Item 5: the length check runs in train_sft, counting image tokens; `--skip_invalid` drops and counts."""
     task = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=8)
