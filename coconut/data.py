@@ -70,6 +70,8 @@ def records_to_dataset(
             if not skip_invalid:
                 raise
             bad.append(str(error))
+    if bad and not rows:
+        raise ValueError(f"All {len(records)} records are of the wrong shape, e.g. {bad[0]}")
     if bad:
         logger.warning("Skipped %d of %d records of the wrong shape, e.g. %s", len(bad), len(records), bad[0])
     return Dataset.from_list(rows, features=_STORED_FEATURES).cast_column("images", RECORD_FEATURES["images"])

@@ -247,8 +247,11 @@ def test_records_that_are_not_objects_are_refused(tmp_path, item, kind):
     lines.write_text(json.dumps(good_record()) + "\n" + json.dumps(item) + "\n")
     with pytest.raises(ValueError, match="Record 1 is"):
         load_records(lines)
-    # skip_invalid drops them, and says how many.
+    # skip_invalid drops them, and says how many; dropping every record is an error.
     assert load_coconut_json(path, skip_invalid=True)["id"] == ["q7"]
+    path.write_text(json.dumps([item]))
+    with pytest.raises(ValueError, match="All 1 records are of the wrong shape"):
+        load_coconut_json(path, skip_invalid=True)
 
 
 def test_files_that_are_not_json_name_the_file_and_line(tmp_path):
