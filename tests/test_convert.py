@@ -228,20 +228,36 @@ def test_config_mapping_equals_the_official_conversion(size, tmp_path):
     assert not {"initializer_factor", "dropout", "use_flash_attn", "drop_path_rate"} & set(ours["vision_config"])
 
 
-def test_root_config_json_is_what_the_converter_writes_for_internvl3_1b(tmp_path):
-    """The full-size InternVL3-1B config through the converter's own steps (config mapping, model built on the meta
-    device in bfloat16 as the real weights are, Coconut tokens added), written as `save_pretrained` writes it."""
-    write_replica_tokenizer(tmp_path)
-    tokenizer = load_base_tokenizer(tmp_path)
-    config = base_coconut_config(INTERNVL3_1B_CONFIG, tokenizer)
+def converted_config_json(original: dict, dtype: torch.dtype, folder) -> dict:
+    """The config.json the converter writes for an original `config.json`, without weights: its config mapping, the
+    model built on the meta device in the weights' dtype, the Coconut tokens added, written as `save_pretrained`
+    writes it (which also records the class)."""
+    write_replica_tokenizer(folder)
+    tokenizer = load_base_tokenizer(folder)
     with torch.device("meta"):
-        model = CoconutInternVLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model = CoconutInternVLForConditionalGeneration._from_config(
+            base_coconut_config(original, tokenizer), dtype=dtype
+        )
     assert add_latent_tokens(model, tokenizer) == COCONUT_IDS
-    model.config.architectures = [type(model).__name__]  # as `save_pretrained` records it
-    model.config.to_json_file(tmp_path / "config.json")
-    written = json.loads((tmp_path / "config.json").read_text())
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(folder / "config.json")
+    written = json.loads((folder / "config.json").read_text())
+    written.pop("transformers_version")
+    return written
+
+
+def test_converted_config_json_without_weights_is_what_the_conversion_writes(converted_original, tmp_path):
+    """The shortcut above, on the replica, gives the config.json of the real conversion (float32 replica weights)."""
+    written = json.loads((converted_original / "config.json").read_text())
+    written.pop("transformers_version")
+    assert converted_config_json(replica_config(), torch.float32, tmp_path) == written
+
+
+def test_root_config_json_is_what_the_converter_writes_for_internvl3_1b(tmp_path):
+    """The full-size InternVL3-1B config (bfloat16 weights) through the converter, field by field."""
+    written = converted_config_json(INTERNVL3_1B_CONFIG, torch.bfloat16, tmp_path)
     root = json.loads((ROOT / "config.json").read_text())
-    written.pop("transformers_version"), root.pop("transformers_version")
+    root.pop("transformers_version")
     assert written == root, f"fields that differ: {differing_fields(written, root) + differing_fields(root, written)}"
 
 
