@@ -4,10 +4,16 @@
 # transformers-native InternVL (the `-hf` repositories), or a local folder in either layout
 python convert_to_coconut.py --base OpenGVLab/InternVL3-1B-hf --output outputs/coconut-internvl3-1b
 
-# OpenGVLab's original remote-code layout (no `-hf` version exists), then upload
+# OpenGVLab's original remote-code layout (read as data: its code is never run)
+python convert_to_coconut.py --base OpenGVLab/InternVL3-1B --output outputs/coconut-internvl3-1b
+
+# an original checkpoint without a `-hf` version, then upload
 python convert_to_coconut.py --base OpenGVLab/InternVL3-1B-Pretrained --output outputs/coconut-internvl3-1b-pt \
     --push_to_hub your-name/coconut-internvl3-1b-pt
 ```
+
+Wrong inputs are refused before any weight is downloaded: a checkpoint that is not InternVL, a folder without
+`config.json`, an `--output` inside `--base` (see docs/conversion.md).
 
 The folder then loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
