@@ -39,7 +39,7 @@ from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
-from coconut.convert import build_generation_config, push_folder, save_repository
+from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_split, validate_dataset
 from coconut.model_card import ModelCardData, render_model_card
 from coconut.sft_config import CoconutSFTConfig
@@ -188,6 +188,8 @@ def load_splits(script_args: ScriptArguments, seed: int):
 
 def load_model_and_processor(model_args: ModelConfig):
     """A converted Coconut-InternVL repository (`convert_to_coconut.py`), with its remote code."""
+    # A plain InternVL would otherwise fail on whatever its own processor or remote code needs (e.g. torchvision).
+    require_coconut_checkpoint(model_args.model_name_or_path, revision=model_args.model_revision)
     model = AutoModel.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
