@@ -4,10 +4,16 @@
 # transformers-native InternVL (the `-hf` repositories), or a local folder in either layout
 python convert_to_coconut.py --base OpenGVLab/InternVL3-1B-hf --output outputs/coconut-internvl3-1b
 
-# OpenGVLab's original remote-code layout (no `-hf` version exists), then upload
+# OpenGVLab's original remote-code layout (read as data: its code is never run)
+python convert_to_coconut.py --base OpenGVLab/InternVL3-1B --output outputs/coconut-internvl3-1b
+
+# an original checkpoint without a `-hf` version, then upload
 python convert_to_coconut.py --base OpenGVLab/InternVL3-1B-Pretrained --output outputs/coconut-internvl3-1b-pt \
     --push_to_hub your-name/coconut-internvl3-1b-pt
 ```
+
+Wrong inputs are refused before any weight is downloaded: a checkpoint that is not InternVL, a folder without
+`config.json`, an `--output` inside `--base` (see docs/conversion.md).
 
 The folder then loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.
@@ -23,8 +29,10 @@ from coconut.convert import (
     add_latent_tokens,
     base_model_license,
     build_generation_config,
+    check_output_folder,
     load_base,
     push_folder,
+    read_base_config,
     save_repository,
 )
 from coconut.model_card import ModelCardData, render_model_card
@@ -61,6 +69,7 @@ class ConvertConfig:
     )
 
     def __post_init__(self):
+        check_output_folder(self.base, self.output)
         if self.push_to_hub and self.base_model_id is None and Path(self.base).is_dir():
             raise ValueError(
                 f"`--base` {self.base} is a local folder, so the model card cannot name the base model on the Hub: "
@@ -70,6 +79,10 @@ class ConvertConfig:
 
 def main(config: ConvertConfig) -> None:
     logging.set_verbosity_info()
+    read_base_config(config.base)  # refuses a checkpoint that is not InternVL before its weights are downloaded
+    license = config.license or base_model_license(config.base)
+    if license is None:
+        raise ValueError(f"The README.md of {config.base} states no `license`; pass `--license` (e.g. `mit`).")
     model, tokenizer, image_processor, video_processor = load_base(config.base)
     start, end, latent = add_latent_tokens(model, tokenizer)
     logger.info(f"Added <|start-latent|>={start}, <|end-latent|>={end}, <|latent|>={latent}")
@@ -84,9 +97,6 @@ def main(config: ConvertConfig) -> None:
         chat_template=DEFAULT_CHAT_TEMPLATE,
         **video,
     )
-    license = config.license or base_model_license(config.base)
-    if license is None:
-        raise ValueError(f"The README.md of {config.base} states no `license`; pass `--license` (e.g. `mit`).")
     card = ModelCardData(
         repo_id=config.push_to_hub or config.output,
         base_model=config.base_model_id or config.base,

@@ -1,10 +1,13 @@
 """Evaluate a Coconut-InternVL model on a reasoning dataset: accuracy, generated tokens and speed at one stage.
 
+A model trained by `train_sft.py` carries `coconut_training.json`: its curriculum (`--method`, `--c_thought`,
+`--max_latent_stage`, `--pad_latent_to_max`), the stage it reached, its dataset and, for the bundled arrow-chase task,
+the task's settings (board size, hops, seed). Every flag left out defaults to what the record says, so the model is
+evaluated as it was trained; a flag given overrides it.
+
 ```bash
-# The model `python train_sft.py` trains, on the test split of its arrow-chase task (2 x 2 board, up to 3 arrows),
-# at its last stage
-python evaluate.py --model outputs/demo --dataset arrow_chase --synthetic_grid_size 2 --synthetic_max_hops 3 \
-    --split test --stage 3 --max_latent_stage 3
+# The model `python train_sft.py` trains, on the test split of its own arrow-chase task, at the stage it reached
+python evaluate.py --model outputs/demo
 
 # ProsQA test split (Coconut JSON files `prosqa_<split>.json` in a folder), the Coconut prompt of stage 6
 python evaluate.py --model outputs/prosqa --dataset data/prosqa --split test --stage 6 --max_latent_stage 6
@@ -26,11 +29,13 @@ Writes `eval_results.json`, `eval_results.png`, `eval_results.md` and the predic
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from trl import TrlParser
 
+from coconut.checkpoints import check_weight_files, read_training_record
 from coconut.curriculum import CurriculumConfig
 from coconut.data import load_split
 from coconut.evaluation import (
@@ -49,22 +54,25 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ScriptArguments:
     model: str = field(metadata={"help": "Local folder or Hub id of a Coconut-InternVL model."})
-    dataset: str = field(
+    dataset: str | None = field(
+        default=None,
         metadata={
             "help": "`arrow_chase` (the bundled synthetic visual task, rendered into `--data_dir`), a Coconut JSON "
             "file, a folder of `<name>_<split>.json` Coconut files, a local JSON/JSONL file of records, or a Hub "
-            "dataset id (`HuggingFaceM4/A-OKVQA` uses the A-OKVQA loader)."
-        }
+            "dataset id (`HuggingFaceM4/A-OKVQA` uses the A-OKVQA loader). Default: the model's training dataset."
+        },
     )
     split: str = field(default="test", metadata={"help": "Split to evaluate (picks the file in a folder)."})
     data_dir: str = field(
         default="outputs/data/arrow_chase", metadata={"help": "Where `arrow_chase` images are rendered."}
     )
-    synthetic_grid_size: int = field(
-        default=4, metadata={"help": "`arrow_chase`: cells per side of the board (the demo of train_sft.py uses 2)."}
+    synthetic_grid_size: int | None = field(
+        default=None,
+        metadata={"help": "`arrow_chase`: cells per side of the board. Default: the model's training task, else 4."},
     )
-    synthetic_max_hops: int = field(
-        default=6, metadata={"help": "`arrow_chase`: most arrows per question (the demo of train_sft.py uses 3)."}
+    synthetic_max_hops: int | None = field(
+        default=None,
+        metadata={"help": "`arrow_chase`: most arrows per question. Default: the model's training task, else 6."},
     )
     aokvqa_target: str = field(
         default="multiple_choice",
@@ -80,6 +88,91 @@ class ScriptArguments:
     device: str | None = field(default=None, metadata={"help": "Device to run on, e.g. `cuda`; default CPU."})
 
 
+# The fields of `CurriculumConfig`, each defaulting to `None` ("not given"), so that the model's saved curriculum
+# fills the flags left out.
+CurriculumArguments = make_dataclass(
+    "CurriculumArguments",
+    [
+        (
+            item.name,
+            item.type | None,
+            field(default=None, metadata={**item.metadata, "help": item.metadata["help"] + " Default: the model's."}),
+        )
+        for item in fields(CurriculumConfig)
+    ],
+)
+
+
+def check_model(model: str) -> dict | None:
+    """Fail fast on a model that cannot be loaded, before any data is rendered; returns its training record.
+
+    A local folder must hold `config.json` and readable weights; a path that does not exist is an error naming it
+    (a string is taken for a Hub id only when it looks like one, `namespace/name`, and is no local path).
+    """
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"`--model` folder {model!r} has no config.json: pass the folder that train_sft.py (`--output_dir`) "
+                "or convert_to_coconut.py saved the model in."
+            )
+        check_weight_files(path)
+        return read_training_record(path)
+    looks_local = (
+        path.exists()
+        or model.startswith((".", "/", "~"))
+        or model.count("/") != 1
+        or path.parent.is_dir()  # e.g. `outputs/demoo` beside an existing `outputs/`
+    )
+    if looks_local:
+        raise ValueError(
+            f"`--model` {model!r} does not exist: pass a model folder (train_sft.py writes one in its `--output_dir`) "
+            "or a Hub id `namespace/name`."
+        )
+    try:
+        return read_training_record(model)
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as error:
+        raise ValueError(
+            f"`--model` {model!r} is no local folder, and the Hub has no model of that id we can read "
+            f"({type(error).__name__}: {error}). Check the id (and `huggingface-cli login` for a private one)."
+        ) from error
+
+
+def settings_from_record(
+    record: dict | None,
+    script_args: ScriptArguments,
+    curriculum_args,
+    eval_config: CoconutEvalConfig,
+) -> tuple[str, CurriculumConfig, SyntheticTaskConfig]:
+    """The dataset, curriculum and task to evaluate with: the flags given, else the model's training record."""
+    record = record or {}
+    given = {name: value for name, value in vars(curriculum_args).items() if value is not None}
+    curriculum = CurriculumConfig(**{**record.get("curriculum", {}), **given})
+    task_settings = dict(record.get("task") or {})
+    for name, value in (("grid_size", script_args.synthetic_grid_size), ("max_hops", script_args.synthetic_max_hops)):
+        if value is not None:
+            task_settings[name] = value
+    task = SyntheticTaskConfig(**task_settings)
+    dataset = script_args.dataset or record.get("dataset")
+    if dataset is None:
+        raise ValueError(
+            f"`--dataset` is missing, and {script_args.model!r} has no training record to take it from: pass "
+            "`--dataset arrow_chase`, a Coconut JSON file or folder, a JSON/JSONL file or a Hub dataset id."
+        )
+    if eval_config.stage is None and eval_config.num_latent_thoughts is None and "stage" in record:
+        eval_config.stage = record["stage"]
+    if record:
+        logger.info(
+            "Settings of %s (flags given override its training record): dataset %s, %s, stage %s%s",
+            script_args.model,
+            dataset,
+            curriculum,
+            eval_config.stage,
+            f", {task}" if dataset == "arrow_chase" else "",
+        )
+    return dataset, curriculum, task
+
+
 def load_eval_records(
     dataset: str,
     split: str,
@@ -93,14 +186,13 @@ def load_eval_records(
     return load_split(dataset, split, aokvqa_target)
 
 
-def main(script_args: ScriptArguments, curriculum: CurriculumConfig, eval_config: CoconutEvalConfig) -> EvalResults:
-    task = SyntheticTaskConfig(grid_size=script_args.synthetic_grid_size, max_hops=script_args.synthetic_max_hops)
-    records = load_eval_records(
-        script_args.dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir, task
-    )
+def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEvalConfig) -> EvalResults:
+    record = check_model(script_args.model)
+    dataset, curriculum, task = settings_from_record(record, script_args, curriculum_args, eval_config)
+    model, processing_class = load_model_and_processor(script_args.model, device=script_args.device)
+    records = load_eval_records(dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir, task)
     if script_args.max_samples is not None:
         records = records.select(range(min(script_args.max_samples, len(records))))
-    model, processing_class = load_model_and_processor(script_args.model, device=script_args.device)
     result = evaluate_stage(model, processing_class, records, curriculum, eval_config)
     results = EvalResults([result])
 
@@ -118,5 +210,5 @@ def main(script_args: ScriptArguments, curriculum: CurriculumConfig, eval_config
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    parser = TrlParser((ScriptArguments, CurriculumConfig, CoconutEvalConfig))
+    parser = TrlParser((ScriptArguments, CurriculumArguments, CoconutEvalConfig))
     main(*parser.parse_args_and_config())

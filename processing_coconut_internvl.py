@@ -6,24 +6,27 @@ the native `<IMG_CONTEXT>` one, appends `<|start-latent|>` + k x `<|latent|>` + 
 reads the answer after Coconut's answer marker `### `.
 """
 
+import json
 from collections.abc import Sequence
 
 from transformers import InternVLProcessor
 from transformers.image_utils import make_flat_list_of_images
-from transformers.utils import is_torchvision_available, logging
+from transformers.utils import cached_file, is_torchvision_available, logging
 
 
 logger = logging.get_logger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 ANSWER_MARKER = "### "
 
-# InternVL's chat format (Qwen2 ChatML); an image in a message becomes `<image>`, which the processor expands.
+# InternVL's chat format (Qwen2 ChatML), as transformers' official InternVL conversion writes it: an image in a
+# message becomes `<image>`, a video `<video>`, which the processor expands.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'video' %}{{ '<video>\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -58,8 +61,9 @@ class CoconutInternVLProcessor(InternVLProcessor):
             Splits each image into tiles (`crop_to_patches`, between `min_patches` and `max_patches`, plus a
             thumbnail) and normalises them.
         tokenizer ([`PreTrainedTokenizerFast`]):
-            Tokenizer with InternVL's `start_image_token`, `end_image_token`, `context_image_token`, `video_token`
-            attributes and the tokens `<|start-latent|>`, `<|end-latent|>`, `<|latent|>`.
+            Tokenizer with InternVL's `start_image_token`, `end_image_token`, `context_image_token` attributes (and
+            `video_token`, else `<video>`, which needs no vocabulary entry) and the tokens `<|start-latent|>`,
+            `<|end-latent|>`, `<|latent|>`.
         video_processor ([`InternVLVideoProcessor`], *optional*):
             Only when torchvision is installed; otherwise it is not an attribute of the processor.
         image_seq_length (`int`, *optional*, defaults to 256):
@@ -100,6 +104,11 @@ class CoconutInternVLProcessor(InternVLProcessor):
             )
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        if getattr(tokenizer, "video_token", None) is None:
+            # `InternVLProcessor` reads `tokenizer.video_token`. The processor expands `<video>` in the text before
+            # tokenizing, so it needs no vocabulary entry, and InternVL3's tokenizers have none: a plain attribute
+            # (a named special token would append `<video>` to the vocabulary and move every id after it).
+            tokenizer.video_token = VIDEO_PLACEHOLDER
         # Without torchvision `video_processor` is not an attribute and the base class ignores the extra argument.
         super().__init__(image_processor, tokenizer, video_processor, image_seq_length, chat_template, **kwargs)
         latent_ids = tokenizer.convert_tokens_to_ids([START_LATENT, LATENT, END_LATENT])
@@ -123,6 +132,53 @@ class CoconutInternVLProcessor(InternVLProcessor):
         if not is_torchvision_available():
             attributes = [name for name in attributes if name != "video_processor"]
         return attributes
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load the processor; when the same folder or repository holds a Coconut-InternVL `config.json`, also check
+        that the config's latent token ids are this tokenizer's Coconut tokens (see `check_latent_token_ids`)."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        config_file = cached_file(
+            pretrained_model_name_or_path,
+            "config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **{key: kwargs[key] for key in hub_kwargs if key in kwargs},
+        )
+        if config_file is not None:
+            with open(config_file, encoding="utf-8") as file:
+                config = json.load(file)
+            if config.get("model_type") == "coconut_internvl":
+                processor.check_latent_token_ids(config)
+        return processor
+
+    def check_latent_token_ids(self, config) -> None:
+        """Raise a `ValueError` unless the model config's three latent ids are this tokenizer's Coconut tokens.
+
+        A config whose `latent_token_id` is an ordinary token of the tokenizer loads and runs, but feeds thoughts at the
+        wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error.
+
+        Args:
+            config ([`CoconutInternVLConfig`] or `dict`): the model's config, or its `config.json` as a dict.
+        """
+        read = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+        expected = {
+            "start_latent_token_id": (START_LATENT, self.start_latent_token_id),
+            "latent_token_id": (LATENT, self.latent_token_id),
+            "end_latent_token_id": (END_LATENT, self.end_latent_token_id),
+        }
+        wrong = [
+            f"`{name}`={read(name)} but the tokenizer's {token} is {token_id}"
+            for name, (token, token_id) in expected.items()
+            if read(name) != token_id
+        ]
+        if wrong:
+            raise ValueError(
+                f"The model config's latent token ids are not the tokenizer's Coconut tokens: {'; '.join(wrong)}. "
+                "The model would take other tokens for thoughts. Use the tokenizer saved with the model, or set "
+                "the config's three ids to the tokenizer's."
+            )
 
     def __call__(
         self, images=None, text=None, videos=None, num_latent_thoughts: int | Sequence[int] | None = None, **kwargs
@@ -187,7 +243,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return prompt
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
-        """The answer in generated text: what follows the first `answer_marker`, up to the end-of-sequence token,
+        """The answer in generated text: what follows the last `answer_marker`, up to the end-of-sequence token,
         stripped; `None` where the text has no marker.
 
         Args:
@@ -204,7 +260,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return [self.decode_answer(sequence, answer_marker) for sequence in sequences]
 
     def _answer_from_text(self, text: str, answer_marker: str) -> str | None:
-        _, found, answer = text.partition(answer_marker)
+        _, found, answer = text.rpartition(answer_marker)  # the last marker: a step may contain one too
         if not found:
             return None
         if self.tokenizer.eos_token:

@@ -23,22 +23,24 @@ accelerate launch --multi_gpu --num_processes 2 train_sft.py --output_dir output
     --num_train_epochs 4 --bf16 false --use_cpu true --report_to none --save_strategy no
 ```
 
-A run resumes from the last checkpoint in `--output_dir` (or `--resume_from_checkpoint PATH`), with its stage,
-that stage's optimizer state and the data order. `--push_to_hub --hub_model_id you/name` pushes at the end.
+A run resumes from the last complete checkpoint in `--output_dir` (or `--resume_from_checkpoint PATH`), with its
+stage, that stage's optimizer state, the data order and the evaluations so far, provided the checkpoint was saved with
+the same training and curriculum settings; `--overwrite_output_dir` starts from scratch instead (docs/errors.md lists
+every check and how to recover). `--push_to_hub --hub_model_id you/name` pushes at the end.
 """
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from coconut.convert import build_generation_config, push_folder, save_repository
-from coconut.data import load_split
+from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
+from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
+from coconut.data import image_token_counter, load_split, validate_dataset
 from coconut.model_card import ModelCardData, render_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
@@ -86,11 +88,19 @@ DEMO_ARGS = [
 class ScriptArguments:
     """Data and model-building arguments of the script (training ones are in `CoconutSFTConfig`)."""
 
-    dataset: str = field(
-        default="arrow_chase",
+    dataset: str | None = field(
+        default=None,
         metadata={
             "help": "'arrow_chase' (the bundled synthetic visual task), a Coconut JSON file, a folder of "
-            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id."
+            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id. Required (only the "
+            "embedded default, `python train_sft.py` without arguments, picks 'arrow_chase' by itself)."
+        },
+    )
+    skip_invalid: bool = field(
+        default=False,
+        metadata={
+            "help": "Drop invalid training/validation records (wrong shape, no steps or answer, missing image, "
+            "longer than --max_length at some stage) and log how many, instead of stopping with an error."
         },
     )
     train_split: str = field(default="train", metadata={"help": "Training split (picks the file in a folder)."})
@@ -169,12 +179,17 @@ def load_splits(script_args: ScriptArguments, seed: int):
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
         return train, validation, task
 
-    validation = load_split(script_args.dataset, script_args.eval_split) if script_args.eval_split else None
-    return load_split(script_args.dataset, script_args.train_split), validation, None
+    skip = script_args.skip_invalid
+    validation = (
+        load_split(script_args.dataset, script_args.eval_split, skip_invalid=skip) if script_args.eval_split else None
+    )
+    return load_split(script_args.dataset, script_args.train_split, skip_invalid=skip), validation, None
 
 
 def load_model_and_processor(model_args: ModelConfig):
     """A converted Coconut-InternVL repository (`convert_to_coconut.py`), with its remote code."""
+    # A plain InternVL would otherwise fail on whatever its own processor or remote code needs (e.g. torchvision).
+    require_coconut_checkpoint(model_args.model_name_or_path, revision=model_args.model_revision)
     model = AutoModel.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
@@ -205,9 +220,79 @@ def coconut_peft_config(model_args: ModelConfig, model):
     return peft_config
 
 
+def check_dataset_argument(script_args: ScriptArguments, model_args: ModelConfig):
+    """`--dataset` is required; only the embedded default (no arguments at all) picks the bundled task by itself."""
+    if script_args.dataset is None:
+        raise ValueError(
+            "`--dataset` is missing: pass `--dataset arrow_chase` for the bundled synthetic task, or a Coconut JSON "
+            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without any "
+            "argument runs the embedded arrow-chase demo.)"
+        )
+    if script_args.dataset != "arrow_chase" and model_args.model_name_or_path is None:
+        raise ValueError(
+            f"`--dataset`={script_args.dataset!r} needs `--model_name_or_path` (a converted model, see "
+            "convert_to_coconut.py); only 'arrow_chase' trains the tiny model from scratch."
+        )
+
+
+def check_lengths(train, processor, training_args: CoconutSFTConfig, skip_invalid: bool):
+    """Every training record's longest curriculum example must fit `max_length`: the collator never cuts an answer.
+
+    Too long records are an error naming them, or with `--skip_invalid` are dropped (the log says how many). Image
+    tokens are counted from each image's size as the processor tiles it.
+    """
+    if training_args.max_length is None:
+        return train
+    return validate_dataset(
+        train,
+        skip_invalid=skip_invalid,
+        check_images=False,  # the loaders did
+        tokenizer=getattr(processor, "tokenizer", processor),
+        max_length=training_args.max_length,
+        curriculum=training_args.curriculum,
+        image_token_count=image_token_counter(processor) if hasattr(processor, "image_processor") else 0,
+    )
+
+
+def checkpoint_to_resume(training_args: CoconutSFTConfig) -> str | None:
+    """`--resume_from_checkpoint`, else the newest complete checkpoint of `--output_dir` (none when overwriting)."""
+    if training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
+        return training_args.resume_from_checkpoint
+    return last_complete_checkpoint(training_args.output_dir)
+
+
+def describe_training(trainer: CoconutSFTTrainer, script_args: ScriptArguments, task) -> tuple[dict, str, list[dict]]:
+    """What the saved model's `coconut_training.json` and card say: the stage reached, not the one planned."""
+    args = trainer.args
+    record = {**trainer.training_record(), "dataset": script_args.dataset, "task": asdict(task) if task else None}
+    stopped = (
+        f" It stopped at step {record['global_step']} of {record['planned_steps']} (`max_steps`)."
+        if record["global_step"] < record["planned_steps"]
+        else ""
+    )
+    text = (
+        f"Trained by `train_sft.py` with the Coconut curriculum: method `{args.method}`, c_thought {args.c_thought}, "
+        f"{args.epochs_per_stage} epochs per stage, max latent stage {args.max_latent_stage}, "
+        f"{record['num_train_epochs']} epochs.{stopped} The saved model reached stage {record['stage']} and is "
+        f"evaluated with up to {record['num_latent_thoughts']} continuous thoughts per question."
+    )
+    rows = [
+        {
+            "stage": result.stage,
+            "thoughts (max)": result.metrics.get("max_latent_thoughts", "-"),
+            "accuracy": result.metrics["accuracy"],
+            "generated tokens": result.metrics["mean_generated_tokens"],
+        }
+        for result in trainer.eval_results.results
+    ]
+    return record, text, rows
+
+
 def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_args: ModelConfig):
     # Logging
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_dataset_argument(script_args, model_args)
+    check_writable(training_args.output_dir)  # before any training time is spent
 
     # Data
     train, validation, task = load_splits(script_args, training_args.seed)
@@ -216,13 +301,14 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
 
     # Model
     if model_args.model_name_or_path is None:
-        if task is None:
-            raise ValueError("`--model_name_or_path` is needed for a dataset other than 'synthetic'.")
         model, processor = tiny_model_and_processor(task, training_args.seed)
         base_model = "from scratch (tiny InternVL-shaped model)"
     else:
+        if Path(model_args.model_name_or_path).is_dir():
+            check_weight_files(model_args.model_name_or_path)  # a truncated file, named
         model, processor = load_model_and_processor(model_args)
         base_model = model_args.model_name_or_path
+    train = check_lengths(train, processor, training_args, script_args.skip_invalid)
 
     # Train. Pushing happens at the end only: Trainer would create the Hub repository at construction.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
@@ -236,9 +322,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         processing_class=processor,
         peft_config=coconut_peft_config(model_args, model),
     )
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and Path(training_args.output_dir).is_dir():
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    checkpoint = checkpoint_to_resume(training_args)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -249,41 +333,34 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     trainer.save_model(str(output_dir))
     if not trainer.accelerator.is_main_process:
         return trainer
-    final_stage = training_args.stage_of_epoch(int(training_args.num_train_epochs) - 1)
-    num_thoughts = min(final_stage, training_args.max_latent_stage) * training_args.c_thought
-    rows = [
-        {
-            "stage": row["stage"],
-            "accuracy": row["eval_accuracy"],
-            "generated tokens": row["eval_mean_generated_tokens"],
-        }
-        for row in trainer.stage_results()
-    ]
+    record, training_text, rows = describe_training(trainer, script_args, task)
     card = render_model_card(
         ModelCardData(
             repo_id=training_args.hub_model_id or str(output_dir),
             base_model=base_model,
             license="apache-2.0",
             datasets=[script_args.dataset],
-            num_latent_thoughts=num_thoughts if training_args.method in ("coconut", "pause_as_thought") else 0,
-            training=f"Trained by `train_sft.py` with the Coconut curriculum: method `{training_args.method}`, "
-            f"c_thought {training_args.c_thought}, {training_args.epochs_per_stage} epochs per stage, max latent "
-            f"stage {training_args.max_latent_stage}, {int(training_args.num_train_epochs)} epochs.",
+            num_latent_thoughts=record["num_latent_thoughts"],
+            training=training_text,
             evaluation=rows,
         )
     )
     if model_args.use_peft:
         (output_dir / "README.md").write_text(card)
+        write_training_record(output_dir, record)
         if script_args.merge_adapter:
             merged = trainer.model.merge_and_unload()
             save_repository(merged, processor, output_dir / "merged", card)
+            write_training_record(output_dir / "merged", record)
     else:
         save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card)
+        write_training_record(output_dir, record)
 
-    # Evaluate: the table of the evaluations after each stage
-    if trainer.eval_results.results:
-        trainer.eval_results.save(output_dir)
-        print(trainer.eval_results.markdown_table())
+    # Evaluate: the table of the evaluations after each stage (those before a resume included)
+    eval_results = trainer.eval_results
+    if eval_results.results:
+        eval_results.save(output_dir)
+        print(eval_results.markdown_table())
 
     # Push (only at the end: the trainer itself never talks to the Hub)
     if push_to_hub:

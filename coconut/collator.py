@@ -56,8 +56,10 @@ class CoconutDataCollator:
         seed (`int`, *optional*, defaults to 0):
             Seed of the per-sample stage draws of `uniform_prob`.
         max_length (`int`, *optional*):
-            Longest sequence; longer completions are cut at the end. A prompt longer than this is an error, since
-            cutting it would drop image tokens or thoughts.
+            Longest sequence. A longer example is an error naming its record: cutting it would drop image tokens or
+            thoughts from the prompt, or the answer and end of turn from the completion, and teach the model to stop
+            mid-answer. `train_sft.py` checks every record's longest stage before training
+            ([`coconut.data.validate_dataset`] with `max_length`), so this only fires for data it has not checked.
     """
 
     def __init__(
@@ -107,13 +109,16 @@ class CoconutDataCollator:
         sequences, prompt_lengths = [], []
         for row, completion in enumerate(completions):
             prompt = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
-            if self.max_length is not None and len(prompt) > self.max_length:
+            ids = prompt + completion
+            if self.max_length is not None and len(ids) > self.max_length:
+                record = self.records[features[row]["sample"]]
                 raise ValueError(
-                    f"Prompt of sample {features[row]['sample']} has {len(prompt)} tokens, more than `max_length`="
-                    f"{self.max_length}; cutting it would drop image tokens or thoughts. Raise `max_length` (or set "
-                    "it to None), or use fewer image tiles."
+                    f"Record {features[row]['sample']} (id {record.get('id')!r}) at stage {examples[row]['stage']} is "
+                    f"{len(ids)} tokens long ({len(prompt)} prompt, {len(completion)} completion), more than "
+                    f"`max_length`={self.max_length}; cutting it would drop thoughts, image tokens or the answer. "
+                    "Raise `max_length` (or set it to None), use fewer image tiles, or drop the record "
+                    "(`train_sft.py --skip_invalid`)."
                 )
-            ids = (prompt + completion)[: self.max_length]
             sequences.append(ids)
             prompt_lengths.append(len(prompt))
 

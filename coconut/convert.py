@@ -6,24 +6,31 @@ Two source layouts are read:
   InternVL3.5 with Qwen2 or Qwen3 text models), loaded with `from_pretrained`;
 - OpenGVLab's original remote-code layout (`InternVLChatConfig` with `llm_config` / `vision_config`; weights
   `vision_model.*`, `mlp1.*`, `language_model.model.*`, `language_model.lm_head.*`), whose config and weights are
-  mapped here to the native layout without running any of its code.
+  mapped here to the native layout, as transformers' `convert_internvl_weights_to_hf.py` maps them, without running
+  any of its code.
+
+Either way the weights go through `from_pretrained`, so the LM head is tied to the input embeddings exactly when
+transformers ties them for that checkpoint, and the saved config says so.
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
 import yaml
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     GenerationConfig,
     GotOcr2ImageProcessorPil,
-    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    PreTrainedConfig,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
 from configuration_coconut_internvl import CoconutInternVLConfig
@@ -34,16 +41,21 @@ from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, Coconu
 logger = logging.get_logger(__name__)
 
 LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)
-# InternVL's image tokens, named as transformers' InternVL processor reads them from the tokenizer.
-INTERNVL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
+# InternVL's image tokens, named as transformers' InternVL processor reads them from the tokenizer. (`<video>` is not
+# one: the processor expands it in the text, so it needs no vocabulary entry, and the original tokenizers have none.)
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # what InternVL's original code uses
 # Text models whose original-layout weights (`language_model.model.*`) already have the native names.
 NATIVE_NAMED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
+# The checkpoints `--base` takes, by `model_type`, with the `architectures` each writes.
+NATIVE_MODEL_TYPE, ORIGINAL_MODEL_TYPE = "internvl", "internvl_chat"
+SUPPORTED_ARCHITECTURES = {
+    NATIVE_MODEL_TYPE: ("InternVLForConditionalGeneration", "InternVLModel"),
+    ORIGINAL_MODEL_TYPE: ("InternVLChatModel",),
+}
+# Fields every config has that describe the saved object, not the architecture: a sub-config keeps none of them (the
+# top-level config records the dtype and class of the whole model).
+_BASE_CONFIG_FIELDS = {field.name for field in dataclasses.fields(PreTrainedConfig)} | {"torch_dtype"}
 
 # Original-layout key prefix -> native key prefix (the vision attention's fused `qkv` is split separately).
 _ORIGINAL_TO_NATIVE = [
@@ -74,11 +86,15 @@ _QKV = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bi
 
 def is_original_layout(config_dict: dict) -> bool:
     """Whether a `config.json` is OpenGVLab's remote-code `InternVLChatConfig` rather than transformers' InternVL."""
-    return "llm_config" in config_dict or config_dict.get("model_type") == "internvl_chat"
+    return config_dict.get("model_type") == ORIGINAL_MODEL_TYPE or "llm_config" in config_dict
 
 
 def original_to_native_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename original-layout weights to transformers' InternVL names; split each fused vision `qkv` into q, k, v."""
+    """Rename original-layout weights to transformers' InternVL names; split each fused vision `qkv` into q, k, v.
+
+    (transformers' `key_mapping` only renames, and a weight converter registered for the model class would be
+    reversed when the converted model is saved, writing the original layout back; hence this explicit mapping.)
+    """
     native = {}
     for key, tensor in state_dict.items():
         if match := _QKV.match(key):
@@ -99,13 +115,36 @@ def original_to_native_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[s
     return native
 
 
-def original_to_native_config(config_dict: dict, image_token_id: int) -> dict:
-    """transformers' `InternVLConfig` arguments equivalent to an original `InternVLChatConfig` dict."""
-    llm, vision = dict(config_dict["llm_config"]), config_dict["vision_config"]
-    if llm.get("model_type") not in NATIVE_NAMED_TEXT_MODELS:
+def _architecture_fields(config_class) -> set[str]:
+    """The fields of a config class that describe the architecture (its own, not those every config has)."""
+    return {field.name for field in dataclasses.fields(config_class)} - _BASE_CONFIG_FIELDS
+
+
+def original_to_native_config(config_dict: dict, tokenizer) -> dict:
+    """transformers' `InternVLConfig` arguments for an original `InternVLChatConfig` dict.
+
+    The fields are those of transformers' official conversion (`convert_internvl_weights_to_hf.py`):
+
+    - text: the `llm_config`, with `use_cache=True` and, for a Qwen2 text model, `eos_token_id` set to the tokenizer's
+      end of turn `<|im_end|>` (151645; the official script sets it for InternVL3 by repository name);
+    - vision: the `vision_config`, with `qkv_bias` -> `attention_bias`, `qk_normalization` -> `use_qk_norm`,
+      `attention_probs_dropout_prob` -> `attention_dropout` and `projection_dropout`, and absolute position
+      embeddings;
+    - `image_token_id`: the tokenizer's `<IMG_CONTEXT>` (151667 for InternVL3).
+
+    Sub-config keys that the native config classes do not define are dropped: the mixture-of-experts, flash-attention
+    and drop-path settings of the training code (which the official script drops too), and `architectures` /
+    `torch_dtype` (the top-level config records the class and dtype of the whole model). Beyond the official script,
+    `downsample_ratio`, `select_layer` and the tokens per tile are read from the checkpoint rather than left at
+    InternVL3's defaults, and `tie_word_embeddings` is the text model's at both levels (the official script leaves
+    the top-level one at its default, `True` in transformers 5).
+    """
+    llm, vision = dict(config_dict["llm_config"]), dict(config_dict["vision_config"])
+    text_model_type = llm.get("model_type")
+    if text_model_type not in NATIVE_NAMED_TEXT_MODELS:
         raise ValueError(
-            f"`llm_config.model_type`={llm.get('model_type')!r} is not supported; the original-layout conversion "
-            f"maps text models of type {NATIVE_NAMED_TEXT_MODELS}. Use the `-hf` version of the checkpoint if there is one."
+            f"`llm_config.model_type`={text_model_type!r} is not supported; the original-layout conversion maps "
+            f"text models of type {NATIVE_NAMED_TEXT_MODELS}. Use the `-hf` version of the checkpoint if there is one."
         )
     if config_dict.get("ps_version", "v2") != "v2":
         raise ValueError(
@@ -118,31 +157,31 @@ def original_to_native_config(config_dict: dict, image_token_id: int) -> dict:
             f"`force_image_size`={force_image_size} differs from `vision_config.image_size`={image_size}; the native "
             "model has one image size. Convert a checkpoint whose vision tower runs at its own size."
         )
+
+    text_class = CONFIG_MAPPING[text_model_type]
+    kept = _architecture_fields(text_class) | {"rope_scaling", "rope_theta"}  # the legacy RoPE keys the class reads
+    text_config = {key: value for key, value in llm.items() if key in kept}
+    text_config.update(model_type=text_model_type, use_cache=True)
+    if text_model_type == "qwen2":
+        text_config["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tie = text_config.get("tie_word_embeddings", text_class().tie_word_embeddings)
+    text_config["tie_word_embeddings"] = tie
+
+    renames = {"qkv_bias": "attention_bias", "qk_normalization": "use_qk_norm"}
+    vision = {renames.get(key, key): value for key, value in vision.items()}
+    if "attention_probs_dropout_prob" in vision:
+        vision["attention_dropout"] = vision["projection_dropout"] = vision.pop("attention_probs_dropout_prob")
+    vision["use_absolute_position_embeddings"] = True
+    vision_config = {key: value for key, value in vision.items() if key in _architecture_fields(InternVLVisionConfig)}
+
     downsample_ratio = config_dict.get("downsample_ratio", 0.5)
-    tie = llm.get("tie_word_embeddings", False)
-    for key in ("architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-        llm.pop(key, None)
-    llm["tie_word_embeddings"] = tie
     return dict(
-        text_config=llm,
-        vision_config=dict(
-            hidden_size=vision["hidden_size"],
-            intermediate_size=vision["intermediate_size"],
-            num_hidden_layers=vision["num_hidden_layers"],
-            num_attention_heads=vision["num_attention_heads"],
-            image_size=image_size,
-            patch_size=patch_size,
-            attention_bias=vision.get("qkv_bias", True),
-            use_qk_norm=vision.get("qk_normalization", False),
-            norm_type=vision.get("norm_type", "layer_norm"),
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
-            hidden_act=vision.get("hidden_act", "gelu"),
-        ),
-        image_token_id=image_token_id,
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=tokenizer.context_image_token_id,
         image_seq_length=int((image_size // patch_size) ** 2 * downsample_ratio**2),
         downsample_ratio=downsample_ratio,
         vision_feature_layer=config_dict.get("select_layer", -1),
-        projector_hidden_act="gelu",
         tie_word_embeddings=tie,
     )
 
@@ -164,10 +203,60 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def _is_local_path(base: str) -> bool:
+    """Whether `base` names a local path rather than a Hub id (`name` or `owner/name`)."""
+    return Path(base).expanduser().exists() or base.startswith((".", "/", "~")) or base.count("/") > 1
+
+
+def read_base_config(base: str) -> dict:
+    """The `config.json` of `base` (a folder, or a Hub id: only that file is downloaded), checked to be InternVL.
+
+    Raises a `ValueError` for a folder without `config.json`, a Coconut-InternVL checkpoint, and any checkpoint that is
+    not InternVL, before anything large is downloaded or allocated.
+    """
+    if _is_local_path(base):
+        folder = Path(base).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"`--base` {base}: {'the folder ' + str(folder) if folder.is_dir() else 'the path'} has no "
+                "`config.json`. Pass the folder of an InternVL checkpoint (with its config.json, tokenizer and "
+                "safetensors weights), or its Hub id, e.g. `OpenGVLab/InternVL3-1B-hf`."
+            )
+        config_file = folder / "config.json"
+    else:
+        config_file = Path(hf_hub_download(base, "config.json"))
+    config_dict = json.loads(config_file.read_text())
+    model_type, architectures = config_dict.get("model_type"), config_dict.get("architectures") or []
+    if model_type == CoconutInternVLConfig.model_type:
+        raise ValueError(f"`--base` {base} is already a Coconut-InternVL checkpoint; pass the InternVL it came from.")
+    expected = SUPPORTED_ARCHITECTURES.get(model_type, ())
+    if not expected or (architectures and not set(architectures) & set(expected)):
+        raise ValueError(
+            f"`--base` {base} is not an InternVL checkpoint: its config.json has `model_type`={model_type!r} and "
+            f"`architectures`={architectures}. Pass an InternVL vision-language checkpoint: transformers' InternVL "
+            f"(`model_type` {NATIVE_MODEL_TYPE!r}, the `-hf` repositories such as `OpenGVLab/InternVL3-1B-hf`) or "
+            f"OpenGVLab's original layout (`model_type` {ORIGINAL_MODEL_TYPE!r}, such as `OpenGVLab/InternVL3-1B`)."
+        )
+    return config_dict
+
+
+def check_output_folder(base: str, output: str) -> None:
+    """Refuse an `output` that is the local `base` folder or inside it: saving would overwrite the base's files."""
+    if not Path(base).expanduser().is_dir():
+        return
+    base_path, output_path = Path(base).expanduser().resolve(), Path(output).expanduser().resolve()
+    if output_path == base_path or base_path in output_path.parents:
+        where = "is" if output_path == base_path else "is inside"
+        raise ValueError(
+            f"`--output` {output} {where} the `--base` folder {base}: saving would overwrite the base checkpoint's "
+            f"weights, config and README. Pass a new folder, e.g. `--output outputs/coconut-{base_path.name}`."
+        )
+
+
 def resolve_base(base: str) -> Path:
     """A local folder for `base`: the path itself, or the Hub snapshot of the repository id (downloaded if needed)."""
-    if Path(base).is_dir():
-        return Path(base)
+    if _is_local_path(base):
+        return Path(base).expanduser()
     return Path(
         snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md"])
     )
@@ -185,6 +274,62 @@ def base_model_license(base: str) -> str | None:
     return metadata.get("license")
 
 
+def load_base_tokenizer(folder: Path):
+    """The base tokenizer, with InternVL's image tokens named as transformers' InternVL processor reads them.
+
+    Original-layout tokenizers have the tokens but do not name them. Naming adds no vocabulary: a token that is
+    missing is an error, and nothing else (no `<video>`) is added, so the Coconut tokens come right after the base
+    vocabulary.
+    """
+    # `trust_remote_code=False`: AutoTokenizer reads the model config, and an original one names OpenGVLab's code.
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    unnamed = {name: token for name, token in IMAGE_TOKENS.items() if getattr(tokenizer, name, None) is None}
+    if not unnamed:
+        return tokenizer
+    missing = [token for token in unnamed.values() if token not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(
+            f"The tokenizer in {folder} has no {missing} token(s), which InternVL's image prompts are made of "
+            "(`<img>` + `<IMG_CONTEXT>` per image token + `</img>`); is it an InternVL checkpoint?"
+        )
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, extra_special_tokens=unnamed)
+
+
+def _from_pretrained(source: Path | None, config: CoconutInternVLConfig, **kwargs):
+    """`CoconutInternVLForConditionalGeneration.from_pretrained`, refusing missing or unexpected weights.
+
+    transformers ties the LM head to the input embeddings when the config asks for it, unless the checkpoint holds
+    two different matrices (a config without a top-level `tie_word_embeddings`, as transformers 4.x wrote them,
+    reads as tied in transformers 5). The config then records what was loaded, so that resizing the vocabulary and
+    saving keep it.
+    """
+    model, info = CoconutInternVLForConditionalGeneration.from_pretrained(
+        source, config=config, output_loading_info=True, **kwargs
+    )
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected or info["mismatched_keys"]:
+        raise ValueError(
+            f"The weights of {source or 'the original checkpoint'} do not fit the native model: missing {missing[:5]} "
+            f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all), mismatched "
+            f"{sorted(info['mismatched_keys'])[:5]}."
+        )
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied != config.tie_word_embeddings:
+        logger.info("The checkpoint's LM head and input embeddings differ: they stay separate matrices.")
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = tied
+    return model
+
+
+def base_coconut_config(config_dict: dict, tokenizer) -> CoconutInternVLConfig:
+    """The Coconut-InternVL config of an InternVL `config.json` (either layout), latent ids not yet set."""
+    if is_original_layout(config_dict):
+        return CoconutInternVLConfig(**original_to_native_config(config_dict, tokenizer))
+    native = {
+        key: value for key, value in config_dict.items() if key not in ("model_type", "architectures", "auto_map")
+    }
+    return CoconutInternVLConfig(**native)
+
+
 def load_base(base: str):
     """The Coconut model (no latent tokens yet), tokenizer, image and video processors of an InternVL checkpoint.
 
@@ -193,29 +338,15 @@ def load_base(base: str):
         [`CoconutInternVLForConditionalGeneration`] whose weights equal the checkpoint's, with the latent ids unset;
         `video_processor` is `None` without torchvision (InternVL's video processor needs it).
     """
+    config_dict = read_base_config(base)
     folder = resolve_base(base)
-    config_dict = json.loads((folder / "config.json").read_text())
-    if config_dict.get("model_type") == CoconutInternVLConfig.model_type:
-        raise ValueError(f"`--base` {base} is already a Coconut-InternVL checkpoint; pass the InternVL it came from.")
-
+    tokenizer = load_base_tokenizer(folder)
+    config = base_coconut_config(config_dict, tokenizer)
+    video_processor = None
     if is_original_layout(config_dict):
-        tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=dict(INTERNVL_TOKENS))
-        image_token_id = tokenizer.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"])
-        config = CoconutInternVLConfig(**original_to_native_config(config_dict, image_token_id))
         state_dict = original_to_native_state_dict(_load_safetensors(folder))
-        if config.tie_word_embeddings:
-            state_dict.pop("lm_head.weight", None)
         dtype = next(iter(state_dict.values())).dtype
-        model = CoconutInternVLForConditionalGeneration(config).to(dtype)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [key for key in missing if not (config.tie_word_embeddings and key == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(
-                f"The mapped weights of {base} do not fit the native model: missing {missing[:5]} "
-                f"({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)."
-            )
-        if config.tie_word_embeddings:
-            model.tie_weights()
+        model = _from_pretrained(None, config, state_dict=state_dict, dtype=dtype)
         vision = config.vision_config
         image_processor = GotOcr2ImageProcessorPil(
             size={"height": vision.image_size[0], "width": vision.image_size[1]},
@@ -225,7 +356,6 @@ def load_base(base: str):
             image_mean=IMAGENET_MEAN,
             image_std=IMAGENET_STD,
         )
-        video_processor = None
         if is_torchvision_available():
             from transformers import InternVLVideoProcessor
 
@@ -233,16 +363,8 @@ def load_base(base: str):
                 size=image_processor.size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
             )
     else:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures", "auto_map")}
-        config = CoconutInternVLConfig(**config_dict)
-        # transformers' own class reads every native layout (its key renames are registered for `internvl` only).
-        base_model = InternVLForConditionalGeneration.from_pretrained(folder, dtype="auto")
-        model = CoconutInternVLForConditionalGeneration(config).to(base_model.dtype)
-        model.load_state_dict(base_model.state_dict(), strict=True)
-        del base_model
+        model = _from_pretrained(folder, config, dtype="auto")
         image_processor = AutoImageProcessor.from_pretrained(folder)
-        video_processor = None
         if is_torchvision_available():
             from transformers import AutoVideoProcessor
 
@@ -253,35 +375,37 @@ def load_base(base: str):
 def add_latent_tokens(model: CoconutInternVLForConditionalGeneration, tokenizer) -> list[int]:
     """Add `<|start-latent|>`, `<|end-latent|>`, `<|latent|>` to `tokenizer` and `model`; return their ids.
 
-    The embedding matrices grow to the tokenizer's length (never shrink: Qwen2 checkpoints keep unused padding rows).
-    Each new row of the input embeddings, and of an untied LM head, is the mean of the rows of the tokens the
-    tokenizer already had: an input the model has seen the like of (a new random row can have any norm), and an
-    output logit equal to the average logit, so the converted model generates exactly what the base model did
-    until training gives the tokens their meaning. (Coconut's reference code copies one existing token's row
-    instead; the mean does not depend on a tokenizer having that token.)
+    The tokens take the next three ids after the tokenizer's, `len(tokenizer)` and up. The embedding matrices grow
+    to the tokenizer's length (never shrink: Qwen2 checkpoints keep unused padding rows). Each new row of the input
+    embeddings, and of an untied LM head, is the mean of the rows of the tokens the tokenizer already had: an input
+    the model has seen the like of (a new random row can have any norm), and an output logit equal to the average
+    logit, so the converted model generates exactly what the base model did until training gives the tokens their
+    meaning. (Coconut's reference code copies one existing token's row instead; the mean does not depend on a
+    tokenizer having that token.)
     """
     present = [token for token in LATENT_TOKENS if token in tokenizer.get_vocab()]
     if present:
         raise ValueError(
             f"The tokenizer already has {present}; convert the base InternVL checkpoint, not a Coconut one."
         )
-    old_length = len(tokenizer)
+    old_length, old_rows = len(tokenizer), model.get_input_embeddings().weight.shape[0]
     tokenizer.add_special_tokens(
         {"additional_special_tokens": list(LATENT_TOKENS)}, replace_extra_special_tokens=False
     )
     ids = tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS))
-    rows = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(max(rows, len(tokenizer)), mean_resizing=False)
+    model.resize_token_embeddings(max(old_rows, len(tokenizer)), mean_resizing=False)
+    known = min(old_length, old_rows)  # rows of tokens the base tokenizer has
     with torch.no_grad():
         matrices = [model.get_input_embeddings().weight]
         if model.get_output_embeddings().weight is not matrices[0]:
             matrices.append(model.get_output_embeddings().weight)
         for weight in matrices:
-            weight[ids] = weight[:old_length].mean(dim=0, keepdim=True)  # (3, H) <- (1, H)
-    start, end, latent = ids
+            mean = weight[:known].mean(dim=0, keepdim=True)  # (1, H)
+            weight[ids] = mean  # (3, H)
+            weight[old_rows:] = mean  # every new row: the latent ones, and rows only a resize added
     model.config.start_latent_token_id, model.config.end_latent_token_id, model.config.latent_token_id = ids
     model.config.validate_latent_token_ids()
-    return [start, end, latent]
+    return ids
 
 
 def build_generation_config(model, tokenizer) -> GenerationConfig:
@@ -296,6 +420,23 @@ def build_generation_config(model, tokenizer) -> GenerationConfig:
         do_sample=False,
         suppress_tokens=sorted(token_id for token_id in block_ids if token_id is not None) or None,
     )
+
+
+def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = None) -> None:
+    """Raise a `ValueError` unless `model_name_or_path` holds a Coconut-InternVL config.
+
+    Reads only its `config.json` (no remote code runs, no weights are loaded), so a plain InternVL is refused with
+    what to do before anything else can fail on it.
+    """
+    config_dict, _ = PreTrainedConfig.get_config_dict(model_name_or_path, revision=revision)
+    model_type = config_dict.get("model_type")
+    if model_type != CoconutInternVLConfig.model_type:
+        raise ValueError(
+            f"{model_name_or_path!r} is a {model_type!r} checkpoint (architectures "
+            f"{config_dict.get('architectures')}), not Coconut-InternVL: convert it with `convert_to_coconut.py` "
+            f"first (`python convert_to_coconut.py --base {model_name_or_path} --output outputs/coconut-base`), "
+            "then pass the output folder."
+        )
 
 
 def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: str) -> Path:
@@ -328,7 +469,12 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: 
 
 
 __all__ = [
+    "read_base_config",
+    "check_output_folder",
     "load_base",
+    "load_base_tokenizer",
+    "base_coconut_config",
+    "require_coconut_checkpoint",
     "add_latent_tokens",
     "build_generation_config",
     "save_repository",

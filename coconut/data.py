@@ -11,9 +11,12 @@ Every loader returns a `datasets.Dataset` with [`RECORD_FEATURES`]:
 - `choices` (`list[string]`): multiple-choice options, empty when there are none;
 - `direct_answers` (`list[string]`): free-form reference answers for scoring (A-OKVQA's ten), empty when there are none.
 
-Validation (run by every loader, or by [`validate_dataset`]) raises a `ValueError` naming the record (index and id) and
-the problem: no steps where needed, no answer, a missing or unreadable image, more `<image>` placeholders than
-images, or an example longer than `max_length`. `skip_invalid=True` drops such records instead and logs how many.
+Loaders refuse what they cannot read faithfully, with a `ValueError` naming the file (and line) or the record (index
+and id) and the field: a file that is not JSON, a dataset without records, a `column_mapping` naming a missing column,
+a record that is not an object, an `answer` or a step that is not a string, `steps` given as one string, an empty
+step. Validation (run by every loader, or by [`validate_dataset`]) then checks the content: no steps where needed, no
+answer, an answer holding the marker `### `, a missing or unreadable image, more `<image>` placeholders than images,
+or an example longer than `max_length`. `skip_invalid=True` drops such records instead and logs how many.
 """
 
 import io
@@ -21,12 +24,13 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
 
-from coconut.curriculum import IMAGE_PLACEHOLDER, CurriculumConfig, max_example_length, user_content
+from coconut.curriculum import ANSWER_MARKER, IMAGE_PLACEHOLDER, CurriculumConfig, max_example_length, user_content
 
 
 logger = logging.getLogger(__name__)
@@ -48,13 +52,28 @@ _STORED_FEATURES = Features({**RECORD_FEATURES, "images": List(Image(decode=Fals
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def records_to_dataset(records: list[dict], image_root: str | Path | None = None) -> Dataset:
+def records_to_dataset(
+    records: list[dict], image_root: str | Path | None = None, *, skip_invalid: bool = False
+) -> Dataset:
     """A dataset with [`RECORD_FEATURES`] from plain dicts (missing optional fields become empty lists).
 
     Image entries may be paths (relative ones are resolved against `image_root`), PIL images, or
-    `{"bytes": ..., "path": ...}` dicts. Nothing is validated here; see [`validate_dataset`].
+    `{"bytes": ..., "path": ...}` dicts. A record of the wrong shape (not a dict; a non-string `answer`, question or
+    step; `steps` as one string; an empty step) is a `ValueError` naming it and the field, or with
+    `skip_invalid=True` is dropped and counted in a warning. The content is checked by [`validate_dataset`].
     """
-    rows = [_normalise(record, index, image_root) for index, record in enumerate(records)]
+    rows, bad = [], []
+    for index, record in enumerate(records):
+        try:
+            rows.append(_normalise(record, index, image_root))
+        except ValueError as error:
+            if not skip_invalid:
+                raise
+            bad.append(str(error))
+    if bad and not rows:
+        raise ValueError(f"All {len(records)} records are of the wrong shape, e.g. {bad[0]}")
+    if bad:
+        logger.warning("Skipped %d of %d records of the wrong shape, e.g. %s", len(bad), len(records), bad[0])
     return Dataset.from_list(rows, features=_STORED_FEATURES).cast_column("images", RECORD_FEATURES["images"])
 
 
@@ -67,7 +86,7 @@ def validate_dataset(
     tokenizer=None,
     max_length: int | None = None,
     curriculum: CurriculumConfig | None = None,
-    image_token_count: int = 0,
+    image_token_count: int | Callable[[dict], int] = 0,
 ) -> Dataset:
     """Check every record; raise on the first bad one, or drop the bad ones with `skip_invalid=True`.
 
@@ -81,7 +100,9 @@ def validate_dataset(
             (see [`coconut.curriculum.max_example_length`]) exceeds `max_length` tokens is invalid.
         curriculum ([`CurriculumConfig`], *optional*): the curriculum used for the length check (default settings
             when left out).
-        image_token_count (`int`): tokens the processor puts in place of each image, for the length check.
+        image_token_count (`int` or `Callable[[dict], int]`): tokens the processor puts in place of each image, for
+            the length check; or a function of the stored image (`{"bytes", "path"}`) giving them, such as
+            [`image_token_counter`] of a processor, for images whose tile count depends on their size.
 
     Returns:
         `Dataset`: `dataset` itself when every record is valid, else the valid records.
@@ -106,10 +127,26 @@ def validate_dataset(
     if not bad:
         return dataset
     kinds = Counter(problem.split(":")[0].split(" (")[0] for problem in bad.values())
-    logger.warning(
-        "Skipped %d of %d records: %s", len(bad), len(dataset), ", ".join(f"{n} x {k}" for k, n in kinds.items())
-    )
+    summary = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    if len(bad) == len(dataset):
+        raise ValueError(f"All {len(dataset)} records are invalid ({summary}); nothing is left to use.")
+    logger.warning("Skipped %d of %d records: %s", len(bad), len(dataset), summary)
     return dataset.select([index for index in range(len(dataset)) if index not in bad])
+
+
+def image_token_counter(processor) -> Callable[[dict], int]:
+    """For the length check: the tokens an InternVL processor puts in place of a stored image (`{"bytes", "path"}`),
+    `<img>` + `image_seq_length` x tiles + `</img>`, with the tile count its image processor gives the image's size
+    (only the image header is read)."""
+
+    def count(image: dict) -> int:
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+        with PILImage.open(source) as opened:
+            width, height = opened.size
+        tiles = processor.image_processor.get_number_of_image_patches(height, width, {})
+        return 2 + processor.image_seq_length * tiles
+
+    return count
 
 
 def load_coconut_json(path: str | Path, *, image_root: str | Path | None = None, **validation) -> Dataset:
@@ -122,12 +159,16 @@ def load_coconut_json(path: str | Path, *, image_root: str | Path | None = None,
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Coconut JSON file {str(path)!r} does not exist; pass the path of e.g. prosqa_valid.json.")
-    with path.open(encoding="utf-8") as handle:
-        items = json.load(handle)
+    items = _read_json(path)
     if not isinstance(items, list):
         raise ValueError(f"{str(path)!r} must hold a JSON list of records, got a {type(items).__name__}.")
-    records = [{"id": f"{path.stem}-{index}", **item} for index, item in enumerate(items)]
-    dataset = records_to_dataset(records, image_root if image_root is not None else path.parent)
+    if not items:
+        raise ValueError(f"No records in {str(path)!r}: the JSON list is empty.")
+    records = [
+        {"id": f"{path.stem}-{index}", **item} if isinstance(item, dict) else item for index, item in enumerate(items)
+    ]
+    root = image_root if image_root is not None else path.parent
+    dataset = records_to_dataset(records, root, skip_invalid=validation.get("skip_invalid", False))
     return validate_dataset(dataset, **validation)
 
 
@@ -190,7 +231,7 @@ def load_aokvqa(
     validation, since scoring needs answers. See [`aokvqa_to_record`] for steps and targets; `validation` is
     forwarded to [`validate_dataset`].
     """
-    source = load_dataset(path, split=split, **(load_kwargs or {}))
+    source = _load_split(path, split, load_kwargs)
     source = _undecode_images(source)
     dataset = source.map(
         aokvqa_to_record,
@@ -214,15 +255,16 @@ def load_records(
     """Records from any Hugging Face dataset or local JSON/JSONL file, with a column mapping.
 
     Args:
-        path (`str` or `Path`): a local `.json`/`.jsonl` file (one record per line or a JSON list), or anything
-            `datasets.load_dataset` accepts (a Hub name, a builder such as `"parquet"`, a local folder).
-        split (`str`): the split to load (local JSON files have the single split `"train"`, which is used).
+        path (`str` or `Path`): a local `.json`/`.jsonl` file (a JSON list of records, or one record per line), or
+            anything `datasets.load_dataset` accepts (a Hub name, a builder such as `"parquet"`, a local folder).
+        split (`str`): the split to load (a local JSON file is its own single split).
         column_mapping (`dict[str, str]`, *optional*): record field -> source column, e.g.
-            `{"question": "query", "steps": "rationale", "answer": "label", "images": "image"}`; unmapped fields are
-            read from columns of the same name when present.
+            `{"question": "query", "steps": "rationale", "answer": "label", "images": "image"}`; every mapped column
+            must exist. Unmapped fields are read from columns of the same name when present.
         steps_separator (`str`): a `steps` column holding one string is split on this (empty pieces dropped).
         image_root (`str` or `Path`, *optional*): folder for relative image paths (default: a local file's folder).
-        load_kwargs (`dict`, *optional*): extra `load_dataset` arguments (`data_files`, `cache_dir`, `revision`...).
+        load_kwargs (`dict`, *optional*): extra `load_dataset` arguments (`data_files`, `cache_dir`, `revision`...);
+            not for local JSON files, which are read directly (so that errors can name the line).
         validation: forwarded to [`validate_dataset`].
     """
     mapping = {field: field for field in RECORD_FIELDS}
@@ -231,22 +273,34 @@ def load_records(
         raise ValueError(f"`column_mapping` has unknown record fields {sorted(unknown)}; use some of {RECORD_FIELDS}.")
     mapping.update(column_mapping or {})
     local = Path(path)
-    if local.suffix in (".json", ".jsonl") and local.is_file():
-        source = load_dataset("json", data_files=str(local), split="train", **(load_kwargs or {}))
-        image_root = image_root if image_root is not None else local.parent
-    elif local.suffix in (".json", ".jsonl"):
-        raise ValueError(f"Data file {str(local)!r} does not exist; pass an existing .json or .jsonl file.")
-    else:
-        source = load_dataset(str(path), split=split, **(load_kwargs or {}))
-    for field in ("question", "answer"):
-        if mapping[field] not in source.column_names:
+    if local.suffix in (".json", ".jsonl"):
+        if not local.is_file():
+            raise ValueError(f"Data file {str(local)!r} does not exist; pass an existing .json or .jsonl file.")
+        if load_kwargs:
             raise ValueError(
-                f"Column {mapping[field]!r} for `{field}` is not in the dataset (columns: {source.column_names}); "
-                f"set column_mapping={{{field!r}: <column>}}."
+                f"`load_kwargs`={load_kwargs} is for `datasets.load_dataset`; the local file {str(local)!r} is read "
+                "directly. Drop load_kwargs."
             )
-    source = _undecode_images(source)
+        rows = _read_json_records(local)
+        columns = sorted({column for row in rows if isinstance(row, dict) for column in row})
+        image_root = image_root if image_root is not None else local.parent
+    else:
+        source = _load_split(str(path), split, load_kwargs)
+        rows, columns = None, source.column_names
+    where = f"{str(path)!r}" + ("" if rows is not None else f" (split {split!r})")
+    if rows is not None and not rows:
+        raise ValueError(f"No records in {where}.")
+    required = {"question", "answer", *(column_mapping or {})}
+    for field in (field for field in RECORD_FIELDS if field in required):
+        if mapping[field] not in columns:
+            raise ValueError(
+                f"Column {mapping[field]!r} for `{field}` is not in {where} (columns: {columns}); set "
+                f"column_mapping={{{field!r}: <one of those columns>}}."
+            )
 
     def convert(example, index):
+        if not isinstance(example, dict):
+            return example  # refused by `_normalise`, which names the record
         record = {field: example.get(column) for field, column in mapping.items() if column in example}
         if record.get("id") is None:
             record["id"] = f"{split}-{index}"
@@ -256,13 +310,115 @@ def load_records(
         images = record.get("images")
         if images is not None and not isinstance(images, list):
             record["images"] = [images]
-        return _normalise(record, index, image_root)
+        return record
 
-    dataset = source.map(convert, with_indices=True, remove_columns=source.column_names, features=_STORED_FEATURES)
+    if rows is not None:
+        records = [convert(row, index) for index, row in enumerate(rows)]
+        dataset = records_to_dataset(records, image_root, skip_invalid=validation.get("skip_invalid", False))
+        return validate_dataset(dataset, **validation)
+    source = _undecode_images(source)
+    dataset = source.map(
+        lambda example, index: _normalise(convert(example, index), index, image_root),
+        with_indices=True,
+        remove_columns=source.column_names,
+        features=_STORED_FEATURES,
+    )
     return validate_dataset(dataset.cast_column("images", RECORD_FEATURES["images"]), **validation)
 
 
+def _load_split(path: str, split: str, load_kwargs: dict | None) -> Dataset:
+    """`datasets.load_dataset(path, split=split, **load_kwargs)`; an empty split is an error saying so."""
+    try:
+        source = load_dataset(path, split=split, **(load_kwargs or {}))
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # datasets' words for an empty split
+            raise
+        source = None
+    if source is None or len(source) == 0:
+        raise ValueError(f"No records in {path!r} (split {split!r}).")
+    return source
+
+
+def _read_json(path: Path):
+    """The JSON value in `path`; invalid JSON is a `ValueError` with the file, line and column."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{str(path)!r}, line {error.lineno} column {error.colno}: not valid JSON ({error.msg}). Fix the file "
+            "there, or check that it is the file you meant."
+        ) from None
+
+
+def _read_json_records(path: Path) -> list:
+    """The records of a JSON list file, or of a JSON Lines file (one record per line; blank lines skipped)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # "Extra data": several JSON values, i.e. JSON Lines
+                return _read_json(path)
+        else:
+            if not isinstance(items, list):
+                raise ValueError(
+                    f"{str(path)!r} holds a JSON {type(items).__name__}; expected a list of records or one record "
+                    "per line (JSON Lines)."
+                )
+            return items
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{str(path)!r}, line {number} column {error.colno}: not valid JSON ({error.msg}); each line of a "
+                "JSON Lines file must be one record."
+            ) from None
+    return records
+
+
 def _normalise(record: dict, index: int, image_root: str | Path | None) -> dict:
+    """`record` with every field in its schema type; a record of the wrong shape is a `ValueError` naming the
+    record and the field (values are never coerced: `42` is not the answer `"42"`, and a string is not a list of
+    steps)."""
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"Record {index} is {record!r} (a {type(record).__name__}), not an object with `question`, `steps` and "
+            "`answer`; fix or remove it."
+        )
+    record_id = record.get("id")
+    name = f"Record {index} (id {record_id!r})"
+    if record_id is not None and (isinstance(record_id, bool) or not isinstance(record_id, str | int)):
+        raise ValueError(f"{name}: `id` must be a string or an integer, got {_value(record_id)}.")
+    for field in ("question", "answer"):
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"{name}: `{field}` must be a string, got {_value(value)}; write it as a string in the data (e.g. "
+                '"42"), it is compared as text.'
+            )
+    steps = record.get("steps")
+    if isinstance(steps, str):
+        raise ValueError(
+            f"{name}: `steps` is one string ({_value(steps, 60)}), not a list of steps; write it as a list of "
+            "strings, or load the file with `load_records(..., steps_separator=...)`, which splits it."
+        )
+    for field in ("steps", "choices", "direct_answers"):
+        values = record.get(field)
+        if values is not None and not isinstance(values, list):
+            raise ValueError(f"{name}: `{field}` must be a list of strings, got {_value(values)}.")
+        for position, value in enumerate(values or []):
+            if not isinstance(value, str):
+                raise ValueError(f"{name}: `{field}[{position}]` must be a string, got {_value(value)}.")
+            if field == "steps" and not value.strip():
+                raise ValueError(
+                    f"{name}: `steps[{position}]` is empty; remove empty steps (they would become blank lines of the "
+                    "chain of thought and count as stages)."
+                )
     images = record.get("images") or []
     if isinstance(images, (str, PILImage.Image, dict)):
         images = [images]
@@ -276,17 +432,23 @@ def _normalise(record: dict, index: int, image_root: str | Path | None) -> dict:
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             image = {"bytes": buffer.getvalue(), "path": None}
+        elif not isinstance(image, str | dict):
+            raise ValueError(f"{name}: an entry of `images` must be a path, an image or bytes, got {_value(image)}.")
         resolved.append(image)
-    answer = record.get("answer")
     return {
-        "id": str(record["id"]) if record.get("id") is not None else str(index),
+        "id": str(record_id) if record_id is not None else str(index),
         "question": record.get("question"),
-        "steps": [str(step) for step in record.get("steps") or []],
-        "answer": str(answer) if answer is not None else None,
+        "steps": list(steps or []),
+        "answer": record.get("answer"),
         "images": resolved,
-        "choices": [str(choice) for choice in record.get("choices") or []],
-        "direct_answers": [str(answer) for answer in record.get("direct_answers") or []],
+        "choices": list(record.get("choices") or []),
+        "direct_answers": list(record.get("direct_answers") or []),
     }
+
+
+def _value(value, limit: int = 40) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
 
 
 def _record_problem(
@@ -296,6 +458,11 @@ def _record_problem(
         return "no question: `question` is empty."
     if record["answer"] is None or not record["answer"].strip():
         return "no answer: `answer` is missing or empty."
+    if ANSWER_MARKER in record["answer"]:
+        return (
+            f"answer holds the marker: `answer` contains {ANSWER_MARKER!r}, which the evaluation reads as the start "
+            "of the answer."
+        )
     if require_steps and not record["steps"]:
         return "no steps: `steps` is empty, and CoT/Coconut training needs reasoning steps."
     images = record["images"]
@@ -312,9 +479,16 @@ def _record_problem(
             if problem is not None:
                 return f"image {position} {problem}"
     if max_length is not None:
-        length = max_example_length(record, tokenizer, curriculum, image_token_count)
+        if callable(image_token_count):
+            image_tokens = sum(image_token_count(image) for image in images)
+        else:
+            image_tokens = image_token_count * len(images)
+        length = max_example_length(record, tokenizer, curriculum) + image_tokens
         if length > max_length:
-            return f"too long: its longest curriculum example has {length} tokens, more than max_length={max_length}."
+            return (
+                f"too long: its longest curriculum example has up to {length} tokens, more than "
+                f"max_length={max_length}."
+            )
     return None
 
 
@@ -347,6 +521,7 @@ __all__ = [
     "RECORD_FEATURES",
     "RECORD_FIELDS",
     "aokvqa_to_record",
+    "image_token_counter",
     "load_aokvqa",
     "load_coconut_json",
     "load_records",
@@ -355,7 +530,9 @@ __all__ = [
 ]
 
 
-def load_split(dataset: str, split: str, aokvqa_target: str = "multiple_choice") -> Dataset:
+def load_split(
+    dataset: str, split: str, aokvqa_target: str = "multiple_choice", skip_invalid: bool = False
+) -> Dataset:
     """The records of `dataset`'s `split`, with the loader that fits the source.
 
     Args:
@@ -363,6 +540,7 @@ def load_split(dataset: str, split: str, aokvqa_target: str = "multiple_choice")
             A-OKVQA (its own loader), or any local JSON/JSONL file or Hub dataset (the generic loader).
         split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`.
         aokvqa_target (`str`): `"multiple_choice"` or `"direct"`, for A-OKVQA.
+        skip_invalid (`bool`): drop invalid records (and log how many) instead of raising.
     """
     path = Path(dataset)
     if path.is_dir():
@@ -373,9 +551,9 @@ def load_split(dataset: str, split: str, aokvqa_target: str = "multiple_choice")
                 f"`dataset` folder {dataset!r} has {len(matches)} files ending in '{split}.json' (JSON files: {found}); "
                 "pass a split that names exactly one, or the file itself."
             )
-        return load_coconut_json(matches[0])
+        return load_coconut_json(matches[0], skip_invalid=skip_invalid)
     if path.suffix == ".json" and path.is_file():
-        return load_coconut_json(path)
+        return load_coconut_json(path, skip_invalid=skip_invalid)
     if "a-okvqa" in dataset.lower():
-        return load_aokvqa(dataset, split=split, target=aokvqa_target)
-    return load_records(dataset, split=split)
+        return load_aokvqa(dataset, split=split, target=aokvqa_target, skip_invalid=skip_invalid)
+    return load_records(dataset, split=split, skip_invalid=skip_invalid)

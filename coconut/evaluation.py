@@ -120,6 +120,14 @@ class StageResult:
     metrics: dict[str, float]
     predictions: list[Prediction]
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StageResult":
+        predictions = [Prediction(**prediction) for prediction in data["predictions"]]
+        return cls(data["stage"], data["label"], dict(data["metrics"]), predictions)
+
 
 def _load_images(record: dict, index: int) -> list:
     from PIL import Image
@@ -250,6 +258,11 @@ def score_generations(
         predictions.append(Prediction(record_id, k, text, answer, count, scores))
     metrics = {name: mean(values) for name, values in per_metric.items() if values}
     metrics["mean_generated_tokens"] = mean([prediction.generated_tokens for prediction in predictions])
+    thoughts = [
+        prediction.num_latent_thoughts for prediction in predictions if prediction.num_latent_thoughts is not None
+    ]
+    if thoughts:
+        metrics["max_latent_thoughts"] = max(thoughts)
     metrics["num_samples"] = len(predictions)
     return metrics, predictions
 
@@ -317,13 +330,14 @@ class EvalResults:
         """A Markdown table (one row per result) for the model card."""
         optional = [name for name in ("multiple_choice_accuracy", "direct_answer_score") if self._any(name)]
         header = ["Model" if self._labelled() else "Stage", "Accuracy", *_metric_titles(optional)]
-        header += ["Generated tokens", "Samples/s", "Samples"]
+        header += ["Generated tokens", "Thoughts (max)", "Samples/s", "Samples"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in self.results:
             m = r.metrics
             cells = [r.label if self._labelled() else str(r.stage), f"{100 * m['accuracy']:.1f}"]
             cells += [f"{100 * m[name]:.1f}" if name in m else "-" for name in optional]
-            cells += [f"{m['mean_generated_tokens']:.1f}", f"{m['samples_per_second']:.2f}", str(m["num_samples"])]
+            cells += [f"{m['mean_generated_tokens']:.1f}", str(m.get("max_latent_thoughts", "-"))]
+            cells += [f"{m['samples_per_second']:.2f}", str(m["num_samples"])]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

@@ -37,15 +37,17 @@ _LETTER_OPTION = re.compile(r"^\(?([a-z])[\).:]?$")
 
 
 def extract_answer(generation: str) -> str | None:
-    """The text after the first answer marker `### ` of a decoded generation, stripped; `None` without a marker.
+    """The text after the last answer marker `### ` of a decoded generation, stripped; `None` without a marker.
+
+    The last one, because a reasoning step may itself contain `### ` (the answer follows the steps).
 
     Args:
         generation (`str`): the generated text, decoded without special tokens (so the eos token is already gone).
 
     Example: `extract_answer("Tom is a wumpus.\\n### Tom is a yumpus.")` is `"Tom is a yumpus."`.
     """
-    # The same rule as `CoconutInternVLProcessor.decode_answer`: the first marker, trailing space included.
-    _, marker, answer = generation.partition(ANSWER_MARKER)
+    # The same rule as `CoconutInternVLProcessor.decode_answer`: the last marker, trailing space included.
+    _, marker, answer = generation.rpartition(ANSWER_MARKER)
     if not marker:
         return None
     return answer.strip()

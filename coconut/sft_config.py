@@ -54,6 +54,15 @@ class CoconutSFTConfig(SFTConfig):
         eval_max_new_tokens (`int`, *optional*, defaults to `64`):
             Tokens generated per validation question in the greedy exact-match evaluation after each stage
             ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`).
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Train from scratch into an `output_dir` that holds checkpoints or a trained model: its `checkpoint-*`
+            folders are deleted first. Without it a run resumes from the last complete checkpoint, and refuses to
+            when the saved training and curriculum settings differ from the current ones (transformers 5 dropped
+            this field of `TrainingArguments`; it is back here with that meaning).
+        resume_with_fresh_optimizer (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint that has no optimizer or scheduler state (e.g. saved with `save_only_model`),
+            starting both afresh. Without it such a checkpoint is an error, since resuming would silently change
+            the training.
     """
 
     method: str = field(
@@ -84,6 +93,20 @@ class CoconutSFTConfig(SFTConfig):
     eval_max_new_tokens: int = field(
         default=64,
         metadata={"help": "Tokens generated per validation question in the evaluation after each stage."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from scratch into an output_dir that holds checkpoints or a trained model (its "
+            "checkpoint-* folders are deleted first) instead of resuming, whatever the saved settings."
+        },
+    )
+    resume_with_fresh_optimizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint without optimizer.pt / scheduler.pt, with a fresh optimizer state and "
+            "learning-rate schedule."
+        },
     )
     # Overridden defaults of SFTConfig / TrainingArguments (see the class docstring).
     gradient_checkpointing: bool | None = field(
@@ -117,6 +140,12 @@ class CoconutSFTConfig(SFTConfig):
     def validate_curriculum(self):
         """Raise a `ValueError` naming the field, its value and the fix for settings the curriculum cannot run."""
         self.curriculum.validate_curriculum()  # method, c_thought, max_latent_stage, uniform_prob
+        if self.num_train_epochs < 1 or self.num_train_epochs != int(self.num_train_epochs):
+            raise ValueError(
+                f"`num_train_epochs`={self.num_train_epochs}: the curriculum trains whole epochs, at least one; the "
+                f"stages need (max_latent_stage + 1) x epochs_per_stage = "
+                f"{(self.max_latent_stage + 1) * self.epochs_per_stage} epochs to reach the last one."
+            )
         if self.epochs_per_stage < 1:
             raise ValueError(f"`epochs_per_stage`={self.epochs_per_stage} must be at least 1.")
         if self.train_sampling_strategy != "sequential":

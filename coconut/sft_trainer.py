@@ -1,20 +1,37 @@
 """`CoconutSFTTrainer`: TRL's `SFTTrainer` running Coconut's staged curriculum through the model's own forward."""
 
 import copy
+import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers import SchedulerType, Trainer, TrainerCallback, get_scheduler
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
 
+from coconut.checkpoints import (
+    TRAINING_RECORD,
+    check_weight_files,
+    is_complete,
+    last_complete_checkpoint,
+    remove_checkpoints,
+    saved_run_settings,
+    settings_differences,
+)
 from coconut.collator import CoconutDataCollator
-from coconut.evaluation import CoconutEvalConfig, EvalResults, evaluate_stage
+from coconut.curriculum import evaluation_layout
+from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
 from coconut.sft_config import CoconutSFTConfig
 
 
@@ -100,11 +117,70 @@ class CurriculumCallback(TrainerCallback):
             self.trainer.reset_optimizer_state()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stage_ends(state) and self.trainer.eval_records is not None:
+            self.trainer.evaluate_curriculum_stage(self.trainer.schedule.stage_of_step(state.global_step - 1))
+
+
+class FiniteLossCallback(TrainerCallback):
+    """Stops training with an error naming the first step whose loss was NaN or infinite.
+
+    `compute_loss` keeps that step in a tensor on the loss's device (no host sync per step); this callback reads it
+    (one sync, and one all-reduce across processes) only at the steps that log, save or end a stage, before they do,
+    so a diverged run neither logs a filtered loss nor writes a checkpoint or an evaluation of NaN weights.
+    """
+
+    def __init__(self, trainer: "CoconutSFTTrainer"):
+        self.trainer = trainer
+        self.first_bad_step = None  # 0-d long tensor: 0 while every loss was finite
+
+    def observe(self, loss: torch.Tensor, step: int):
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.zeros((), dtype=torch.long, device=loss.device)
+        newly_bad = ~torch.isfinite(loss) & (self.first_bad_step == 0)
+        self.first_bad_step = self.first_bad_step + newly_bad.long() * step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or self.trainer.stage_ends(state):
+            self.check(state)
+
+    def check(self, state):
+        if self.first_bad_step is None:
+            return
+        never = torch.iinfo(torch.long).max
+        key = torch.where(self.first_bad_step > 0, self.first_bad_step, never)
+        step = -int(self.trainer.accelerator.reduce(-key, reduction="max"))  # the earliest over processes
+        if step == never:
+            return
         schedule = self.trainer.schedule
-        step = state.global_step  # steps done
-        stage_done = step == state.max_steps or schedule.stage_of_step(step) != schedule.stage_of_step(step - 1)
-        if stage_done and self.trainer.eval_records is not None:
-            self.trainer.evaluate_curriculum_stage(schedule.stage_of_step(step - 1))
+        raise FloatingPointError(
+            f"The training loss is not finite (NaN or inf) at step {step} (stage {schedule.stage_of_step(step - 1)}); "
+            f"training stopped at step {state.global_step}. Check the weights the run started from (a corrupt or "
+            "truncated file?), or lower `learning_rate` / set `max_grad_norm`; then resume from a checkpoint saved "
+            "before that step or start again with `--overwrite_output_dir`."
+        )
+
+
+class RunRecord(TrainerCallback, ExportableState):
+    """The run's settings and the evaluation after each stage (metrics and predictions).
+
+    Both go into every checkpoint's `trainer_state.json` (`stateful_callbacks`), which `Trainer` writes last, so
+    a checkpoint holds them exactly when it is complete: a resumed run checks its settings against them and keeps the
+    stages evaluated before it stopped.
+    """
+
+    def __init__(self, settings: dict | None = None, stage_results: list[dict] | None = None):
+        self.settings = dict(settings or {})
+        self.stage_results = list(stage_results or [])
+
+    def state(self) -> dict:
+        return {"args": {"settings": self.settings, "stage_results": self.stage_results}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step > 0 and saved:  # resumed from a checkpoint
+            self.stage_results = list(saved["args"].get("stage_results", []))
+        # Trainer stores each stateful callback under its name, and fails on a checkpoint saved without this one.
+        state.stateful_callbacks[type(self).__name__] = self.state()
 
 
 class CoconutSFTTrainer(SFTTrainer):
@@ -124,6 +200,11 @@ class CoconutSFTTrainer(SFTTrainer):
 
     With `method="pause_as_thought"` the `<|latent|>` tokens are learned pause tokens: the model's
     `config.latent_token_id` is set to `None`, so it does not feed hidden states back.
+
+    A non-finite loss stops training with an error naming the step ([`FiniteLossCallback`]). `train()` checks a
+    checkpoint before resuming from it: complete, with its optimizer and scheduler state and readable weights, and
+    saved with the same [`RESUME_SETTINGS`] and training records as this run ([`RunRecord`]); each checkpoint also
+    keeps the evaluation of every stage so far, so a resumed run reports every stage.
 
     Args:
         model ([`PreTrainedModel`] or `str`): a Coconut-InternVL model.
@@ -149,10 +230,12 @@ class CoconutSFTTrainer(SFTTrainer):
             raise ValueError(f"`args` is a {type(args).__name__}; CoconutSFTTrainer needs a `CoconutSFTConfig`.")
         self.records = train_dataset
         self.eval_records = eval_dataset
-        self.eval_results = EvalResults()
         rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.schedule = CurriculumSchedule.build(args, self.records, rows_per_step)
         self.curriculum_epochs = args.num_train_epochs
+        self.step_counts = _step_counts(self.records)
+        _check_run_length(args, self.schedule, self.step_counts)
+        settings = run_settings(args, self.records)
         args = copy.copy(args)
         args.num_train_epochs = 1  # one pass over the schedule, which holds every curriculum epoch
         collator = CoconutDataCollator(
@@ -160,14 +243,15 @@ class CoconutSFTTrainer(SFTTrainer):
         )
         # Only integer columns: TRL reads `image`/`images` columns as its own vision format.
         schedule = Dataset.from_list(self.schedule.rows)
-        callbacks = [CurriculumCallback(self), *(kwargs.pop("callbacks", None) or [])]
+        self.finite_loss = FiniteLossCallback(self)
+        own_callbacks = [self.finite_loss, CurriculumCallback(self), RunRecord(settings)]
         super().__init__(
             model=model,
             args=args,
             data_collator=collator,
             train_dataset=schedule,
             processing_class=processing_class,
-            callbacks=callbacks,
+            callbacks=[*own_callbacks, *(kwargs.pop("callbacks", None) or [])],
             **kwargs,
         )
         if args.method == "pause_as_thought":
@@ -175,13 +259,124 @@ class CoconutSFTTrainer(SFTTrainer):
             self.model.config.latent_token_id = None
         # FSDP and ZeRO-3 gather parameters in every forward call: all ranks must make the same calls.
         self.sync_latent_passes = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        self.stage_lr_scheduler = None
+
+    @property
+    def run_record(self) -> RunRecord:
+        # Looked up each time: `restore_callback_states_from_checkpoint` replaces the callback by a new instance.
+        return next(callback for callback in self.callback_handler.callbacks if isinstance(callback, RunRecord))
+
+    @property
+    def eval_results(self) -> EvalResults:
+        """The evaluation after each stage so far, including those made before a resume."""
+        return EvalResults(StageResult.from_dict(result) for result in self.run_record.stage_results)
+
+    @property
+    def stage_reached(self) -> int:
+        """The stage of the last step trained (0 before training)."""
+        return self.schedule.stage_of_step(max(self.state.global_step - 1, 0))
+
+    def num_latent_thoughts(self, stage: int) -> int:
+        """The most thoughts an evaluation prompt gets at `stage`: the count a user of the saved model should pass."""
+        curriculum = self.args.curriculum
+        return max((evaluation_layout(n, stage, curriculum).num_latents for n in self.step_counts), default=0)
+
+    def training_record(self) -> dict:
+        """What a saved model should say about its training: settings, curriculum, stage reached, thoughts."""
+        return {
+            "settings": self.run_record.settings,
+            "curriculum": asdict(self.args.curriculum),
+            "epochs_per_stage": self.args.epochs_per_stage,
+            "num_train_epochs": self.curriculum_epochs,
+            "planned_steps": self.schedule.total_steps,
+            "global_step": self.state.global_step,
+            "stage": self.stage_reached,
+            "num_latent_thoughts": self.num_latent_thoughts(self.stage_reached),
+        }
+
+    def stage_ends(self, state) -> bool:
+        """Whether the step just done (`state.global_step`) is the last of its stage or of the run."""
+        step = state.global_step
+        return step == state.max_steps or self.schedule.stage_of_step(step) != self.schedule.stage_of_step(step - 1)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """[`~transformers.Trainer.train`], after the checks that keep a resumed run the run it continues.
+
+        `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir` (newer incomplete ones
+        are skipped with a warning). The checkpoint must be complete, hold its optimizer and scheduler state (unless
+        `resume_with_fresh_optimizer`) and readable weights, and have been saved with this run's [`RESUME_SETTINGS`]
+        and training records; without a checkpoint, an `output_dir` holding a model trained with other settings is
+        refused as well. `overwrite_output_dir` skips these checks and deletes the folder's checkpoints.
+        """
+        if self.lr_scheduler is not None and self.lr_scheduler is self.stage_lr_scheduler:
+            self.lr_scheduler = None  # built for one `train()` call, as Trainer rebuilds its own
+        output_dir = self.args.output_dir
+        if self.args.overwrite_output_dir:
+            if resume_from_checkpoint:
+                raise ValueError(
+                    f"`overwrite_output_dir` trains from scratch, `resume_from_checkpoint`={resume_from_checkpoint!r} "
+                    "resumes: pass one of them."
+                )
+            if self.is_world_process_zero():
+                remove_checkpoints(output_dir)
+            self.accelerator.wait_for_everyone()
+            return super().train(**kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"`resume_from_checkpoint`=True, but {output_dir!r} has no complete checkpoint.")
+        if resume_from_checkpoint:
+            self.check_checkpoint(resume_from_checkpoint)
+        else:
+            record = Path(output_dir) / TRAINING_RECORD
+            if record.is_file():
+                saved = json.loads(record.read_text()).get("settings")
+                self.refuse_other_settings(saved, f"The model in {output_dir!r}")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def check_checkpoint(self, checkpoint: str | Path):
+        """Raise a `ValueError` naming what makes `checkpoint` unfit to resume this run from."""
+        checkpoint = Path(checkpoint)
+        if not is_complete(checkpoint):
+            raise ValueError(
+                f"Checkpoint {str(checkpoint)!r} is incomplete or missing: it has no readable {TRAINER_STATE_NAME} "
+                "(the run stopped while saving it). Resume from an earlier checkpoint, or delete this one."
+            )
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.resume_with_fresh_optimizer):
+            missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (checkpoint / name).is_file()]
+            if missing:
+                raise ValueError(
+                    f"Checkpoint {str(checkpoint)!r} has no {' or '.join(missing)} (saved with `save_only_model`, or "
+                    "copied without it): resuming would silently restart the optimizer and learning-rate schedule. "
+                    "Pass `--resume_with_fresh_optimizer` to accept that, or resume from a checkpoint that has them."
+                )
+        check_weight_files(checkpoint)
+        saved = saved_run_settings(checkpoint, RunRecord.__name__)
+        self.refuse_other_settings(saved, f"Checkpoint {str(checkpoint)!r}")
+
+    def refuse_other_settings(self, saved: dict | None, where: str):
+        if saved is None:
+            logger.warning(f"{where} has no saved run settings (an older save); they cannot be checked.")
+            return
+        differences = settings_differences(saved, self.run_record.settings)
+        if differences:
+            raise ValueError(
+                f"{where} was trained with other settings than this run: {'; '.join(differences)}. Resuming "
+                "would mix two trainings and describe the result wrongly. Rerun with the saved settings to resume, "
+                f"pass `--overwrite_output_dir` to train from scratch in {self.args.output_dir!r} (its checkpoints are "
+                "deleted), or pick another `--output_dir`."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's own forward loss (`Trainer.compute_loss`), which runs the latent passes."""
         inputs = {**inputs, "use_cache": False}
         if self.sync_latent_passes:
             inputs["sync_latent_passes"] = True
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            self.finite_loss.observe(loss.detach(), self.state.global_step + 1)
+        return result
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs carry the stage of the last step."""
@@ -190,42 +385,36 @@ class CoconutSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """With `reset_optimizer`, the learning-rate schedule restarts at each stage (warmup included)."""
+        """With `reset_optimizer`, the learning-rate schedule restarts at each stage (warmup included): one
+        `lr_scheduler_type` schedule per stage, chained by `SequentialLR` at the steps where the stages start."""
         if not self.args.reset_optimizer or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
+        if self.args.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU:
+            raise ValueError(
+                "`lr_scheduler_type`='reduce_lr_on_plateau' cannot restart per stage; with `reset_optimizer=True` "
+                "use a warmup/decay schedule such as 'linear', 'cosine' or 'constant'."
+            )
         optimizer = optimizer or self.optimizer
         spans = self.schedule.stage_spans()
-        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        stage_lambdas = []
-        for _, first_step, num_steps in spans:
-            scheduler = get_scheduler(
+        schedulers = [
+            get_scheduler(
                 self.args.lr_scheduler_type,
-                optimizer=dummy,
+                optimizer=optimizer,
                 num_warmup_steps=self.args.get_warmup_steps(num_steps),
                 num_training_steps=num_steps,
                 scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
-            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                raise ValueError(
-                    f"`lr_scheduler_type`={self.args.lr_scheduler_type!r} cannot restart per stage; with "
-                    "`reset_optimizer=True` use a warmup/decay schedule such as 'linear', 'cosine' or 'constant'."
-                )
-            stage_lambdas.append((first_step, scheduler.lr_lambdas[0]))
-
-        def lr_lambda(step: int) -> float:
-            first_step, stage_lambda = next(item for item in reversed(stage_lambdas) if item[0] <= step)
-            return stage_lambda(step - first_step)
-
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        self._created_lr_scheduler = True
+            for _, _, num_steps in spans
+        ]
+        milestones = [first_step for _, first_step, _ in spans[1:]]
+        self.lr_scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones)
+        self.stage_lr_scheduler = self.lr_scheduler
         return self.lr_scheduler
 
+    # No public hook: `Trainer` loads a checkpoint with `load_state_dict`, without the key conversion that
+    # `from_pretrained` applies (transformers#43701), and `save_pretrained` writes InternVL's original key layout.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load full-model checkpoints through `from_pretrained`, which maps InternVL's saved key layout back.
-
-        `save_pretrained` writes InternVL's original layout (`language_model.model.*`), which `Trainer` would load
-        raw into the model with `strict=False`: every language-model weight missed, with only a warning.
-        """
+        """Load full-model checkpoints through `from_pretrained`, which maps InternVL's saved key layout back."""
         model = model if model is not None else self.model
         weights = [os.path.join(resume_from_checkpoint, name) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)]
         if (
@@ -248,7 +437,7 @@ class CoconutSFTTrainer(SFTTrainer):
         optimizer.state.clear()
 
     def evaluate_curriculum_stage(self, stage: int):
-        """Greedy generation on the validation records at `stage`; logs and keeps the metrics."""
+        """Greedy generation on the validation records at `stage`; logs the metrics and keeps the whole result."""
         config = CoconutEvalConfig(
             stage=stage,
             batch_size=self.args.per_device_eval_batch_size,
@@ -257,14 +446,116 @@ class CoconutSFTTrainer(SFTTrainer):
         )
         model = self.accelerator.unwrap_model(self.model)
         result = evaluate_stage(model, self.processing_class, self.eval_records, self.args.curriculum, config)
-        self.eval_results.add(result)
+        self.run_record.stage_results.append(result.to_dict())
         metrics = {f"eval_{name}": value for name, value in result.metrics.items()}
         self.log({"stage": stage, **metrics})
         return result
 
-    def stage_results(self) -> list[dict]:
-        """The evaluation after each stage, from the log history (so a resumed run has the earlier stages too)."""
-        return [entry for entry in self.state.log_history if "eval_accuracy" in entry]
+
+# Settings a resumed run must share with the run it continues: they fix which sample is trained at which step and
+# stage, and how. Everything else may change on resume: logging, saving, evaluation (eval batch size,
+# eval_max_new_tokens, the validation split), output paths, the Hub, progress bars, dataloader workers, activation
+# checkpointing (the same maths), the device.
+RESUME_SETTINGS = (
+    # the curriculum
+    "method",
+    "c_thought",
+    "epochs_per_stage",
+    "max_latent_stage",
+    "pad_latent_to_max",
+    "uniform_prob",
+    "reset_optimizer",
+    # the schedule: which records, in which order, in which batches
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    # the optimisation
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "optim_args",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "bf16",
+    "fp16",
+)
 
 
-__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback"]
+def run_settings(args: CoconutSFTConfig, records: Sequence[dict]) -> dict:
+    """The [`RESUME_SETTINGS`] of `args`, the number of processes, and the training records' count and hash."""
+    settings = {name: _plain(getattr(args, name)) for name in RESUME_SETTINGS if hasattr(args, name)}
+    settings["num_processes"] = args.world_size
+    settings["train_records"] = len(records)
+    settings["train_records_sha256"] = _records_hash(records)
+    return settings
+
+
+def _plain(value):
+    """`value` as JSON gives it back (enums as their value), so saved and current settings compare equal."""
+    if isinstance(value, Enum):
+        value = value.value
+    return json.loads(json.dumps(value, default=str))
+
+
+def _records_hash(records: Sequence[dict]) -> str:
+    """A hash of every record's text fields and image count (the images themselves are not read)."""
+    columns = ("id", "question", "steps", "answer")
+    if isinstance(records, Dataset):
+        table = records.with_format("arrow")
+        counts = pc.list_value_length(table["images"]).to_pylist() if "images" in records.column_names else None
+        rows = zip(*(records[name] for name in columns), counts or [0] * len(records), strict=True)
+    else:
+        rows = ((*(record.get(name) for name in columns), len(record.get("images") or [])) for record in records)
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, default=str).encode())
+    return digest.hexdigest()
+
+
+def _step_counts(records: Sequence[dict]) -> list[int]:
+    steps = records["steps"] if isinstance(records, Dataset) else [record.get("steps") for record in records]
+    return [len(record_steps or []) for record_steps in steps]
+
+
+def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step_counts: list[int]):
+    """A `max_steps` past the schedule is an error; a run too short to reach `max_latent_stage` gets a warning."""
+    if args.max_steps > schedule.total_steps:
+        raise ValueError(
+            f"`max_steps`={args.max_steps} is more than the curriculum's {schedule.total_steps} steps "
+            f"({args.num_train_epochs} epochs of {schedule.steps_per_epoch} steps): Trainer would start the "
+            "curriculum again. Raise `num_train_epochs` instead, or lower `max_steps`."
+        )
+    if args.method in ("cot", "no_cot"):
+        return
+    last_step = min(args.max_steps, schedule.total_steps) if args.max_steps > 0 else schedule.total_steps
+    final_stage = schedule.stage_of_step(last_step - 1)
+    if final_stage < args.max_latent_stage:
+        needed = (args.max_latent_stage + 1) * args.epochs_per_stage
+        stop = (
+            f"`max_steps`={args.max_steps} of {schedule.total_steps} steps"
+            if last_step < schedule.total_steps
+            else (f"`num_train_epochs`={args.num_train_epochs}")
+        )
+        logger.warning(
+            f"The run is too short for its curriculum: {stop} ends in stage {final_stage}, but "
+            f"`max_latent_stage`={args.max_latent_stage} needs (max_latent_stage + 1) x epochs_per_stage "
+            f"({args.epochs_per_stage}) = {needed} epochs. The model is saved, evaluated and described at stage "
+            f"{final_stage}."
+        )
+    longest = max(step_counts, default=0)
+    if args.max_latent_stage > longest:
+        logger.warning(
+            f"`max_latent_stage`={args.max_latent_stage}, but the longest training record has {longest} steps: "
+            f"evaluation prompts get at most {longest} x c_thought = {longest * args.c_thought} thoughts."
+        )
+
+
+__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback", "FiniteLossCallback", "RunRecord"]

@@ -1,7 +1,11 @@
-"""convert_to_coconut.py: native and original InternVL layouts -> a complete, loadable, pushable Coconut repository."""
+"""convert_to_coconut.py on replicas of the real InternVL3-1B (`tests/replicas.py`, built from its public description):
+the original layout and its `-hf` forms, written by transformers, give the same model plus three mean-initialised
+Coconut tokens; the config is the official conversion's, and the root config.json is exactly what the converter writes
+for the real checkpoint; wrong inputs are refused before anything large is loaded."""
 
 import ast
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,225 +13,314 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model, subprocess_env, tiny_config
+from conftest import subprocess_env
 from PIL import Image
-from safetensors.torch import save_file
+from replicas import (
+    FIRST_SPECIAL_ID,
+    IM_END_ID,
+    IMAGE_CONTEXT_ID,
+    INTERNVL3_1B_CONFIG,
+    REPLICA_IMAGE_SIZE,
+    REPLICA_TOKENS_PER_TILE,
+    SPECIAL_TOKENS,
+    VOCAB_SIZE,
+    reference_logits,
+    replica_config,
+    write_hf_replica,
+    write_original_replica,
+    write_replica_tokenizer,
+)
 from transformers import (
     AutoModel,
     AutoProcessor,
-    GotOcr2ImageProcessorPil,
+    AutoTokenizer,
     InternVLConfig,
     InternVLForConditionalGeneration,
+    InternVLVisionConfig,
+    Qwen2Config,
 )
+from trl import ModelConfig
 
 import coconut.convert
-from coconut.convert import original_to_native_state_dict
+import convert_to_coconut
+from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
 from coconut.model_card import ModelCardData, render_model_card
-from coconut.tokenizer import train_tokenizer
 from convert_to_coconut import ConvertConfig, main
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from train_sft import load_model_and_processor
 
 
-CORPUS = ["Every wump is a zhorpus. Is Tom a wump or a yumpus? Tom is a wump. ### Yes No"] * 4
+ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py")
-INTERNVL_TOKEN_NAMES = ("start_image_token", "end_image_token", "context_image_token", "video_token")
+COCONUT_IDS = [VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2]  # <|start-latent|>, <|end-latent|>, <|latent|>
 
 
-def base_tokenizer():
-    return train_tokenizer(CORPUS, vocab_size=300, with_latent_tokens=False)
-
-
-def native_base_model(
-    tokenizer, tie_word_embeddings=False, seed=0, text_model_type="qwen2"
-) -> InternVLForConditionalGeneration:
-    """A tiny transformers-native InternVL (no Coconut) over `tokenizer`'s ids, with a biased vision qkv.
-
-    `text_model_type="qwen3"` gives the InternVL3.5 kind of text model (Qwen3, with q/k norms).
-    """
-    coconut = tiny_config()
-    text_config = coconut.text_config.to_dict()
-    text_config.update(
-        model_type=text_model_type,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    vision_config = coconut.vision_config.to_dict()
-    vision_config.update(attention_bias=True)
-    config = InternVLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        image_seq_length=TOKENS_PER_TILE,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    return random_model(InternVLForConditionalGeneration, config, seed)
-
-
-def native_to_original_state_dict(model) -> dict[str, torch.Tensor]:
-    """The same weights under OpenGVLab's original names, written out by hand (the converter maps them back)."""
-    original = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith("model.vision_tower.encoder.layer."):
-            layer, rest = key.removeprefix("model.vision_tower.encoder.layer.").split(".", 1)
-            prefix = f"vision_model.encoder.layers.{layer}."
-            if rest.startswith("attention.q_proj."):
-                kind = rest.rsplit(".", 1)[1]
-                parts = [
-                    model.state_dict()[f"model.vision_tower.encoder.layer.{layer}.attention.{p}_proj.{kind}"]
-                    for p in "qkv"
-                ]
-                original[prefix + f"attn.qkv.{kind}"] = torch.cat(parts).clone()
-            elif rest.startswith(("attention.k_proj.", "attention.v_proj.")):
-                continue
-            else:
-                renamed = {
-                    "attention.projection_layer.": "attn.proj.",
-                    "lambda_1": "ls1",
-                    "lambda_2": "ls2",
-                    "layernorm_before.": "norm1.",
-                    "layernorm_after.": "norm2.",
-                    "mlp.": "mlp.",
-                }
-                old = next(o for n, o in renamed.items() if rest.startswith(n))
-                new = next(n for n in renamed if rest.startswith(n))
-                original[prefix + old + rest.removeprefix(new)] = tensor.clone()
-            continue
-        renames = {
-            "model.vision_tower.embeddings.cls_token": "vision_model.embeddings.class_embedding",
-            "model.vision_tower.embeddings.position_embeddings": "vision_model.embeddings.position_embedding",
-            "model.vision_tower.embeddings.patch_embeddings.projection.": "vision_model.embeddings.patch_embedding.",
-            "model.multi_modal_projector.layer_norm.": "mlp1.0.",
-            "model.multi_modal_projector.linear_1.": "mlp1.1.",
-            "model.multi_modal_projector.linear_2.": "mlp1.3.",
-            "model.language_model.": "language_model.model.",
-            "lm_head.": "language_model.lm_head.",
-        }
-        new = next(n for n in renames if key.startswith(n))
-        original[renames[new] + key.removeprefix(new)] = tensor.clone()
-    return original
-
-
-def write_original_checkpoint(folder: Path, model, tokenizer) -> None:
-    """OpenGVLab's remote-code layout: `InternVLChatConfig` with `llm_config`/`vision_config`, original key names."""
-    folder.mkdir(parents=True)
-    save_file(native_to_original_state_dict(model), folder / "model.safetensors")
-    text, vision = model.config.text_config.to_dict(), model.config.vision_config
-    text["architectures"] = ["Qwen2ForCausalLM"]
-    config = {
-        "architectures": ["InternVLChatModel"],
-        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig"},
-        "model_type": "internvl_chat",
-        "downsample_ratio": 0.5,
-        "select_layer": -1,
-        "ps_version": "v2",
-        "force_image_size": IMAGE_SIZE,
-        "template": "internvl2_5",
-        "min_dynamic_patch": 1,
-        "max_dynamic_patch": 4,
-        "use_thumbnail": True,
-        "llm_config": text,
-        "vision_config": {
-            "architectures": ["InternVisionModel"],
-            "model_type": "intern_vit_6b",
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_attention_heads": vision.num_attention_heads,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "image_size": IMAGE_SIZE,
-            "patch_size": 14,
-            "qkv_bias": True,
-            "qk_normalization": False,
-            "norm_type": "layer_norm",
-            "layer_norm_eps": vision.layer_norm_eps,
-            "hidden_act": "gelu",
-        },
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer.save_pretrained(folder)
-    # The original tokenizers do not name InternVL's image tokens; the converter must.
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    for name in INTERNVL_TOKEN_NAMES:
-        tokenizer_config.pop(name)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-
-
-def write_native_checkpoint(folder: Path, model, tokenizer) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    GotOcr2ImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=True, max_patches=4
-    ).save_pretrained(folder)
-
-
-def make_image(seed: int, width: int = 2 * IMAGE_SIZE) -> Image.Image:
-    pixels = torch.randint(0, 256, (IMAGE_SIZE, width, 3), generator=torch.Generator().manual_seed(seed))
+def make_image(seed: int, width: int = 2 * REPLICA_IMAGE_SIZE) -> Image.Image:
+    pixels = torch.randint(0, 256, (REPLICA_IMAGE_SIZE, width, 3), generator=torch.Generator().manual_seed(seed))
     return Image.fromarray(pixels.to(torch.uint8).numpy())
 
 
-@pytest.fixture(scope="module")
-def base():
-    tokenizer = base_tokenizer()
-    return tokenizer, native_base_model(tokenizer)
+def image_prompt_inputs(processor, seed: int) -> dict:
+    prompt = processor.build_prompt("Is Tom a wump?", num_images=1)
+    return dict(processor(images=[make_image(seed)], text=prompt, return_tensors="pt"))
+
+
+def assert_same_model_with_latent_rows(converted, expected_logits: torch.Tensor, inputs: dict) -> float:
+    """Converted logits equal `expected_logits` on the old vocabulary; the three new columns, and the three new input
+    embedding rows, are the mean of the old ones. Returns the max absolute difference on the old vocabulary."""
+    with torch.no_grad():
+        ours = converted(**inputs).logits
+    assert ours.shape[-1] == VOCAB_SIZE + 3
+    difference = (ours[..., :VOCAB_SIZE] - expected_logits).abs().max().item()
+    assert difference <= 1e-5, f"max difference {difference}"
+    new_columns = ours[..., VOCAB_SIZE:]
+    torch.testing.assert_close(
+        new_columns, expected_logits.mean(dim=-1, keepdim=True).expand_as(new_columns), rtol=1e-4, atol=1e-5
+    )
+    embeddings = converted.get_input_embeddings().weight.detach()
+    expected_rows = embeddings[:VOCAB_SIZE].mean(dim=0, keepdim=True).expand(3, -1)
+    torch.testing.assert_close(embeddings[COCONUT_IDS], expected_rows, rtol=0, atol=1e-7)
+    return difference
+
+
+def assert_coconut_vocabulary(converted, processor) -> None:
+    """The three Coconut tokens are the only new vocabulary, right after the base tokenizer's 151674 tokens."""
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids(["<|start-latent|>", "<|end-latent|>", "<|latent|>"]) == COCONUT_IDS
+    assert len(tokenizer) == VOCAB_SIZE + 3 and "<video>" not in tokenizer.get_vocab()
+    config = converted.config
+    assert [config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id] == COCONUT_IDS
+    assert config.text_config.vocab_size == VOCAB_SIZE + 3
+    assert config.image_token_id == IMAGE_CONTEXT_ID and config.image_seq_length == REPLICA_TOKENS_PER_TILE
 
 
 @pytest.fixture(scope="module")
-def converted_original(base, tmp_path_factory):
-    """The original-layout checkpoint converted once for the tests that only read the result."""
-    tokenizer, model = base
-    source, output = tmp_path_factory.mktemp("original") / "base", tmp_path_factory.mktemp("coconut") / "repo"
-    write_original_checkpoint(source, model, tokenizer)
-    (source / "README.md").write_text("---\nlicense: mit\npipeline_tag: image-text-to-text\n---\n# A tiny InternVL\n")
-    main(ConvertConfig(base=str(source), output=str(output), datasets=["prosqa"], num_latent_thoughts=2))
+def original_replica(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("original") / "InternVL3-1B"
+    return folder, write_original_replica(folder)
+
+
+@pytest.fixture(scope="module")
+def converted_original(original_replica, tmp_path_factory):
+    """The original-layout replica converted once for the tests that only read the result."""
+    output = tmp_path_factory.mktemp("coconut") / "repo"
+    main(ConvertConfig(base=str(original_replica[0]), output=str(output), datasets=["prosqa"], num_latent_thoughts=2))
     return output
 
 
-def assert_same_model_with_latent_rows(converted, base_model, inputs, old_vocab: int):
-    """Converted logits equal the base's on the old vocabulary; each new column is the mean of the old ones."""
-    with torch.no_grad():
-        ours = converted(**inputs).logits
-        theirs = base_model(**inputs).logits
-    difference = (ours[..., :old_vocab] - theirs).abs().max().item()
-    assert difference < 1e-5, f"max difference {difference}"
-    new_columns = ours[..., old_vocab:]
-    assert new_columns.shape[-1] == 3
-    expected = theirs.mean(dim=-1, keepdim=True).expand_as(new_columns)
-    torch.testing.assert_close(new_columns, expected, rtol=1e-4, atol=1e-5)
+def test_replica_tokenizer_has_the_real_special_ids(tmp_path):
+    write_replica_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == VOCAB_SIZE
+    assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(FIRST_SPECIAL_ID, VOCAB_SIZE))
+    assert tokenizer.eos_token_id == IM_END_ID and tokenizer.pad_token_id == FIRST_SPECIAL_ID
 
 
-def test_original_layout_converts_to_the_same_model(base, converted_original, hf_home):
-    tokenizer, base_model = base
+def test_original_layout_converts_to_the_same_model(original_replica, converted_original, hf_home):
+    """Against the original model computed by hand (InternViT, pixel shuffle v2, mlp1, its Qwen2ForCausalLM)."""
+    folder, state_dict = original_replica
     converted = AutoModel.from_pretrained(converted_original, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(converted_original, trust_remote_code=True)
     assert type(converted).__name__ == "CoconutInternVLForConditionalGeneration"
-    old_vocab = len(tokenizer)
-    ids = processor.tokenizer.convert_tokens_to_ids(["<|start-latent|>", "<|end-latent|>", "<|latent|>"])
-    assert ids == [old_vocab, old_vocab + 1, old_vocab + 2]
-    config = converted.config
-    assert [config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id] == ids
-    assert config.text_config.vocab_size == old_vocab + 3
-    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert config.image_seq_length == TOKENS_PER_TILE
-    assert processor.image_seq_length == TOKENS_PER_TILE and processor.image_processor.max_patches == 4
+    assert_coconut_vocabulary(converted, processor)
+    assert converted.lm_head.weight is not converted.get_input_embeddings().weight  # untied, as the original
+    assert processor.image_seq_length == REPLICA_TOKENS_PER_TILE and processor.image_processor.max_patches == 12
 
-    prompt = processor.build_prompt("Is Tom a wump?", num_images=1)
-    inputs = processor(images=[make_image(0)], text=prompt, return_tensors="pt")
-    assert inputs["pixel_values"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)  # 2 tiles + thumbnail
-    assert_same_model_with_latent_rows(converted, base_model, dict(inputs), old_vocab)
+    inputs = image_prompt_inputs(processor, seed=0)
+    assert inputs["pixel_values"].shape == (3, 3, REPLICA_IMAGE_SIZE, REPLICA_IMAGE_SIZE)  # 2 tiles + thumbnail
+    expected = reference_logits(state_dict, replica_config(), inputs["input_ids"], inputs["pixel_values"])
+    assert_same_model_with_latent_rows(converted, expected, inputs)
 
 
-@pytest.mark.parametrize("tie_word_embeddings, text_model_type", [(False, "qwen2"), (True, "qwen2"), (False, "qwen3")])
-def test_native_layout_converts_to_the_same_model(tmp_path, hf_home, tie_word_embeddings, text_model_type):
-    tokenizer = base_tokenizer()
-    base_model = native_base_model(tokenizer, tie_word_embeddings, seed=1, text_model_type=text_model_type)
-    assert base_model.config.text_config.model_type == text_model_type
-    write_native_checkpoint(tmp_path / "base", base_model, tokenizer)
-    main(ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "repo"), license="apache-2.0"))
+HF_LAYOUTS = {
+    "no top-level tie key (transformers 4.x)": dict(write_tie_key=False),
+    "tie_word_embeddings false": dict(),
+    "tied": dict(tie_word_embeddings=True),
+    "qwen3 text model (InternVL3.5)": dict(text_model_type="qwen3"),
+}
+
+
+@pytest.mark.parametrize("layout", HF_LAYOUTS)
+def test_hf_layout_converts_to_the_same_model(layout, tmp_path, hf_home):
+    base_model = write_hf_replica(tmp_path / "base", **HF_LAYOUTS[layout])
+    tied = HF_LAYOUTS[layout].get("tie_word_embeddings", False)
+    if layout.startswith("no top-level"):
+        # transformers 5 reads the missing key as tied; its own loading keeps the two different matrices apart
+        assert "tie_word_embeddings" not in json.loads((tmp_path / "base" / "config.json").read_text())
+        loaded = InternVLForConditionalGeneration.from_pretrained(tmp_path / "base")
+        assert loaded.config.tie_word_embeddings and loaded.lm_head.weight is not loaded.get_input_embeddings().weight
+    main(ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "repo")))
     converted = AutoModel.from_pretrained(tmp_path / "repo", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "repo", trust_remote_code=True)
-    assert (converted.lm_head.weight is converted.get_input_embeddings().weight) == tie_word_embeddings
-    inputs = processor(images=[make_image(1)], text="<image>\nIs Tom a wump?", return_tensors="pt")
-    assert_same_model_with_latent_rows(converted, base_model, dict(inputs), len(tokenizer))
+    assert_coconut_vocabulary(converted, processor)
+    assert converted.config.text_config.model_type == base_model.config.text_config.model_type
+    assert (converted.lm_head.weight is converted.get_input_embeddings().weight) == tied
+    assert converted.config.tie_word_embeddings == converted.config.text_config.tie_word_embeddings == tied
+
+    inputs = image_prompt_inputs(processor, seed=1)
+    with torch.no_grad():
+        expected = base_model(**inputs).logits
+    assert_same_model_with_latent_rows(converted, expected, inputs)
+
+
+# transformers' `convert_internvl_weights_to_hf.py`, `get_internvl_config`, step by step (InternVL3 on Qwen2).
+OFFICIAL_UNNECESSARY_CONFIG_KEYS = [ "_name_or_path", "_attn_implementation_autoset", "auto_map", "use_bfloat16", "use_flash_attn", "bias", "laux_allreduce", "moe_coeff_ratio", "moe_intermediate_size", "moe_output_scale", "noisy_gate_policy", "shared_expert_intermediate_size", "use_residual", "use_moe", "use_rts", "use_weighted_residual", "moe_config", "num_experts", "num_routed_experts", "num_shared_experts", "capacity_factor", "eval_capacity_factor", "drop_path_rate"]  # fmt: skip
+
+
+def official_internvl3_config(original: dict) -> dict:
+    llm_config = {k: v for k, v in original["llm_config"].items() if k not in OFFICIAL_UNNECESSARY_CONFIG_KEYS}
+    vision_config = {k: v for k, v in original["vision_config"].items() if k not in OFFICIAL_UNNECESSARY_CONFIG_KEYS}
+    vision_config["use_absolute_position_embeddings"] = True
+    llm_config["use_cache"] = True
+    llm_config["eos_token_id"] = 151645
+    if "attention_probs_dropout_prob" in vision_config:
+        attention_dropout = vision_config.pop("attention_probs_dropout_prob")
+        vision_config["attention_dropout"] = attention_dropout
+        vision_config["projection_dropout"] = attention_dropout
+    vision_config["use_qk_norm"] = vision_config.pop("qk_normalization")
+    vision_config["attention_bias"] = vision_config.pop("qkv_bias")
+    config = InternVLConfig(
+        text_config=Qwen2Config(**llm_config),
+        vision_config=InternVLVisionConfig(**vision_config),
+        image_token_id=151667,
+    )
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+# Where the converter deliberately differs from the official script (docs/conversion.md says why).
+DEVIATIONS = {
+    "tie_word_embeddings",  # official: left at transformers 5's default (tied), while the weights are not
+    "text_config.architectures",  # describe the saved object, not the architecture: the top level records it
+    "text_config.dtype",
+    "vision_config.architectures",
+    "vision_config.dtype",
+    "vision_config.dropout",  # not fields of the native vision config (the original's proj_drop rate, 0.0)
+    "vision_config.initializer_factor",
+}
+
+
+def differing_fields(ours: dict, official: dict, prefix: str = "") -> list[str]:
+    """Fields of `official` that `ours` lacks or holds another value for, as dotted paths."""
+    differing = []
+    for key, value in official.items():
+        path = prefix + key
+        if isinstance(value, dict) and isinstance(ours.get(key), dict):
+            differing += differing_fields(ours[key], value, path + ".")
+        elif ours.get(key, object()) != value:
+            differing.append(path)
+    return differing
+
+
+@pytest.mark.parametrize("size", ["full", "replica"])
+def test_config_mapping_equals_the_official_conversion(size, tmp_path):
+    original = INTERNVL3_1B_CONFIG if size == "full" else replica_config()
+    write_replica_tokenizer(tmp_path)
+    ours = json.loads(base_coconut_config(original, load_base_tokenizer(tmp_path)).to_json_string(use_diff=False))
+    official = official_internvl3_config(original)
+    ignored = DEVIATIONS | {"model_type"}  # 'coconut_internvl'
+    if size == "replica":
+        ignored |= {"image_seq_length"}  # official: 256, right at 448 px only
+    assert sorted(set(differing_fields(ours, official)) - ignored) == []
+    assert set(differing_fields(ours, official)) >= {"tie_word_embeddings"}
+    assert ours["text_config"]["rope_parameters"]["factor"] == 2.0 and ours["text_config"]["eos_token_id"] == 151645
+    assert ours["tie_word_embeddings"] is False and ours["text_config"]["use_cache"] is True
+    assert not {"moe_config", "use_bfloat16"} & set(ours["text_config"])
+    assert not {"initializer_factor", "dropout", "use_flash_attn", "drop_path_rate"} & set(ours["vision_config"])
+
+
+def converted_config_json(original: dict, dtype: torch.dtype, folder) -> dict:
+    """The config.json the converter writes for an original `config.json`, without weights: its config mapping, the
+    model built on the meta device in the weights' dtype, the Coconut tokens added, written as `save_pretrained`
+    writes it (which also records the class)."""
+    write_replica_tokenizer(folder)
+    tokenizer = load_base_tokenizer(folder)
+    with torch.device("meta"):
+        model = CoconutInternVLForConditionalGeneration._from_config(
+            base_coconut_config(original, tokenizer), dtype=dtype
+        )
+    assert add_latent_tokens(model, tokenizer) == COCONUT_IDS
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(folder / "config.json")
+    written = json.loads((folder / "config.json").read_text())
+    written.pop("transformers_version")
+    return written
+
+
+def test_converted_config_json_without_weights_is_what_the_conversion_writes(converted_original, tmp_path):
+    """The shortcut above, on the replica, gives the config.json of the real conversion (float32 replica weights)."""
+    written = json.loads((converted_original / "config.json").read_text())
+    written.pop("transformers_version")
+    assert converted_config_json(replica_config(), torch.float32, tmp_path) == written
+
+
+def test_root_config_json_is_what_the_converter_writes_for_internvl3_1b(tmp_path):
+    """The full-size InternVL3-1B config (bfloat16 weights) through the converter, field by field."""
+    written = converted_config_json(INTERNVL3_1B_CONFIG, torch.bfloat16, tmp_path)
+    root = json.loads((ROOT / "config.json").read_text())
+    root.pop("transformers_version")
+    assert written == root, f"fields that differ: {differing_fields(written, root) + differing_fields(root, written)}"
+
+
+def test_a_bad_latent_id_in_config_is_refused_when_the_processor_loads(converted_original, tmp_path, hf_home):
+    folder = tmp_path / "repo"
+    shutil.copytree(converted_original, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["latent_token_id"] = 100  # an ordinary token of the tokenizer
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"`latent_token_id`=100 but the tokenizer's <\|latent\|> is 151676"):
+        AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(converted_original, trust_remote_code=True)  # the right ids pass
+    with pytest.raises(ValueError, match="`start_latent_token_id`=None but"):
+        processor.check_latent_token_ids(InternVLConfig())
+
+
+def write_config(folder, config: dict):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make_base", "message"),
+    [
+        (
+            lambda tmp: write_config(
+                tmp / "qwen2", {**Qwen2Config().to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+            ),
+            r"is not an InternVL checkpoint: its config.json has `model_type`='qwen2' and `architectures`=\['Qwen2",
+        ),
+        (
+            lambda tmp: write_config(tmp / "llava", {"model_type": "internvl", "architectures": ["LlavaForCausalLM"]}),
+            r"is not an InternVL checkpoint: .*`architectures`=\['LlavaForCausalLM'\]",
+        ),
+        (lambda tmp: write_config(tmp / "coconut", {"model_type": "coconut_internvl"}), "already a Coconut-InternVL"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", r"the folder .*empty has no `config.json`"),
+        (lambda tmp: tmp / "missing", r"missing: the path has no `config.json`"),
+    ],
+)
+def test_wrong_base_is_refused_before_anything_is_loaded(make_base, message, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded before the refusal")
+
+    monkeypatch.setattr(convert_to_coconut, "load_base", refuse)
+    monkeypatch.setattr(coconut.convert, "snapshot_download", refuse)
+    monkeypatch.setattr(coconut.convert, "hf_hub_download", refuse)
+    base = make_base(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        main(ConvertConfig(base=str(base), output=str(tmp_path / "out"), license="mit"))
+
+
+def test_output_in_the_base_folder_is_refused(original_replica):
+    base = original_replica[0]
+    for output in (base, base / "coconut", base / "." / "sub" / ".."):
+        with pytest.raises(ValueError, match="the `--base` folder .* saving would overwrite"):
+            ConvertConfig(base=str(base), output=str(output))
+
+
+def test_train_sft_refuses_a_plain_internvl(tmp_path):
+    write_hf_replica(tmp_path / "internvl")
+    with pytest.raises(ValueError, match="'internvl' checkpoint .* convert it with `convert_to_coconut.py` first"):
+        load_model_and_processor(ModelConfig(model_name_or_path=str(tmp_path / "internvl")))
 
 
 def test_repository_folder_is_complete(converted_original):
@@ -303,7 +396,7 @@ def test_card_quick_start_runs_offline_without_network(converted_original, tmp_p
     ids, expected = inputs["input_ids"], []
     with torch.no_grad():
         for _ in range(len(report["new"])):
-            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0, -1]
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], logits_to_keep=1).logits[0, -1]
             expected.append(int(logits.argmax()))
             ids = torch.cat([ids, torch.tensor([[expected[-1]]])], dim=1)
     assert report["new"] == expected
@@ -354,8 +447,9 @@ def test_unknown_original_weight_raises():
 
 
 def test_local_base_pushed_without_hub_id_raises(tmp_path):
+    (tmp_path / "base").mkdir()
     with pytest.raises(ValueError, match="pass `--base_model_id OWNER/NAME`"):
-        ConvertConfig(base=str(tmp_path), output=str(tmp_path / "out"), push_to_hub="me/coconut")
+        ConvertConfig(base=str(tmp_path / "base"), output=str(tmp_path / "out"), push_to_hub="me/coconut")
 
 
 def test_model_card_metadata_and_evaluation_table():

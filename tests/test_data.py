@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -194,15 +195,109 @@ def test_any_json_file_with_a_column_mapping(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines))
     mapping = {"id": "qid", "question": "query", "steps": "rationale", "answer": "label", "images": "pic"}
-    dataset = load_records(path, column_mapping=mapping, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    dataset = load_records(path, column_mapping=mapping)
     assert dataset["id"] == ["11", "12"]
     assert dataset["steps"] == [["Look.", "It is round."], ["Count.", "There are two."]]
     assert dataset["answer"] == ["circle", "2"]
     assert dataset[0]["images"][0].getpixel((1, 1)) == (5, 5, 5)
-    with pytest.raises(ValueError, match="Column 'question' for `question` is not in the dataset"):
-        load_records(path, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ValueError, match="Column 'question' for `question` is not in .*mine.jsonl"):
+        load_records(path)
     with pytest.raises(ValueError, match="unknown record fields \\['label'\\]"):
         load_records(path, column_mapping={"label": "label"})
     (tmp_path / "one.png").unlink()
     with pytest.raises(ValueError, match="Record 0 \\(id '11'\\): image 0 is missing"):
-        load_records(path, column_mapping=mapping, load_kwargs={"cache_dir": str(tmp_path / "cache")})
+        load_records(path, column_mapping=mapping)
+
+
+@pytest.mark.parametrize(
+    "item, problem",
+    [
+        ({"answer": 42}, "`answer` must be a string, got int 42"),
+        ({"answer": {"value": "B2"}}, "`answer` must be a string, got dict"),
+        ({"answer": ["B2"]}, "`answer` must be a string, got list"),
+        ({"answer": False}, "`answer` must be a string, got bool False"),
+        ({"steps": "One. Two."}, "`steps` is one string"),
+        ({"steps": ["One.", ""]}, "`steps\\[1\\]` is empty"),
+        ({"steps": ["One.", 2]}, "`steps\\[1\\]` must be a string, got int 2"),
+        ({"question": ["What next?"]}, "`question` must be a string"),
+    ],
+)
+def test_wrong_shapes_are_refused_naming_record_and_field(tmp_path, item, problem):
+    """Issue 11 item 10: nothing is coerced (no `str(42)`, no step per character), and the error names the field."""
+    record = {name: value for name, value in good_record().items() if name != "id"}  # ids come from the file
+    path = tmp_path / "gsm_valid.json"
+    path.write_text(json.dumps([record, {**record, **item}]))
+    with pytest.raises(ValueError, match=f"Record 1 \\(id 'gsm_valid-1'\\): {problem}"):
+        load_coconut_json(path)
+    generic = path.rename(tmp_path / "mine.json")
+    if isinstance(item.get("steps"), str):  # the generic loader splits a steps string on `steps_separator`
+        assert load_records(generic)[1]["steps"] == ["One. Two."]
+        return
+    with pytest.raises(ValueError, match=f"Record 1 \\(id 'train-1'\\): {problem}"):
+        load_records(generic)
+
+
+@pytest.mark.parametrize("item, kind", [(None, "None (a NoneType)"), ("just text", "'just text' (a str)")])
+def test_records_that_are_not_objects_are_refused(tmp_path, item, kind):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([good_record(), item]))
+    with pytest.raises(ValueError, match=f"Record 1 is {re.escape(kind)}, not an object"):
+        load_coconut_json(path)
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps(good_record()) + "\n" + json.dumps(item) + "\n")
+    with pytest.raises(ValueError, match="Record 1 is"):
+        load_records(lines)
+    # skip_invalid drops them, and says how many; dropping every record is an error.
+    assert load_coconut_json(path, skip_invalid=True)["id"] == ["q7"]
+    path.write_text(json.dumps([item]))
+    with pytest.raises(ValueError, match="All 1 records are of the wrong shape"):
+        load_coconut_json(path, skip_invalid=True)
+
+
+def test_files_that_are_not_json_name_the_file_and_line(tmp_path):
+    """Issue 11 item 11: a bare JSONDecodeError becomes an error with the file, line and column."""
+    broken = tmp_path / "prosqa_train.json"
+    broken.write_text('[\n  {"question": "a", "steps": ["b"], "answer": "c"},\n  {"question": "d" "steps": []}\n]')
+    with pytest.raises(ValueError, match="prosqa_train.json', line 3 column 20: not valid JSON"):
+        load_coconut_json(broken)
+    with pytest.raises(ValueError, match="prosqa_train.json', line 3 column 20: not valid JSON"):
+        load_records(broken)
+    lines = tmp_path / "mine.jsonl"
+    lines.write_text(json.dumps(good_record()) + "\n\n" + "<html>not json</html>\n")
+    with pytest.raises(ValueError, match="mine.jsonl', line 3 column 1: not valid JSON"):
+        load_records(lines)
+
+
+def test_empty_datasets_say_no_records(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="No records in '.*empty.json'"):
+        load_coconut_json(tmp_path / "empty.json")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="No records in '.*empty.jsonl'"):
+        load_records(tmp_path / "empty.jsonl")
+    Dataset.from_dict({"question": [], "answer": []}).to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match="No records in 'parquet' \\(split 'train'\\)"):
+        load_records("parquet", load_kwargs={"data_files": str(tmp_path / "empty.parquet")})
+    # Records that are all invalid leave nothing either: an error, not an empty dataset.
+    with pytest.raises(ValueError, match="All 2 records are invalid \\(2 x no steps\\)"):
+        validate_dataset(records_to_dataset([good_record(steps=[]), good_record(steps=[])]), skip_invalid=True)
+
+
+def test_a_mapping_to_a_missing_column_names_it_and_the_columns(tmp_path):
+    """Issue 11 item 11: a mapped `steps` or `images` column that is not there was read as "no steps" / no images."""
+    save_png(tmp_path / "one.png")
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"query": "Which?", "rationale": "Look.", "label": "red", "pic": "one.png"}))
+    mapping = {"question": "query", "steps": "rationale", "answer": "label"}
+    assert load_records(path, column_mapping={**mapping, "images": "pic"})[0]["images"][0].size == (32, 24)
+    columns = re.escape("(columns: ['label', 'pic', 'query', 'rationale'])")
+    with pytest.raises(ValueError, match=f"Column 'picture' for `images` is not in .*mine.jsonl' {columns}"):
+        load_records(path, column_mapping={**mapping, "images": "picture"})
+    with pytest.raises(ValueError, match=f"Column 'reasoning' for `steps` is not in .*{columns}"):
+        load_records(path, column_mapping={**mapping, "steps": "reasoning"})
+
+
+def test_an_answer_holding_the_marker_is_invalid():
+    """The evaluation reads the answer after the last `### `: an answer containing one could never be scored."""
+    with pytest.raises(ValueError, match="Record 0 \\(id 'q7'\\): answer holds the marker"):
+        validate_dataset(records_to_dataset([good_record(answer="### 3")]))

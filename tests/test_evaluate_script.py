@@ -18,7 +18,7 @@ from coconut.evaluation import (
     write_table_into_card,
 )
 from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
-from evaluate import ScriptArguments, main
+from evaluate import CurriculumArguments, ScriptArguments, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
 
@@ -43,12 +43,13 @@ def test_evaluate_script(saved_model, tmp_path):
     argv = ["--model", str(model_dir), "--dataset", str(SLICE.parent), "--split", "valid_slice", "--stage", "2"]
     argv += ["--max_latent_stage", "6", "--max_samples", "5", "--max_new_tokens", "6", "--batch_size", "2"]
     argv += ["--output_dir", str(tmp_path / "eval"), "--update_model_card", "--disable_tqdm"]
-    script_args, curriculum, eval_config = TrlParser(
-        (ScriptArguments, CurriculumConfig, CoconutEvalConfig)
+    script_args, curriculum_args, eval_config = TrlParser(
+        (ScriptArguments, CurriculumArguments, CoconutEvalConfig)
     ).parse_args_and_config(argv)
-    assert (eval_config.stage, curriculum.max_latent_stage, script_args.max_samples) == (2, 6, 5)
+    assert (eval_config.stage, curriculum_args.max_latent_stage, script_args.max_samples) == (2, 6, 5)
 
-    results = main(script_args, curriculum, eval_config)
+    results = main(script_args, curriculum_args, eval_config)
+    curriculum = CurriculumConfig(max_latent_stage=6)  # the model has no training record: defaults + the flags
     saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     records = load_coconut_json(SLICE).select(range(5))
     direct = evaluate_stage(model, tokenizer, records, curriculum, eval_config)

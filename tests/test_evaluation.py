@@ -207,11 +207,14 @@ def test_stage_results_table():
 
     base = {"mean_generated_tokens": 10.0, "samples_per_second": 2.0, "num_samples": 4}
     results = EvalResults(
-        [StageResult(0, "", {"accuracy": 0.25, **base}, []), StageResult(1, "", {"accuracy": 0.75, **base}, [])]
+        [
+            StageResult(0, "", {"accuracy": 0.25, "max_latent_thoughts": 0, **base}, []),
+            StageResult(1, "", {"accuracy": 0.75, "max_latent_thoughts": 2, **base}, []),
+        ]
     )
     table = results.markdown_table().splitlines()
-    assert table[0] == "| Stage | Accuracy | Generated tokens | Samples/s | Samples |"
-    assert table[3] == "| 1 | 75.0 | 10.0 | 2.00 | 4 |"
+    assert table[0] == "| Stage | Accuracy | Generated tokens | Thoughts (max) | Samples/s | Samples |"
+    assert table[3] == "| 1 | 75.0 | 10.0 | 2 | 2.00 | 4 |"
     overall = results.to_dict()["overall"]
     assert (overall["final_stage"], overall["best_stage"], overall["best_accuracy"]) == (1, 1, 0.75)
 

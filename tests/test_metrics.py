@@ -20,7 +20,7 @@ from coconut.metrics import (
         ("Tom is a wumpus.\nEvery wumpus is a yumpus.\n### Tom is a yumpus.", "Tom is a yumpus."),
         ("### 18", "18"),
         ("###  42 \n", "42"),
-        ("step\n### a ### b", "a ### b"),  # the first marker starts the answer
+        ("A1 points ### to A2.\n### A2", "A2"),  # a step may hold the marker: the last one starts the answer
         ("###b", None),  # the marker is "### ", space included, as in training
         ("no marker here", None),
         ("", None),

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model, tiny_config_for
 from PIL import Image
-from transformers import AutoProcessor, GotOcr2ImageProcessorPil
+from replicas import HF_IMAGE_TOKEN_NAMES, OFFICIAL_CHAT_TEMPLATE, VOCAB_SIZE, write_replica_tokenizer
+from transformers import AutoProcessor, AutoTokenizer, GotOcr2ImageProcessorPil
 
 from coconut.tokenizer import train_tokenizer
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
@@ -46,6 +47,80 @@ def processor():
 
 def test_processor_uses_the_internvl_chat_template(processor):
     assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is Tom a wump?"}]}],
+    [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"}, {"type": "video"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "### Yes"}]},
+        {"role": "user", "content": "And now?"},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_renders_as_the_official_internvl_template(processor, messages):
+    """Images as `<image>\\n`, videos as `<video>\\n` (a video part is not dropped), as transformers' conversion."""
+    for add_generation_prompt in (True, False):
+        ours = processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        official = processor.tokenizer.apply_chat_template(
+            messages, chat_template=OFFICIAL_CHAT_TEMPLATE, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        assert ours == official
+    has_video = any(
+        part["type"] == "video" for m in messages if isinstance(m["content"], list) for part in m["content"]
+    )
+    assert ("<video>\n" in ours) == has_video
+
+
+@pytest.fixture(scope="module")
+def replica_tokenizer(tmp_path_factory):
+    """The real InternVL3 vocabulary (151674 tokens, no `<video>`), its image tokens named as the official `-hf`."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_replica_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=HF_IMAGE_TOKEN_NAMES)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]})
+    return tokenizer
+
+
+def test_tokenizer_without_video_token_gets_no_new_vocabulary(replica_tokenizer, tmp_path, hf_home):
+    tokenizer = replica_tokenizer
+    assert len(tokenizer) == VOCAB_SIZE + 3 and "<video>" not in tokenizer.get_vocab()
+    image_processor = GotOcr2ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = CoconutInternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=TOKENS_PER_TILE
+    )
+    assert processor.video_token == "<video>" and len(processor.tokenizer) == VOCAB_SIZE + 3
+    assert "<video>" not in processor.tokenizer.get_vocab()
+    ids = [processor.start_latent_token_id, processor.end_latent_token_id, processor.latent_token_id]
+    assert ids == [VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2]
+    inputs = processor(images=[make_image(112, 56, seed=7)], text="<image>\nIs Tom a wump?", num_latent_thoughts=1)
+    ids = inputs["input_ids"][0]
+    expected_image = [151665] + [151667] * TOKENS_PER_TILE * 3 + [151666]  # <img>, 3 tiles of <IMG_CONTEXT>, </img>
+    assert ids[: len(expected_image)] == expected_image
+    assert ids[-3:] == [VOCAB_SIZE, VOCAB_SIZE + 2, VOCAB_SIZE + 1]  # <|start-latent|>, <|latent|>, <|end-latent|>
+
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert len(loaded.tokenizer) == VOCAB_SIZE + 3 and loaded.video_token == "<video>"
+    assert (
+        loaded(text="<image>", images=[make_image(56, 56, seed=8)])["input_ids"]
+        == processor(text="<image>", images=[make_image(56, 56, seed=8)])["input_ids"]
+    )
+
+
+def test_check_latent_token_ids(processor):
+    ids = dict(
+        start_latent_token_id=processor.start_latent_token_id,
+        end_latent_token_id=processor.end_latent_token_id,
+        latent_token_id=processor.latent_token_id,
+    )
+    processor.check_latent_token_ids(ids)
+    with pytest.raises(ValueError, match=r"`end_latent_token_id`=12 but the tokenizer's <\|end-latent\|> is"):
+        processor.check_latent_token_ids({**ids, "end_latent_token_id": 12})
 
 
 def test_image_tokens_per_tile_and_pixel_values_in_order(processor):
@@ -137,6 +212,7 @@ def test_decode_answer(processor):
     assert processor.decode_answer(f"Tom is a wump.\n### Yes{eos}{pad}{pad}") == "Yes"
     assert processor.decode_answer("Tom is a wump.\n###   No  ") == "No"  # no eos: to the end, stripped
     assert processor.decode_answer("Tom is a wump.") is None
+    assert processor.decode_answer("Tom ### is a wump.\n### Yes") == "Yes"  # a step may hold the marker: the last
     prompt = processor.build_prompt("Is Tom a wump?", num_latent_thoughts=1)
     ids = processor(text=[prompt + f"### Yes{eos}", prompt + f"step\n### No{eos}"], return_tensors="pt")["input_ids"]
     assert processor.decode_answer(ids) == ["Yes", "No"]  # left padding and the prompt's own eos are skipped

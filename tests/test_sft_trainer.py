@@ -1,5 +1,8 @@
 """CoconutSFTTrainer: the model's own loss, the stage schedule, optimizer resets and exact resume, on a tiny model."""
 
+import json
+import logging
+
 import pytest
 import torch
 from conftest import tiny_config_for
@@ -69,11 +72,12 @@ def sft_config(tmp_path, **overrides) -> CoconutSFTConfig:
     return CoconutSFTConfig(**settings)
 
 
-def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, **overrides) -> CoconutSFTTrainer:
+def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, eval_dataset=None, **overrides) -> CoconutSFTTrainer:
     return CoconutSFTTrainer(
         model=text_model(tokenizer, seed),
         args=sft_config(tmp_path, **overrides),
         train_dataset=records,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
 
@@ -272,3 +276,174 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
     assert resumed.state.global_step == 12
     for (name, expected), actual in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Issue 11: what a stopped, resumed, re-run or diverging training does. Three stages of two steps each.
+CHECKPOINTED = dict(per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
+
+
+def stopped_run(tmp_path, tokenizer, step, **overrides) -> CoconutSFTTrainer:
+    """A run of `CHECKPOINTED` stopped after `step` steps, with a checkpoint after every step."""
+    trainer = make_trainer(tmp_path, tokenizer, **{**CHECKPOINTED, **overrides})
+    trainer.add_callback(StopAt(step))
+    trainer.train()
+    assert trainer.state.global_step == step
+    return trainer
+
+
+def assert_same_weights(model, expected_model):
+    for (name, expected), actual in zip(expected_model.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stage_results_survive_a_resume(tmp_path, tokenizer):
+    """Item 4: stopped in stage 2 and resumed, the run still reports stages 0 and 1, predictions included."""
+    evaluation = dict(eval_dataset=RECORDS[:3], eval_max_new_tokens=3, per_device_eval_batch_size=2)
+    full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED, **evaluation)
+    full.train()
+    stopped_run(tmp_path / "run", tokenizer, 5, **evaluation)  # stages 0 and 1 evaluated, then stopped
+    resumed = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED, **evaluation)
+    resumed.train(resume_from_checkpoint=True)
+
+    def results(trainer):
+        return [
+            (r.stage, r.metrics["accuracy"], [p.generation for p in r.predictions])
+            for r in trainer.eval_results.results
+        ]
+
+    assert [stage for stage, *_ in results(resumed)] == [0, 1, 2]
+    assert results(resumed) == results(full)
+    paths = resumed.eval_results.save(tmp_path / "results")
+    assert [row["stage"] for row in json.loads(paths["json"].read_text())["stages"]] == [0, 1, 2]
+    for stage in (0, 1, 2):
+        lines = (tmp_path / "results" / f"predictions_stage_{stage}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == ["toy-0", "toy-1", "toy-2"]
+
+
+def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplog):
+    """Item 7: a checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
+    full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
+    full.train()
+    stopped_run(tmp_path / "run", tokenizer, 4)
+    incomplete = tmp_path / "run" / "out" / "checkpoint-4"
+    (incomplete / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="checkpoint-4' is incomplete or missing: it has no readable trainer_state"):
+        make_trainer(tmp_path / "run", tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=str(incomplete))
+    resumed = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED)
+    with caplog.at_level(logging.WARNING, logger="coconut.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "Skipping incomplete checkpoint(s)" in caplog.text and "checkpoint-4 (no readable" in caplog.text
+    assert "resuming from " + str(tmp_path / "run" / "out" / "checkpoint-3") in caplog.text
+    assert resumed.state.global_step == 6
+    assert_same_weights(resumed.model, full.model)
+
+
+def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer):
+    """Item 8: no silent fresh optimizer."""
+    stopped_run(tmp_path, tokenizer, 3)
+    (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").unlink()
+    with pytest.raises(ValueError, match="checkpoint-3' has no optimizer.pt .* `--resume_with_fresh_optimizer`"):
+        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
+    fresh = make_trainer(tmp_path, tokenizer, resume_with_fresh_optimizer=True, **CHECKPOINTED)
+    recorder = RecordOptimizer()
+    recorder.trainer = fresh
+    fresh.add_callback(recorder)
+    fresh.train(resume_from_checkpoint=True)
+    assert fresh.state.global_step == 6
+    assert recorder.adam_steps == [1, 1, 2]  # step 4 with a new optimizer; the reset at step 5 (stage 2) as usual
+
+
+def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
+    """Item 9: a weight file cut short is an error naming it, not a deserialisation error."""
+    stopped_run(tmp_path, tokenizer, 2)
+    weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"Weight file '{weights}' is damaged .*cut short"):
+        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
+
+
+class CorruptWeightAfter(TrainerCallback):
+    """Writes a NaN into the LM head after `step` steps, as a corrupt weight file would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
+    """Item 9: NaN weights train to a NaN loss: the run stops with the first bad step, and saves nothing after it."""
+    trainer = make_trainer(tmp_path, tokenizer, **CHECKPOINTED)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite \\(NaN or inf\\) at step 1 \\(stage 0\\)"):
+        trainer.train()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+    # Checked only where the run logs, saves or ends a stage (no sync per step), the error still names the first step.
+    trainer = make_trainer(tmp_path, tokenizer, logging_steps=50, per_device_train_batch_size=4)
+    trainer.add_callback(CorruptWeightAfter(2))
+    with pytest.raises(FloatingPointError, match="at step 3 \\(stage 1\\); training stopped at step 4"):
+        trainer.train()
+
+
+def test_resume_refuses_other_settings(tmp_path, tokenizer):
+    """Item 1: the same output_dir with other training or curriculum settings is refused, naming the fields."""
+    stopped_run(tmp_path, tokenizer, 2)
+    with pytest.raises(ValueError, match="c_thought: 1 -> 2; learning_rate: 0.01 -> 0.02\\. .*--overwrite_output_dir"):
+        make_trainer(tmp_path, tokenizer, c_thought=2, learning_rate=2e-2, **CHECKPOINTED).train(True)
+    with pytest.raises(ValueError, match="train_records: 8 -> 6; train_records_sha256: '"):
+        make_trainer(tmp_path, tokenizer, records=RECORDS[:6], **CHECKPOINTED).train(True)
+    # Logging, saving and evaluation settings may change on resume.
+    relaxed = {**CHECKPOINTED, "save_steps": 2, "logging_steps": 3, "per_device_eval_batch_size": 7}
+    resumed = make_trainer(tmp_path, tokenizer, eval_max_new_tokens=9, activation_checkpointing=True, **relaxed)
+    resumed.train(True)
+    assert resumed.state.global_step == 6
+    # `overwrite_output_dir` starts again from scratch, without the old checkpoints.
+    fresh = make_trainer(tmp_path, tokenizer, c_thought=2, overwrite_output_dir=True, save_strategy="no")
+    fresh.train()
+    assert fresh.state.global_step == 6 and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
+    """Item 3: warnings with the numbers; the stage reached and the thoughts used describe the saved model."""
+    with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
+        make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=3)
+    assert (
+        "too short for its curriculum: `num_train_epochs`=2 ends in stage 1, but `max_latent_stage`=3 needs "
+        "(max_latent_stage + 1) x epochs_per_stage (1) = 4 epochs"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
+        beyond = make_trainer(tmp_path, tokenizer, num_train_epochs=6, max_latent_stage=5, c_thought=2)
+    assert "`max_latent_stage`=5, but the longest training record has 3 steps" in caplog.text
+    assert [beyond.num_latent_thoughts(stage) for stage in (0, 2, 5)] == [0, 4, 6]  # capped at 3 steps x 2
+    with pytest.raises(ValueError, match="`max_steps`=99 is more than the curriculum's 6 steps"):
+        make_trainer(tmp_path, tokenizer, max_steps=99, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match="`num_train_epochs`=0: the curriculum trains whole epochs, at least one"):
+        sft_config(tmp_path, num_train_epochs=0)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
+        short = make_trainer(
+            tmp_path, tokenizer, max_steps=3, per_device_train_batch_size=4, eval_dataset=RECORDS[:2],
+            eval_max_new_tokens=2,
+        )  # fmt: skip
+    assert "`max_steps`=3 of 6 steps ends in stage 1" in caplog.text
+    short.train()
+    record = short.training_record()
+    assert (record["stage"], record["num_latent_thoughts"], record["global_step"]) == (1, 1, 3)
+    assert [r.stage for r in short.eval_results.results] == [0, 1]
+    assert short.eval_results.to_dict()["overall"]["max_latent_thoughts"] == 1
+
+
+def test_collator_never_cuts_an_example(tmp_path, tokenizer):
+    """Item 5: an example longer than max_length is an error naming its record, never trained on cut."""
+    row = {"epoch": 0, "sample": 5, "stage": 0}
+    length = make_trainer(tmp_path, tokenizer, max_length=None).data_collator([row])["input_ids"].shape[1]
+    trainer = make_trainer(tmp_path, tokenizer, max_length=length - 1)
+    with pytest.raises(ValueError, match=f"Record 5 \\(id 'toy-5'\\) at stage 0 is {length} tokens long"):
+        trainer.data_collator([row])
+    assert trainer.data_collator([{**row, "stage": 3}])["input_ids"].shape[1] < length  # shorter stages still fit

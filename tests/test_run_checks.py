@@ -1,0 +1,232 @@
+"""train_sft.py and evaluate.py fed bad input (issue 11): re-runs with other flags, unwritable folders, short runs,
+too long records, a missing `--dataset`, damaged weights, missing models, and the settings a saved model records."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+from datasets import Image, List
+from trl import ModelConfig, TrlParser
+
+import evaluate
+import train_sft
+from coconut.curriculum import CurriculumConfig, max_example_length
+from coconut.data import image_token_counter
+from coconut.evaluation import CoconutEvalConfig, evaluate_stage
+from coconut.sft_config import CoconutSFTConfig
+from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
+
+
+# The demo's task and model, shrunk: 8 records of a 2 x 2 board with 2 arrows, three stages of two steps.
+SMALL_RUN = [
+    "--dataset", "arrow_chase", "--synthetic_train_size", "8", "--synthetic_validation_size", "2",
+    "--synthetic_grid_size", "2", "--synthetic_max_hops", "2", "--num_train_epochs", "3", "--max_latent_stage", "2",
+    "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--eval_max_new_tokens", "2",
+    "--learning_rate", "1e-3", "--save_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+    "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0",
+]  # fmt: skip
+
+
+def parse(argv: list[str]):
+    return TrlParser((train_sft.ScriptArguments, CoconutSFTConfig, ModelConfig)).parse_args_and_config(argv)
+
+
+def train(tmp_path, *flags: str, output: str = "out"):
+    """`train_sft.py` in this process on `SMALL_RUN`; later flags override earlier ones."""
+    folders = ["--output_dir", str(tmp_path / output), "--synthetic_dir", str(tmp_path / "data")]
+    return train_sft.main(*parse([*SMALL_RUN, *folders, *flags]))
+
+
+def test_rerun_with_other_flags_is_refused(tmp_path):
+    """Item 1: the same command plus `--c_thought 2` used to resume, train 0 steps and rewrite the card."""
+    output = tmp_path / "out"
+    train(tmp_path, "--save_strategy", "steps", "--save_steps", "2")
+    card = (output / "README.md").read_text()
+    with pytest.raises(
+        ValueError, match="checkpoint-6' was trained with other settings than this run: c_thought: 1 -> 2"
+    ):
+        train(tmp_path, "--save_strategy", "steps", "--save_steps", "2", "--c_thought", "2")
+    assert (output / "README.md").read_text() == card  # nothing rewritten
+    # Flags that do not change the training resume (here: nothing left to train).
+    resumed = train(tmp_path, "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "2",
+                    "--per_device_eval_batch_size", "1", "--eval_max_new_tokens", "3")  # fmt: skip
+    assert resumed.state.global_step == 6
+    # --overwrite_output_dir trains from scratch and drops the old checkpoints.
+    train(tmp_path, "--c_thought", "2", "--overwrite_output_dir", "true")
+    assert not list(output.glob("checkpoint-*"))
+    assert "c_thought 2" in (output / "README.md").read_text()
+    assert json.loads((output / "coconut_training.json").read_text())["curriculum"]["c_thought"] == 2
+    # Without checkpoints, the saved model's record still protects it from a run with other flags.
+    with pytest.raises(ValueError, match="The model in '.*out' was trained with other settings .* c_thought: 2 -> 1"):
+        train(tmp_path)
+
+
+def test_output_dir_that_cannot_be_written_fails_before_training(tmp_path):
+    """Item 2: the check runs first: no data is rendered, no step trained."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="`output_dir`='.*a_file/out' cannot be written \\(NotADirectoryError"):
+        train(tmp_path, "--output_dir", str(tmp_path / "a_file" / "out"))
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_dir_fails_before_training(tmp_path):
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    with pytest.raises(ValueError, match="`output_dir`='.*read_only' cannot be written \\(PermissionError"):
+        train(tmp_path, "--output_dir", str(tmp_path / "read_only"))
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs sysfs")
+def test_existing_unwritable_output_dir_fails_before_training(tmp_path):
+    """An existing folder that even root cannot write into (sysfs)."""
+    with pytest.raises(ValueError, match="`output_dir`='/sys/kernel' cannot be written"):
+        train(tmp_path, "--output_dir", "/sys/kernel")
+    assert not (tmp_path / "data").exists()
+
+
+def test_short_run_card_and_results_describe_the_saved_model(tmp_path, caplog):
+    """Item 3: stopped by `--max_steps` in stage 1, the card, record and results say stage 1 with 1 thought."""
+    with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
+        train(tmp_path, "--max_steps", "3")
+    assert "`max_steps`=3 of 6 steps ends in stage 1, but `max_latent_stage`=2 needs" in caplog.text
+    output = tmp_path / "out"
+    card = (output / "README.md").read_text()
+    assert "num_latent_thoughts=1)" in card and "reached stage 1" in card and "stopped at step 3 of 6" in card
+    record = json.loads((output / "coconut_training.json").read_text())
+    assert (record["stage"], record["num_latent_thoughts"]) == (1, 1)
+    overall = json.loads((output / "eval_results.json").read_text())["overall"]
+    assert (overall["final_stage"], overall["max_latent_thoughts"]) == (1, 1)
+    with pytest.raises(ValueError, match="`num_train_epochs`=0"):
+        train(tmp_path, "--num_train_epochs", "0")
+
+
+def test_killed_run_keeps_every_stage_in_its_results(tmp_path):
+    """Item 4 through the script: a run killed after step 3 (stage 0 evaluated, checkpoint-3 saved) and started
+    again writes the same results and predictions for every stage as a run that was never killed."""
+    output = tmp_path / "out"
+    train(tmp_path, "--save_strategy", "steps", "--save_steps", "1")
+    finished = {path.name: path.read_text() for path in output.glob("predictions_stage_*.jsonl")}
+    results = json.loads((output / "eval_results.json").read_text())
+    # What a SIGKILL after checkpoint-3 leaves: checkpoints 1 to 3, no later checkpoint, no final files.
+    for path in output.iterdir():
+        if path.name not in ("checkpoint-1", "checkpoint-2", "checkpoint-3"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = train(tmp_path, "--save_strategy", "steps", "--save_steps", "1")
+    assert resumed.state.global_step == 6
+    assert sorted(finished) == ["predictions_stage_0.jsonl", "predictions_stage_1.jsonl", "predictions_stage_2.jsonl"]
+    assert {name: (output / name).read_text() for name in finished} == finished
+    again = json.loads((output / "eval_results.json").read_text())
+    assert [row["stage"] for row in again["stages"]] == [0, 1, 2]
+    for row, expected in zip(again["stages"], results["stages"], strict=True):
+        assert row["metrics"]["accuracy"] == expected["metrics"]["accuracy"]
+
+
+def test_records_longer_than_max_length_are_refused_or_skipped(tmp_path, caplog):
+    """Item 5: the length check runs in train_sft, counting image tokens; `--skip_invalid` drops and counts."""
+    task = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=8)
+    records = build_synthetic_split(tmp_path / "data", "train", task)
+    _, processor = train_sft.tiny_model_and_processor(task, seed=0)
+    count = image_token_counter(processor)
+    curriculum = CurriculumConfig(max_latent_stage=2)
+    stored = records.cast_column("images", List(Image(decode=False)))  # image files, as the check reads them
+    lengths = [
+        max_example_length(record, processor.tokenizer, curriculum) + sum(map(count, record["images"]))
+        for record in stored
+    ]
+    limit = max(lengths) - 1
+    too_long = [index for index, length in enumerate(lengths) if length > limit]
+    assert 0 < len(too_long) < len(records)
+    first = records[too_long[0]]["id"]
+    with pytest.raises(ValueError, match=f"Record {too_long[0]} \\(id '{first}'\\): too long: .* max_length={limit}"):
+        train(tmp_path, "--synthetic_max_hops", "3", "--max_length", str(limit))
+    with caplog.at_level(logging.WARNING, logger="coconut.data"):
+        trainer = train(tmp_path, "--synthetic_max_hops", "3", "--max_length", str(limit), "--skip_invalid", "true")
+    assert f"Skipped {len(too_long)} of 8 records: {len(too_long)} x too long" in caplog.text
+    assert len(trainer.records) == 8 - len(too_long)
+
+
+def test_dataset_is_required_outside_the_demo(tmp_path):
+    """Item 6: `--model_name_or_path` without `--dataset` used to train on the synthetic task."""
+    without_dataset = [flag for flag in SMALL_RUN if flag not in ("--dataset", "arrow_chase")]
+    for extra in (["--model_name_or_path", str(tmp_path / "model")], []):
+        with pytest.raises(ValueError, match="`--dataset` is missing: pass `--dataset arrow_chase`"):
+            train_sft.main(*parse([*without_dataset, "--output_dir", str(tmp_path / "out"), *extra]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_model_weights_are_named(tmp_path):
+    """Item 9: `--model_name_or_path` with a weight file cut short."""
+    model, processor = train_sft.tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"Weight file '{weights}' is damaged"):
+        train(tmp_path, "--model_name_or_path", str(tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The small run's saved model; seed 3 and c_thought 2 differ from evaluate.py's defaults."""
+    folder = tmp_path_factory.mktemp("trained")
+    train(folder, "--seed", "3", "--c_thought", "2")
+    return folder / "out"
+
+
+def test_evaluate_defaults_to_the_recorded_task_and_curriculum(trained, tmp_path):
+    """Item 19: `evaluate.py --model <trained>` evaluates on the model's own task, curriculum and stage."""
+    record = json.loads((trained / "coconut_training.json").read_text())
+    assert (record["task"]["grid_size"], record["task"]["max_hops"], record["task"]["seed"]) == (2, 2, 3)
+    assert (record["stage"], record["curriculum"]["c_thought"], record["dataset"]) == (2, 2, "arrow_chase")
+    parser = TrlParser((evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig))
+    common = ["--model", str(trained), "--split", "test", "--max_samples", "4", "--max_new_tokens", "4"]
+    common += ["--data_dir", str(tmp_path / "data"), "--disable_tqdm", "true"]
+    defaults = evaluate.main(*parser.parse_args_and_config([*common, "--output_dir", str(tmp_path / "a")]))
+    flags = ["--dataset", "arrow_chase", "--synthetic_grid_size", "2", "--synthetic_max_hops", "2", "--stage", "2"]
+    flags += ["--max_latent_stage", "2", "--c_thought", "2", "--output_dir", str(tmp_path / "b")]
+    explicit = evaluate.main(*parser.parse_args_and_config([*common, *flags]))
+    # Both against a direct evaluation on the task and curriculum the model was trained with.
+    task = SyntheticTaskConfig(**record["task"])
+    records = build_synthetic_split(tmp_path / "direct", "test", task, num_records=4)
+    model, processor = evaluate.load_model_and_processor(str(trained))
+    config = CoconutEvalConfig(stage=2, max_new_tokens=4, disable_tqdm=True)
+    direct = evaluate_stage(model, processor, records, CurriculumConfig(c_thought=2, max_latent_stage=2), config)
+    for result in (defaults.results[0], explicit.results[0]):
+        assert result.stage == 2
+        assert [p.generation for p in result.predictions] == [p.generation for p in direct.predictions]
+        assert [p.num_latent_thoughts for p in result.predictions] == [4] * 4  # stage 2 x c_thought 2
+    for index in range(4):  # the boards evaluate.py rendered are those of the recorded task (2 x 2, seed 3)
+        name = f"test/test-{index:05d}.png"
+        assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
+def test_evaluate_checks_the_model_before_rendering_data(tmp_path):
+    """Item 18: a model path that does not exist fails at once, before 200 images are rendered."""
+    parser = TrlParser((evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig))
+    data = ["--dataset", "arrow_chase", "--data_dir", str(tmp_path / "data")]
+    with pytest.raises(ValueError, match="`--model` '.*outputs/demoo' does not exist"):
+        evaluate.main(*parser.parse_args_and_config(["--model", str(tmp_path / "outputs" / "demoo"), *data]))
+    (tmp_path / "outputs").mkdir()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:  # relative, as typed: `outputs/demoo` beside an existing `outputs/` is a path, not a Hub id
+        with pytest.raises(ValueError, match="`--model` 'outputs/demoo' does not exist"):
+            evaluate.main(*parser.parse_args_and_config(["--model", "outputs/demoo", *data]))
+    finally:
+        os.chdir(cwd)
+    with pytest.raises(ValueError, match="`--model` folder '.*outputs' has no config.json"):
+        evaluate.main(*parser.parse_args_and_config(["--model", str(tmp_path / "outputs"), *data]))
+    assert not (tmp_path / "data").exists()
+
+
+def test_evaluate_names_a_truncated_weight_file(trained, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    parser = TrlParser((evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig))
+    with pytest.raises(ValueError, match=f"Weight file '{weights}' is damaged"):
+        evaluate.main(*parser.parse_args_and_config(["--model", str(damaged), "--data_dir", str(tmp_path / "data")]))
+    assert not (tmp_path / "data").exists()
