@@ -365,7 +365,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if placement is not None:
             latent_mask = placement.place(latent_mask)
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        ranges, num_passes = self._plan_passes(latent_mask, (shape[0], placement.width if placement else shape[1]))
+        width = placement.width if placement is not None else shape[1]
+        ranges = plan_latent_passes(latent_mask) if latent_mask is not None else [(0, width)]
+        num_passes = len(ranges)
         if sync_latent_passes:
             device = input_ids.device if input_ids is not None else inputs_embeds.device
             ranges, num_passes = self._sync_passes(latent_mask, ranges, num_passes, device)
@@ -419,7 +421,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             if layer_hidden_states is not None:
                 layer_hidden_states = tuple(placement.restore(layer) for layer in layer_hidden_states)
             if use_cache:
-                pass_cache = placement.restore_cache(pass_cache, cache or DynamicCache(config=self.config.text_config))
+                into = cache if cache is not None else DynamicCache(config=self.config.text_config)
+                pass_cache = placement.restore_cache(pass_cache, into)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         loss = None
         if labels is not None:
@@ -433,13 +436,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             hidden_states=layer_hidden_states,
             image_outputs=image_outputs,
         )
-
-    def _plan_passes(self, latent_mask, shape) -> tuple[list[tuple[int, int]], int]:
-        """The passes' column ranges over a batch of `shape` `(batch_size, width)`, and their number."""
-        if latent_mask is None:
-            return [(0, shape[1])], 1
-        ranges = plan_latent_passes(latent_mask)
-        return ranges, len(ranges)
 
     def _sync_passes(self, latent_mask, ranges, num_passes, device):
         """Split this rank's passes further, or add passes without work, to make as many as the busiest rank."""
@@ -543,15 +539,12 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         cache, layers other than full attention, an attention implementation whose mask is not a 4D tensor): each
         pass then gets the caller's mask and builds its own.
         """
-        text_config = self.model.language_model.config
-        if set(getattr(text_config, "layer_types", None) or ()) != {"full_attention"}:
-            return None
-        if not isinstance(cache, DynamicCache) or isinstance(attention_mask, dict):
+        if not self._full_attention_only() or not isinstance(cache, DynamicCache) or isinstance(attention_mask, dict):
             return None
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 2:
             return None
         mask = create_causal_mask(
-            config=text_config,
+            config=self.model.language_model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
@@ -562,14 +555,17 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
     def _can_move_rows(self, attention_mask, position_ids, cache, past_length: int) -> bool:
         """Whether the rows may be moved inside the batch (see `forward`): outputs and cache can be moved back."""
-        layer_types = set(getattr(self.config.text_config, "layer_types", None) or ())
         return (
             past_length == 0
             and position_ids is None
             and (cache is None or isinstance(cache, DynamicCache))
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2))
-            and layer_types == {"full_attention"}
+            and self._full_attention_only()
         )
+
+    def _full_attention_only(self) -> bool:
+        """Whether every text layer attends to all earlier keys (no sliding window): masks and cache follow columns."""
+        return set(getattr(self.config.text_config, "layer_types", None) or ()) == {"full_attention"}
 
     def _check_image_inputs(self, input_ids, pixel_values, mm_encoder_outputs, past_length: int) -> None:
         """Raise a `ValueError` for images that the forward would drop or could not encode."""

@@ -16,7 +16,7 @@ from conftest import (
     tiny_model,
 )
 from transformers import InternVLForConditionalGeneration
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import modeling_coconut_internvl
 from coconut.reference import reference_logits
@@ -136,6 +136,16 @@ def test_moved_rows_give_outputs_in_the_callers_layout(model):
         assert ours.keys.shape == theirs.keys.shape
         assert (ours.keys - theirs.keys).transpose(1, 2)[real].abs().max() <= TOLERANCE
         assert (ours.values - theirs.values).transpose(1, 2)[real].abs().max() <= TOLERANCE
+
+
+def test_moved_rows_fill_the_callers_empty_cache(model):
+    """An empty cache passed in (as `generate` passes one) is the one that comes back, filled in the caller's layout."""
+    batch = build_batch(BATCHES["blocks_far_apart"], padding_side="right")
+    cache = DynamicCache()
+    with torch.no_grad():
+        output = model(**model_inputs(batch), cache=cache)
+    assert output.cache is cache
+    assert cache.get_seq_length() == batch["input_ids"].shape[1]
 
 
 def test_decoding_continues_from_the_cache_of_moved_rows(model):
