@@ -19,8 +19,7 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
@@ -265,13 +264,7 @@ def resolve_base(base: str) -> Path:
 def base_model_license(base: str) -> str | None:
     """The `license` in the YAML metadata of the base checkpoint's README.md, if it has one."""
     readme = resolve_base(base) / "README.md"
-    if not readme.is_file():
-        return None
-    text = readme.read_text()
-    if not text.startswith("---"):
-        return None
-    metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
-    return metadata.get("license")
+    return ModelCard.load(readme).data.license if readme.is_file() else None
 
 
 def load_base_tokenizer(folder: Path):
@@ -435,14 +428,14 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
         )
 
 
-def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: str) -> Path:
+def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard) -> Path:
     """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
     config and `README.md` into `output`."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
-    (output / "README.md").write_text(model_card)
+    model_card.save(output / "README.md")
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes
