@@ -45,10 +45,9 @@ from coconut.model_card import build_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import CoconutInternVLProcessor
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, CoconutInternVLProcessor
 
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from coconut.curriculum import CurriculumConfig, build_training_example
+from processing_coconut_internvl import LATENT_TOKENS
 
 
 logger = logging.get_logger(__name__)
@@ -76,8 +77,7 @@ class CoconutDataCollator:
         self.curriculum = curriculum
         self.seed = seed
         self.max_length = max_length
-        latent_tokens = ("<|latent|>", "<|start-latent|>", "<|end-latent|>")
-        self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(latent_tokens)))
+        self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
         self.pad_token_id = self.tokenizer.pad_token_id
 
     def examples(self, features: list[dict]) -> list[dict]:

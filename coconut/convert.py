@@ -34,12 +34,11 @@ from transformers.utils import is_torchvision_available, logging
 
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, CoconutInternVLProcessor
+from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
 
 
 logger = logging.get_logger(__name__)
 
-LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)
 # InternVL's image tokens, named as transformers' InternVL processor reads them from the tokenizer. (`<video>` is not
 # one: the processor expands it in the text, so it needs no vocabulary entry, and the original tokenizers have none.)
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}

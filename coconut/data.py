@@ -30,7 +30,8 @@ from pathlib import Path
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
 
-from coconut.curriculum import ANSWER_MARKER, IMAGE_PLACEHOLDER, CurriculumConfig, max_example_length, user_content
+from coconut.curriculum import CurriculumConfig, max_example_length
+from processing_coconut_internvl import ANSWER_MARKER, IMAGE_PLACEHOLDER, user_content
 
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from coconut.metrics import (
     mean,
     multiple_choice_score,
 )
-from coconut.tokenizer import END_LATENT, LATENT, LATENT_TOKENS, START_LATENT
+from processing_coconut_internvl import LATENT_TOKENS, latent_block
 
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     latent_methods = ("coconut", "pause_as_thought")
     if curriculum.method in latent_methods and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts
-        prompt = question_prompt(record, processing_class) + START_LATENT + LATENT * k + END_LATENT
+        prompt = question_prompt(record, processing_class) + latent_block(k)
         return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": k}
     if curriculum.method in latent_methods and config.stage is None:
         raise ValueError(
