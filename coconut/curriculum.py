@@ -17,7 +17,7 @@ processor, which expands image placeholders into image tokens. [`tokenize_exampl
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from datasets import Dataset, Features, Image, List, Value
 
@@ -263,7 +263,7 @@ def max_example_length(record: dict, tokenizer, config: CurriculumConfig, image_
     longest = 0
     # Stages above max_latent_stage + 1 share its layout; uniform sampling only draws stages up to num_steps.
     for stage in range(max(config.max_latent_stage + 1, num_steps) + 1):
-        example = build_training_example(record, stage, tokenizer, _without_uniform(config))
+        example = build_training_example(record, stage, tokenizer, replace(config, uniform_prob=0.0))
         text = example["prompt"] + example["completion"]
         length = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + num_images * image_token_count
         longest = max(longest, length)
@@ -335,16 +335,6 @@ def _undecoded(image_feature):
 
 def _undecoded_features(features: Features) -> Features:
     return Features({**features, "images": List(_undecoded(features["images"].feature))})
-
-
-def _without_uniform(config: CurriculumConfig) -> CurriculumConfig:
-    return CurriculumConfig(
-        method=config.method,
-        c_thought=config.c_thought,
-        max_latent_stage=config.max_latent_stage,
-        pad_latent_to_max=config.pad_latent_to_max,
-        uniform_prob=0.0,
-    )
 
 
 def _record_name(record: dict) -> str:

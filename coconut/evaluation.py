@@ -11,18 +11,19 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
 from coconut.curriculum import CurriculumConfig, build_eval_prompt, question_prompt
+from coconut.data import load_record_images
 from coconut.metrics import (
     correct_choice_index,
     count_generated_tokens,
     direct_answer_score,
     exact_match,
     extract_answer,
-    mean,
     multiple_choice_score,
 )
 from processing_coconut_internvl import LATENT_TOKENS, latent_block
@@ -129,23 +130,6 @@ class StageResult:
         return cls(data["stage"], data["label"], dict(data["metrics"]), predictions)
 
 
-def _load_images(record: dict, index: int) -> list:
-    from PIL import Image
-
-    images = []
-    for image in record.get("images") or []:
-        if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise ValueError(
-                    f"Record {record.get('id', index)!r}: image file {str(path)!r} does not exist. Render or download "
-                    "the dataset's images first, or fix the record's `images` paths."
-                )
-            image = Image.open(path)
-        images.append(image.convert("RGB"))
-    return images
-
-
 def _check_ids(records: Sequence[dict]) -> list[str]:
     ids = [str(record.get("id", "")) for record in records]
     seen = set()
@@ -212,7 +196,7 @@ def generate_predictions(
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     for batch in tqdm(batches, desc="Evaluating", unit="batch", disable=config.disable_tqdm):
         texts = [prompts[i]["prompt"] for i in batch]
-        images = [_load_images(records[i], i) for i in batch]
+        images = [load_record_images(records[i], i) for i in batch]
         kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
         if any(images):
             kwargs["images"] = images
@@ -229,7 +213,7 @@ def generate_predictions(
     timing = {
         "seconds": seconds,
         "samples_per_second": len(records) / seconds if seconds > 0 else float("inf"),
-        "latency_seconds_per_batch": mean(batch_seconds),
+        "latency_seconds_per_batch": fmean(batch_seconds),
     }
     return generations, timing
 
@@ -263,8 +247,8 @@ def score_generations(
         for name, value in scores.items():
             per_metric[name].append(value)
         predictions.append(Prediction(record_id, k, text, answer, count, scores))
-    metrics = {name: mean(values) for name, values in per_metric.items() if values}
-    metrics["mean_generated_tokens"] = mean([prediction.generated_tokens for prediction in predictions])
+    metrics = {name: fmean(values) for name, values in per_metric.items() if values}
+    metrics["mean_generated_tokens"] = fmean([prediction.generated_tokens for prediction in predictions])
     thoughts = [
         prediction.num_latent_thoughts for prediction in predictions if prediction.num_latent_thoughts is not None
     ]
@@ -293,6 +277,8 @@ def evaluate_stage(
     ```
     """
     records = list(records)
+    if not records:
+        raise ValueError(f"No records to evaluate{f' for {label}' if label else ''}: the evaluation split is empty.")
     was_training = model.training
     model.eval()
     try:

@@ -151,13 +151,6 @@ def count_generated_tokens(token_ids: Sequence[int], eos_token_ids: Sequence[int
     return count
 
 
-def mean(values: Sequence[float]) -> float:
-    """The mean of `values`; a `ValueError` for an empty sequence (a metric over no records is undefined)."""
-    if not values:
-        raise ValueError("Cannot average over 0 records: the evaluation split is empty.")
-    return sum(values) / len(values)
-
-
 __all__ = [
     "extract_answer",
     "normalize_answer",
@@ -167,5 +160,4 @@ __all__ = [
     "multiple_choice_score",
     "direct_answer_score",
     "count_generated_tokens",
-    "mean",
 ]
