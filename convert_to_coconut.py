@@ -35,7 +35,7 @@ from coconut.convert import (
     read_base_config,
     save_repository,
 )
-from coconut.model_card import ModelCardData, render_model_card
+from coconut.model_card import build_model_card
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 
 
@@ -97,14 +97,14 @@ def main(config: ConvertConfig) -> None:
         chat_template=DEFAULT_CHAT_TEMPLATE,
         **video,
     )
-    card = ModelCardData(
+    card = build_model_card(
         repo_id=config.push_to_hub or config.output,
         base_model=config.base_model_id or config.base,
         license=license,
         datasets=config.datasets,
         num_latent_thoughts=config.num_latent_thoughts,
     )
-    folder = save_repository(model, processor, config.output, render_model_card(card))
+    folder = save_repository(model, processor, config.output, card)
     logger.info(f"Saved the Coconut-InternVL repository to {folder}")
     if config.push_to_hub:
         url = push_folder(folder, config.push_to_hub, private=config.private)

@@ -18,6 +18,7 @@ logger = logging.get_logger(__name__)
 
 IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
+LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)  # in the order the converter adds them
 ANSWER_MARKER = "### "
 
 # InternVL's chat format (Qwen2 ChatML), as transformers' official InternVL conversion writes it: an image in a
@@ -30,6 +31,61 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def latent_block(num_thoughts: int) -> str:
+    """`<|start-latent|>` + `num_thoughts` x `<|latent|>` + `<|end-latent|>`: Coconut's block of continuous thoughts."""
+    return START_LATENT + LATENT * num_thoughts + END_LATENT
+
+
+def user_content(question: str, num_images: int, record_name: str = "record") -> list[dict]:
+    """The user turn as chat-template parts: one image part per image, at the question's `<image>` placeholders.
+
+    A question without placeholders gets all its images before the text (InternVL's convention); a question with
+    placeholders must have exactly one per image. The chat template decides how an image part is rendered.
+    """
+    pieces = question.split(IMAGE_PLACEHOLDER)
+    num_placeholders = len(pieces) - 1
+    if num_placeholders == 0:
+        return [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    if num_placeholders != num_images:
+        relation = "more" if num_placeholders > num_images else "fewer"
+        raise ValueError(
+            f"{record_name}: the question has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {num_images} "
+            f"images ({relation} placeholders than images); put one placeholder per image, or none to place all "
+            "images before the question."
+        )
+    content = []
+    for index, piece in enumerate(pieces):
+        if index > 0:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def chat_prompt(
+    template_owner, question: str, num_images: int = 0, system_prompt: str | None = None, record_name: str = "record"
+) -> str:
+    """The chat-formatted prompt of `question` up to the opening of the assistant turn (no latent block).
+
+    `template_owner` is the processor or, for text-only data, its tokenizer: anything whose `apply_chat_template`
+    renders InternVL's template.
+    """
+    messages = [{"role": "user", "content": user_content(question, num_images, record_name)}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def extract_answer(text: str, answer_marker: str = ANSWER_MARKER) -> str | None:
+    """The answer in `text`: what follows the last `answer_marker` (a reasoning step may hold one too), stripped;
+    `None` without a marker: a generation that never reaches its answer has not answered.
+
+    Example: `extract_answer("Tom is a wumpus.\\n### Tom is a yumpus.")` is `"Tom is a yumpus."`.
+    """
+    _, found, answer = text.rpartition(answer_marker)
+    return answer.strip() if found else None
 
 
 def _per_sample(value: int | Sequence[int] | None, batch_size: int, name: str) -> list[int]:
@@ -221,7 +277,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
             )
         latents = _per_sample(num_latent_thoughts, len(text), "num_latent_thoughts")
         text = [
-            sample.replace(IMAGE_PLACEHOLDER, self.image_token) + (START_LATENT + LATENT * k + END_LATENT if k else "")
+            sample.replace(IMAGE_PLACEHOLDER, self.image_token) + (latent_block(k) if k else "")
             for sample, k in zip(text, latents, strict=True)
         ]
         return super().__call__(images=images, text=text, videos=videos, **kwargs)
@@ -229,18 +285,12 @@ class CoconutInternVLProcessor(InternVLProcessor):
     def build_prompt(
         self, question: str, num_images: int = 0, num_latent_thoughts: int = 0, system_prompt: str | None = None
     ) -> str:
-        """The Coconut prompt for `question`: a user turn with `num_images` images first, then the assistant turn's
-        opening and, with `num_latent_thoughts > 0`, the latent block. Pass it with the images to `__call__`."""
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        if system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
-        if num_latent_thoughts:
-            prompt += (
-                START_LATENT + LATENT * _per_sample(num_latent_thoughts, 1, "num_latent_thoughts")[0] + END_LATENT
-            )
-        return prompt
+        """The Coconut prompt for `question`: a user turn with its `num_images` images (at the question's `<image>`
+        placeholders, or all before it), then the assistant turn's opening and, with `num_latent_thoughts > 0`, the
+        latent block. Pass it with the images to `__call__`."""
+        prompt = chat_prompt(self, question, num_images, system_prompt)
+        (num_thoughts,) = _per_sample(num_latent_thoughts, 1, "num_latent_thoughts")
+        return prompt + (latent_block(num_thoughts) if num_thoughts else "")
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
         """The answer in generated text: what follows the last `answer_marker`, up to the end-of-sequence token,
@@ -260,8 +310,9 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return [self.decode_answer(sequence, answer_marker) for sequence in sequences]
 
     def _answer_from_text(self, text: str, answer_marker: str) -> str | None:
-        _, found, answer = text.rpartition(answer_marker)  # the last marker: a step may contain one too
-        if not found:
+        """`extract_answer`, up to the end-of-sequence token after the marker, without padding."""
+        answer = extract_answer(text, answer_marker)
+        if answer is None:
             return None
         if self.tokenizer.eos_token:
             answer = answer.split(self.tokenizer.eos_token)[0]
@@ -272,4 +323,13 @@ class CoconutInternVLProcessor(InternVLProcessor):
 
 CoconutInternVLProcessor.register_for_auto_class()
 
-__all__ = ["CoconutInternVLProcessor"]
+__all__ = [
+    "ANSWER_MARKER",
+    "CoconutInternVLProcessor",
+    "DEFAULT_CHAT_TEMPLATE",
+    "LATENT_TOKENS",
+    "chat_prompt",
+    "extract_answer",
+    "latent_block",
+    "user_content",
+]

@@ -41,14 +41,13 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_split, validate_dataset
-from coconut.model_card import ModelCardData, render_model_card
+from coconut.model_card import build_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import CoconutInternVLProcessor
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, CoconutInternVLProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -334,19 +333,17 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     if not trainer.accelerator.is_main_process:
         return trainer
     record, training_text, rows = describe_training(trainer, script_args, task)
-    card = render_model_card(
-        ModelCardData(
-            repo_id=training_args.hub_model_id or str(output_dir),
-            base_model=base_model,
-            license="apache-2.0",
-            datasets=[script_args.dataset],
-            num_latent_thoughts=record["num_latent_thoughts"],
-            training=training_text,
-            evaluation=rows,
-        )
+    card = build_model_card(
+        repo_id=training_args.hub_model_id or str(output_dir),
+        base_model=base_model,
+        license="apache-2.0",
+        datasets=[script_args.dataset],
+        num_latent_thoughts=record["num_latent_thoughts"],
+        training=training_text,
+        evaluation=rows,
     )
     if model_args.use_peft:
-        (output_dir / "README.md").write_text(card)
+        card.save(output_dir / "README.md")
         write_training_record(output_dir, record)
         if script_args.merge_adapter:
             merged = trainer.model.merge_and_unload()

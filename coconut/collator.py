@@ -2,33 +2,19 @@
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
-from PIL import Image
 from transformers.utils import logging
+from trl.trainer.utils import pad
 
 from coconut.curriculum import CurriculumConfig, build_training_example
+from coconut.data import load_record_images
+from processing_coconut_internvl import LATENT_TOKENS
 
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
-
-
-def load_image(image: Any, record_id: Any = None) -> Image.Image:
-    """An RGB `PIL.Image` from a path or an image; a missing file is an error that names it."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Image {str(path)!r} of record {record_id!r} does not exist. Download or generate the dataset's images "
-            "first, or fix the `images` paths of the records."
-        )
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
 
 
 class CoconutDataCollator:
@@ -76,8 +62,7 @@ class CoconutDataCollator:
         self.curriculum = curriculum
         self.seed = seed
         self.max_length = max_length
-        latent_tokens = ("<|latent|>", "<|start-latent|>", "<|end-latent|>")
-        self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(latent_tokens)))
+        self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
         self.pad_token_id = self.tokenizer.pad_token_id
 
     def examples(self, features: list[dict]) -> list[dict]:
@@ -87,8 +72,7 @@ class CoconutDataCollator:
             record = self.records[feature["sample"]]
             rng = random.Random(f"{self.seed}-{feature['epoch']}-{feature['sample']}")
             example = build_training_example(record, feature["stage"], self.tokenizer, self.curriculum, rng)
-            images = [load_image(image, record.get("id")) for image in example.get("images") or []]
-            examples.append({**example, "images": images})
+            examples.append({**example, "images": load_record_images(record, feature["sample"])})
         return examples
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
@@ -106,35 +90,33 @@ class CoconutDataCollator:
             [example["completion"] for example in examples], add_special_tokens=False
         ).input_ids
 
-        sequences, prompt_lengths = [], []
         for row, completion in enumerate(completions):
-            prompt = prompts["input_ids"][row][prompts["attention_mask"][row].bool()].tolist()
-            ids = prompt + completion
-            if self.max_length is not None and len(ids) > self.max_length:
+            prompt_length = int(prompts["attention_mask"][row].sum())
+            if self.max_length is not None and prompt_length + len(completion) > self.max_length:
                 record = self.records[features[row]["sample"]]
                 raise ValueError(
                     f"Record {features[row]['sample']} (id {record.get('id')!r}) at stage {examples[row]['stage']} is "
-                    f"{len(ids)} tokens long ({len(prompt)} prompt, {len(completion)} completion), more than "
-                    f"`max_length`={self.max_length}; cutting it would drop thoughts, image tokens or the answer. "
-                    "Raise `max_length` (or set it to None), use fewer image tiles, or drop the record "
-                    "(`train_sft.py --skip_invalid`)."
+                    f"{prompt_length + len(completion)} tokens long ({prompt_length} prompt, {len(completion)} "
+                    f"completion), more than `max_length`={self.max_length}; cutting it would drop thoughts, image "
+                    "tokens or the answer. Raise `max_length` (or set it to None), use fewer image tiles, or drop the "
+                    "record (`train_sft.py --skip_invalid`)."
                 )
-            sequences.append(ids)
-            prompt_lengths.append(len(prompt))
 
-        # Every prompt ends at the same column, and with it every row's latent block (the end of the prompt): the
-        # model makes one pass per distinct latent column, so a batch costs (most thoughts in a row) + 1 passes
-        # instead of up to the sum over rows. Positions come from the attention mask, so padding changes nothing.
-        prompt_width = max(prompt_lengths)
-        length = prompt_width + max(len(ids) - prompt for ids, prompt in zip(sequences, prompt_lengths, strict=True))
-        input_ids = torch.full((len(sequences), length), self.pad_token_id)  # (B, T)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (B, T)
-        labels = torch.full((len(sequences), length), IGNORE_INDEX)  # (B, T)
-        for row, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-            start, end = prompt_width - prompt_length, prompt_width - prompt_length + len(ids)
-            input_ids[row, start:end] = torch.tensor(ids)
-            attention_mask[row, start:end] = 1
-            labels[row, prompt_width:end] = input_ids[row, prompt_width:end]
+        # Prompts are padded on the left (by the processor) and completions on the right, so every prompt ends at the
+        # same column, and with it every row's latent block (the end of the prompt): the model makes one pass per
+        # distinct latent column, so a batch costs (most thoughts in a row) + 1 passes. Positions come from the
+        # attention mask, so padding changes nothing.
+        completion_ids = pad([torch.tensor(ids) for ids in completions], self.pad_token_id, "right")  # (B, C)
+        completion_mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in completions], 0, "right")  # (B, C)
+        input_ids = torch.cat([prompts["input_ids"], completion_ids], dim=1)  # (B, P + C)
+        attention_mask = torch.cat([prompts["attention_mask"], completion_mask], dim=1)  # (B, P + C)
+        labels = torch.cat(
+            [
+                torch.full_like(prompts["input_ids"], IGNORE_INDEX),
+                completion_ids.masked_fill(completion_mask == 0, IGNORE_INDEX),
+            ],
+            dim=1,
+        )
         labels[torch.isin(input_ids, self.unlabelled_ids)] = IGNORE_INDEX
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -143,4 +125,4 @@ class CoconutDataCollator:
         return batch
 
 
-__all__ = ["CoconutDataCollator", "load_image", "IGNORE_INDEX"]
+__all__ = ["CoconutDataCollator", "IGNORE_INDEX"]

@@ -19,8 +19,7 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
@@ -35,12 +34,11 @@ from transformers.utils import is_torchvision_available, logging
 
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, CoconutInternVLProcessor
+from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
 
 
 logger = logging.get_logger(__name__)
 
-LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)
 # InternVL's image tokens, named as transformers' InternVL processor reads them from the tokenizer. (`<video>` is not
 # one: the processor expands it in the text, so it needs no vocabulary entry, and the original tokenizers have none.)
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
@@ -265,13 +263,7 @@ def resolve_base(base: str) -> Path:
 def base_model_license(base: str) -> str | None:
     """The `license` in the YAML metadata of the base checkpoint's README.md, if it has one."""
     readme = resolve_base(base) / "README.md"
-    if not readme.is_file():
-        return None
-    text = readme.read_text()
-    if not text.startswith("---"):
-        return None
-    metadata = yaml.safe_load(text.split("---", 2)[1]) or {}
-    return metadata.get("license")
+    return ModelCard.load(readme).data.license if readme.is_file() else None
 
 
 def load_base_tokenizer(folder: Path):
@@ -439,14 +431,14 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
         )
 
 
-def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: str) -> Path:
+def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard) -> Path:
     """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
     config and `README.md` into `output`."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
-    (output / "README.md").write_text(model_card)
+    model_card.save(output / "README.md")
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes

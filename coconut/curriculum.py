@@ -17,15 +17,13 @@ processor, which expands image placeholders into image tokens. [`tokenize_exampl
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from datasets import Dataset, Features, Image, List, Value
 
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
+from processing_coconut_internvl import ANSWER_MARKER, chat_prompt, latent_block
 
 
-IMAGE_PLACEHOLDER = "<image>"
-ANSWER_MARKER = "### "
 METHODS = ("coconut", "cot", "no_cot", "pause_as_thought", "no_thought")
 
 
@@ -96,6 +94,11 @@ class LatentLayout:
     num_latents: int
     markers: bool
 
+    @property
+    def block(self) -> str:
+        """`<|start-latent|>` + n x `<|latent|>` + `<|end-latent|>`, or an empty string for layouts without markers."""
+        return latent_block(self.num_latents) if self.markers else ""
+
 
 def training_layout(num_steps: int, stage: int, config: CurriculumConfig) -> LatentLayout:
     """The layout of a training example with `num_steps` reasoning steps at curriculum `stage`."""
@@ -146,45 +149,10 @@ def sample_stage(stage: int, num_steps: int, config: CurriculumConfig, rng: rand
     return stage
 
 
-def latent_block(layout: LatentLayout) -> str:
-    """`<|start-latent|>` + n x `<|latent|>` + `<|end-latent|>`, or an empty string for layouts without markers."""
-    if not layout.markers:
-        return ""
-    return START_LATENT + LATENT * layout.num_latents + END_LATENT
-
-
-def user_content(question: str, num_images: int, record_name: str = "record") -> list[dict]:
-    """The user turn as chat-template parts: one image part per image, at the question's `<image>` placeholders.
-
-    A question without placeholders gets all its images before the text (InternVL's convention); a question with
-    placeholders must have exactly one per image. The chat template decides how an image part is rendered.
-    """
-    pieces = question.split(IMAGE_PLACEHOLDER)
-    num_placeholders = len(pieces) - 1
-    if num_placeholders == 0:
-        return [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-    if num_placeholders != num_images:
-        relation = "more" if num_placeholders > num_images else "fewer"
-        raise ValueError(
-            f"{record_name}: the question has {num_placeholders} {IMAGE_PLACEHOLDER} placeholders but {num_images} "
-            f"images ({relation} placeholders than images); put one placeholder per image, or none to place all "
-            "images before the question."
-        )
-    content = []
-    for index, piece in enumerate(pieces):
-        if index > 0:
-            content.append({"type": "image"})
-        if piece:
-            content.append({"type": "text", "text": piece})
-    return content
-
-
 def question_prompt(record: dict, tokenizer) -> str:
-    """The chat-formatted prompt up to the start of the assistant turn (no latent block)."""
-    images = record.get("images") or []
-    content = user_content(record["question"], len(images), _record_name(record))
-    messages = [{"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    """The chat-formatted prompt of a record up to the start of the assistant turn (no latent block)."""
+    num_images = len(record.get("images") or [])
+    return chat_prompt(tokenizer, record["question"], num_images, record_name=_record_name(record))
 
 
 def build_training_example(
@@ -230,7 +198,7 @@ def build_training_example(
     completion = "".join(step + "\n" for step in steps[layout.num_skipped_steps :])
     completion += ANSWER_MARKER + answer + tokenizer.eos_token
     return {
-        "prompt": question_prompt(record, tokenizer) + latent_block(layout),
+        "prompt": question_prompt(record, tokenizer) + layout.block,
         "completion": completion,
         "images": list(record.get("images") or []),
         "stage": used_stage,
@@ -247,7 +215,7 @@ def build_eval_prompt(record: dict, stage: int, tokenizer, config: CurriculumCon
     """
     layout = evaluation_layout(len(record.get("steps") or []), stage, config)
     return {
-        "prompt": question_prompt(record, tokenizer) + latent_block(layout),
+        "prompt": question_prompt(record, tokenizer) + layout.block,
         "images": list(record.get("images") or []),
         "num_latents": layout.num_latents,
     }
@@ -295,7 +263,7 @@ def max_example_length(record: dict, tokenizer, config: CurriculumConfig, image_
     longest = 0
     # Stages above max_latent_stage + 1 share its layout; uniform sampling only draws stages up to num_steps.
     for stage in range(max(config.max_latent_stage + 1, num_steps) + 1):
-        example = build_training_example(record, stage, tokenizer, _without_uniform(config))
+        example = build_training_example(record, stage, tokenizer, replace(config, uniform_prob=0.0))
         text = example["prompt"] + example["completion"]
         length = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + num_images * image_token_count
         longest = max(longest, length)
@@ -369,23 +337,11 @@ def _undecoded_features(features: Features) -> Features:
     return Features({**features, "images": List(_undecoded(features["images"].feature))})
 
 
-def _without_uniform(config: CurriculumConfig) -> CurriculumConfig:
-    return CurriculumConfig(
-        method=config.method,
-        c_thought=config.c_thought,
-        max_latent_stage=config.max_latent_stage,
-        pad_latent_to_max=config.pad_latent_to_max,
-        uniform_prob=0.0,
-    )
-
-
 def _record_name(record: dict) -> str:
     return f"Record {record['id']!r}" if record.get("id") is not None else "Record"
 
 
 __all__ = [
-    "ANSWER_MARKER",
-    "IMAGE_PLACEHOLDER",
     "METHODS",
     "CurriculumConfig",
     "LatentLayout",
@@ -398,5 +354,4 @@ __all__ = [
     "sample_stage",
     "tokenize_example",
     "training_layout",
-    "user_content",
 ]

@@ -29,8 +29,10 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
+from transformers.image_utils import load_image
 
-from coconut.curriculum import ANSWER_MARKER, IMAGE_PLACEHOLDER, CurriculumConfig, max_example_length, user_content
+from coconut.curriculum import CurriculumConfig, max_example_length
+from processing_coconut_internvl import ANSWER_MARKER, IMAGE_PLACEHOLDER, user_content
 
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,31 @@ def records_to_dataset(
     if bad:
         logger.warning("Skipped %d of %d records of the wrong shape, e.g. %s", len(bad), len(records), bad[0])
     return Dataset.from_list(rows, features=_STORED_FEATURES).cast_column("images", RECORD_FEATURES["images"])
+
+
+def load_record_images(record: dict, index: int | None = None) -> list[PILImage.Image]:
+    """The images of `record` as RGB `PIL.Image`s (through `transformers.image_utils.load_image`).
+
+    A path that is not a file is an error naming the record: records point at images that must exist.
+    """
+    images = []
+    for image in record.get("images") or []:
+        if isinstance(image, dict):  # an undecoded `datasets.Image`: {"bytes", "path"}
+            image = PILImage.open(io.BytesIO(image["bytes"])) if image.get("bytes") else image.get("path")
+        if isinstance(image, (str, Path)) and not str(image).startswith(("http://", "https://")):
+            if not Path(image).is_file():
+                name = (
+                    f"Record {index} (id {record.get('id')!r})"
+                    if index is not None
+                    else f"Record {record.get('id')!r}"
+                )
+                raise ValueError(
+                    f"{name}: image file {str(image)!r} does not exist. Render or download the dataset's images "
+                    "first, or fix the record's `images` paths."
+                )
+            image = str(image)
+        images.append(load_image(image))
+    return images
 
 
 def validate_dataset(
@@ -524,6 +551,7 @@ __all__ = [
     "image_token_counter",
     "load_aokvqa",
     "load_coconut_json",
+    "load_record_images",
     "load_records",
     "records_to_dataset",
     "validate_dataset",

@@ -11,21 +11,22 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from tqdm.auto import tqdm
 
 from coconut.curriculum import CurriculumConfig, build_eval_prompt, question_prompt
+from coconut.data import load_record_images
 from coconut.metrics import (
     correct_choice_index,
     count_generated_tokens,
     direct_answer_score,
     exact_match,
     extract_answer,
-    mean,
     multiple_choice_score,
 )
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
+from processing_coconut_internvl import latent_block
 
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     latent_methods = ("coconut", "pause_as_thought")
     if curriculum.method in latent_methods and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts
-        prompt = question_prompt(record, processing_class) + START_LATENT + LATENT * k + END_LATENT
+        prompt = question_prompt(record, processing_class) + latent_block(k)
         return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": k}
     if curriculum.method in latent_methods and config.stage is None:
         raise ValueError(
@@ -127,23 +128,6 @@ class StageResult:
     def from_dict(cls, data: dict) -> "StageResult":
         predictions = [Prediction(**prediction) for prediction in data["predictions"]]
         return cls(data["stage"], data["label"], dict(data["metrics"]), predictions)
-
-
-def _load_images(record: dict, index: int) -> list:
-    from PIL import Image
-
-    images = []
-    for image in record.get("images") or []:
-        if isinstance(image, str | Path):
-            path = Path(image)
-            if not path.is_file():
-                raise ValueError(
-                    f"Record {record.get('id', index)!r}: image file {str(path)!r} does not exist. Render or download "
-                    "the dataset's images first, or fix the record's `images` paths."
-                )
-            image = Image.open(path)
-        images.append(image.convert("RGB"))
-    return images
 
 
 def _check_ids(records: Sequence[dict]) -> list[str]:
@@ -205,7 +189,7 @@ def generate_predictions(
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     for batch in tqdm(batches, desc="Evaluating", unit="batch", disable=config.disable_tqdm):
         texts = [prompts[i]["prompt"] for i in batch]
-        images = [_load_images(records[i], i) for i in batch]
+        images = [load_record_images(records[i], i) for i in batch]
         kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
         if any(images):
             kwargs["images"] = images
@@ -222,7 +206,7 @@ def generate_predictions(
     timing = {
         "seconds": seconds,
         "samples_per_second": len(records) / seconds if seconds > 0 else float("inf"),
-        "latency_seconds_per_batch": mean(batch_seconds),
+        "latency_seconds_per_batch": fmean(batch_seconds),
     }
     return generations, timing
 
@@ -256,8 +240,8 @@ def score_generations(
         for name, value in scores.items():
             per_metric[name].append(value)
         predictions.append(Prediction(record_id, k, text, answer, count, scores))
-    metrics = {name: mean(values) for name, values in per_metric.items() if values}
-    metrics["mean_generated_tokens"] = mean([prediction.generated_tokens for prediction in predictions])
+    metrics = {name: fmean(values) for name, values in per_metric.items() if values}
+    metrics["mean_generated_tokens"] = fmean([prediction.generated_tokens for prediction in predictions])
     thoughts = [
         prediction.num_latent_thoughts for prediction in predictions if prediction.num_latent_thoughts is not None
     ]
@@ -286,6 +270,8 @@ def evaluate_stage(
     ```
     """
     records = list(records)
+    if not records:
+        raise ValueError(f"No records to evaluate{f' for {label}' if label else ''}: the evaluation split is empty.")
     was_training = model.training
     model.eval()
     try:

@@ -10,8 +10,8 @@ import unicodedata
 from collections.abc import Sequence
 from itertools import combinations
 
+from processing_coconut_internvl import extract_answer
 
-ANSWER_MARKER = "### "
 
 _ARTICLES = {"a", "an", "the"}
 # The VQA evaluation maps number words to digits so that "two" and "2" agree; the same mapping serves GSM8k answers.
@@ -34,23 +34,6 @@ _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _THOUSANDS_SEPARATOR = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
 _LETTER_OPTION = re.compile(r"^\(?([a-z])[\).:]?$")
-
-
-def extract_answer(generation: str) -> str | None:
-    """The text after the last answer marker `### ` of a decoded generation, stripped; `None` without a marker.
-
-    The last one, because a reasoning step may itself contain `### ` (the answer follows the steps).
-
-    Args:
-        generation (`str`): the generated text, decoded without special tokens (so the eos token is already gone).
-
-    Example: `extract_answer("Tom is a wumpus.\\n### Tom is a yumpus.")` is `"Tom is a yumpus."`.
-    """
-    # The same rule as `CoconutInternVLProcessor.decode_answer`: the last marker, trailing space included.
-    _, marker, answer = generation.rpartition(ANSWER_MARKER)
-    if not marker:
-        return None
-    return answer.strip()
 
 
 def normalize_answer(text: str | None) -> str:
@@ -168,15 +151,7 @@ def count_generated_tokens(token_ids: Sequence[int], eos_token_ids: Sequence[int
     return count
 
 
-def mean(values: Sequence[float]) -> float:
-    """The mean of `values`; a `ValueError` for an empty sequence (a metric over no records is undefined)."""
-    if not values:
-        raise ValueError("Cannot average over 0 records: the evaluation split is empty.")
-    return sum(values) / len(values)
-
-
 __all__ = [
-    "ANSWER_MARKER",
     "extract_answer",
     "normalize_answer",
     "exact_match",
@@ -185,5 +160,4 @@ __all__ = [
     "multiple_choice_score",
     "direct_answer_score",
     "count_generated_tokens",
-    "mean",
 ]

@@ -148,7 +148,7 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
 
     from coconut.curriculum import question_prompt
     from coconut.evaluation import load_model_and_processor
-    from coconut.tokenizer import END_LATENT, LATENT, START_LATENT
+    from processing_coconut_internvl import latent_block
 
     model, processing_class = load_model_and_processor(args.model)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -157,7 +157,7 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
             raise ValueError(f"Image file {path!r} does not exist; pass existing files to `--images`.")
     images = [Image.open(path).convert("RGB") for path in args.images]
     record = {"question": args.question, "images": images}
-    prompt = question_prompt(record, processing_class) + START_LATENT + LATENT * args.num_latent_thoughts + END_LATENT
+    prompt = question_prompt(record, processing_class) + latent_block(args.num_latent_thoughts)
     kwargs = {"images": [images]} if images else {}
     inputs = processing_class(text=[prompt], return_tensors="pt", **kwargs).to(model.device)
     probes = probe_thoughts(model, tokenizer, top_k=args.top_k, **inputs)

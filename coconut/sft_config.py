@@ -1,19 +1,15 @@
 """Training configuration of the Coconut curriculum: TRL's `SFTConfig` plus the curriculum fields."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import SFTConfig
 
-from coconut.curriculum import METHODS, CurriculumConfig
-
-
-# Methods whose sequences hold `<|latent|>` tokens, so the model runs its sequential latent passes.
-LATENT_METHODS = ("coconut",)
+from coconut.curriculum import CurriculumConfig
 
 
 @dataclass
-class CoconutSFTConfig(SFTConfig):
+class CoconutSFTConfig(SFTConfig, CurriculumConfig):
     r"""
     Configuration of [`CoconutSFTTrainer`]: [`~trl.SFTConfig`] plus Coconut's curriculum (Hao et al. 2024, arXiv
     2412.06769). Training runs `num_train_epochs` curriculum epochs; the stage of epoch `e` is
@@ -22,33 +18,18 @@ class CoconutSFTConfig(SFTConfig):
 
     Defaults that differ from [`~trl.SFTConfig`]:
 
-    - `gradient_checkpointing` / `activation_checkpointing` is off. It works with continuous thoughts (the model then
-      recomputes each latent pass's prefix without a KV cache: the same loss and gradients, fewer activations kept,
-      more compute), so turn it on when memory is short.
+    - `gradient_checkpointing` / `activation_checkpointing` is off. It works with continuous thoughts (the checkpointed
+      layers keep the KV cache, and each pass's backward replay sees the cache the pass saw: the same loss and
+      gradients, fewer activations kept, more compute), so turn it on when memory is short.
     - `train_sampling_strategy` is `"sequential"`: the trainer orders the data itself (one seeded permutation per
       curriculum epoch), so that a resumed run sees the same batches.
     - `remove_unused_columns` is `False` and `dataset_kwargs={"skip_prepare_dataset": True}`: the collator builds
       each sample for its stage from the records, so TRL must neither drop nor tokenize the schedule columns.
 
-    Parameters:
-        method (`str`, *optional*, defaults to `"coconut"`):
-            Training method of the paper: `"coconut"` (continuous thoughts), `"cot"` (full chain of thought at every
-            epoch), `"no_cot"` (answer only), `"pause_as_thought"` (the curriculum with pause tokens in place of
-            thoughts) or `"no_thought"` (the curriculum with the replaced steps removed and no thoughts).
-        c_thought (`int`, *optional*, defaults to `1`):
-            Continuous thoughts per replaced reasoning step.
+    Parameters (besides those of [`~coconut.curriculum.CurriculumConfig`]: `method`, `c_thought`,
+    `max_latent_stage`, `pad_latent_to_max`, `uniform_prob`):
         epochs_per_stage (`int`, *optional*, defaults to `1`):
             Curriculum epochs spent in each stage.
-        max_latent_stage (`int`, *optional*, defaults to `3`):
-            Last stage that replaces steps one by one; later stages remove every step and keep
-            `max_latent_stage * c_thought` thoughts.
-        pad_latent_to_max (`bool`, *optional*, defaults to `False`):
-            Past `max_latent_stage`, pad every sample to `max_latent_stage * c_thought` thoughts even when it has
-            fewer steps, instead of one group of thoughts per step.
-        uniform_prob (`float`, *optional*, defaults to `0.0`):
-            Probability that a sample is trained at a stage drawn uniformly from `0..len(steps)` instead of the
-            scheduled stage (the paper's mixing of earlier stages); drawn with an RNG seeded by
-            `(seed, epoch, sample)`, so a resumed run draws the same stages.
         reset_optimizer (`bool`, *optional*, defaults to `True`):
             Start every stage with a fresh optimizer state and learning-rate schedule.
         eval_max_new_tokens (`int`, *optional*, defaults to `64`):
@@ -65,27 +46,7 @@ class CoconutSFTConfig(SFTConfig):
             the training.
     """
 
-    method: str = field(
-        default="coconut",
-        metadata={"help": "Training method of the paper.", "choices": list(METHODS)},
-    )
-    c_thought: int = field(default=1, metadata={"help": "Continuous thoughts per replaced reasoning step."})
     epochs_per_stage: int = field(default=1, metadata={"help": "Curriculum epochs spent in each stage."})
-    max_latent_stage: int = field(
-        default=3,
-        metadata={
-            "help": "Last stage that replaces steps one by one; later stages remove every step and keep "
-            "max_latent_stage * c_thought thoughts."
-        },
-    )
-    pad_latent_to_max: bool = field(
-        default=False,
-        metadata={"help": "Past max_latent_stage, pad every sample to max_latent_stage * c_thought thoughts."},
-    )
-    uniform_prob: float = field(
-        default=0.0,
-        metadata={"help": "Probability of training a sample at a stage drawn uniformly from 0..len(steps)."},
-    )
     reset_optimizer: bool = field(
         default=True,
         metadata={"help": "Start every stage with a fresh optimizer state and learning-rate schedule."},
@@ -113,7 +74,7 @@ class CoconutSFTConfig(SFTConfig):
         default=None,
         metadata={
             "help": "Deprecated alias of `activation_checkpointing` (SFTConfig turns it on by default; here it is "
-            "off). With continuous thoughts each latent pass then recomputes its prefix: less memory, more compute.",
+            "off). Exact with continuous thoughts: less memory, more compute.",
             "nargs": "?",
             "const": True,
         },
@@ -134,12 +95,12 @@ class CoconutSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        self.validate_curriculum()
+        super().__post_init__()  # SFTConfig's
+        self.validate_curriculum()  # CurriculumConfig's: method, c_thought, max_latent_stage, uniform_prob
+        self.validate_schedule()
 
-    def validate_curriculum(self):
-        """Raise a `ValueError` naming the field, its value and the fix for settings the curriculum cannot run."""
-        self.curriculum.validate_curriculum()  # method, c_thought, max_latent_stage, uniform_prob
+    def validate_schedule(self):
+        """Raise a `ValueError` naming the field, its value and the fix for settings the schedule cannot run."""
         if self.num_train_epochs < 1 or self.num_train_epochs != int(self.num_train_epochs):
             raise ValueError(
                 f"`num_train_epochs`={self.num_train_epochs}: the curriculum trains whole epochs, at least one; the "
@@ -171,13 +132,7 @@ class CoconutSFTConfig(SFTConfig):
     @property
     def curriculum(self) -> CurriculumConfig:
         """The curriculum settings the example builders and the evaluation read."""
-        return CurriculumConfig(
-            method=self.method,
-            c_thought=self.c_thought,
-            max_latent_stage=self.max_latent_stage,
-            pad_latent_to_max=self.pad_latent_to_max,
-            uniform_prob=self.uniform_prob,
-        )
+        return CurriculumConfig(**{item.name: getattr(self, item.name) for item in fields(CurriculumConfig)})
 
     def stage_of_epoch(self, epoch: int) -> int:
         """The scheduled stage of curriculum epoch `epoch` (0 = full chain of thought)."""
@@ -186,4 +141,4 @@ class CoconutSFTConfig(SFTConfig):
         return epoch // self.epochs_per_stage
 
 
-__all__ = ["CoconutSFTConfig", "METHODS", "LATENT_METHODS"]
+__all__ = ["CoconutSFTConfig"]

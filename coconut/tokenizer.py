@@ -9,18 +9,13 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE
+from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, LATENT_TOKENS
 
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
-START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
-LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)
 BASE_SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, START_IMAGE, END_IMAGE, IMAGE_CONTEXT, VIDEO)
-
-# InternVL's chat format (Qwen2 ChatML), defined once with the processor that ships to the Hub.
-CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, with_latent_tokens: bool = True):
@@ -50,7 +45,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, with_latent_to
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
         extra_special_tokens={
             "start_image_token": START_IMAGE,
             "end_image_token": END_IMAGE,
@@ -63,4 +58,4 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512, with_latent_to
     return wrapped
 
 
-__all__ = ["train_tokenizer", "CHAT_TEMPLATE", "LATENT_TOKENS", "START_LATENT", "END_LATENT", "LATENT"]
+__all__ = ["train_tokenizer", "PAD_TOKEN", "IM_START", "IM_END", "START_IMAGE", "END_IMAGE", "IMAGE_CONTEXT"]

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from coconut.tokenizer import END_LATENT, IMAGE_CONTEXT, START_LATENT
-from coconut.tokenizer import LATENT as LATENT_TOKEN
+from coconut.tokenizer import IMAGE_CONTEXT
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import END_LATENT, START_LATENT
+from processing_coconut_internvl import LATENT as LATENT_TOKEN
 
 
 PAD, IMAGE, LATENT, START, END, IMG_OPEN, IMG_CLOSE = 0, 1, 2, 3, 4, 5, 6

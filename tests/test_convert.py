@@ -44,7 +44,7 @@ from trl import ModelConfig
 import coconut.convert
 import convert_to_coconut
 from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
-from coconut.model_card import ModelCardData, render_model_card
+from coconut.model_card import build_model_card
 from convert_to_coconut import ConvertConfig, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from train_sft import load_model_and_processor
@@ -453,8 +453,8 @@ def test_local_base_pushed_without_hub_id_raises(tmp_path):
 
 
 def test_model_card_metadata_and_evaluation_table():
-    card = render_model_card(
-        ModelCardData(
+    card = str(
+        build_model_card(
             repo_id="me/coconut-internvl3-1b",
             base_model="OpenGVLab/InternVL3-1B-hf",
             license="mit",
@@ -477,6 +477,4 @@ def test_model_card_metadata_and_evaluation_table():
     for section in ("## Quick start", "## Training", "## Evaluation", "## Limitations", "## Citation"):
         assert section in card
     with pytest.raises(ValueError, match="`evaluation` rows have different columns"):
-        render_model_card(
-            ModelCardData(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])
-        )
+        build_model_card(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])

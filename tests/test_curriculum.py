@@ -15,10 +15,10 @@ from coconut.curriculum import (
     evaluation_layout,
     tokenize_example,
     training_layout,
-    user_content,
 )
 from coconut.data import load_coconut_json, records_to_dataset
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from coconut.tokenizer import train_tokenizer
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, user_content
 
 
 PROSQA_SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"

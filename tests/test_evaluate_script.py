@@ -17,9 +17,10 @@ from coconut.evaluation import (
     evaluate_stage,
     write_table_into_card,
 )
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from coconut.tokenizer import train_tokenizer
 from evaluate import CurriculumArguments, ScriptArguments, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT
 
 
 SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"

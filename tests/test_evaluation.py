@@ -18,8 +18,9 @@ from coconut.evaluation import (
     score_generations,
 )
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
-from coconut.tokenizer import END_LATENT, LATENT, START_LATENT, train_tokenizer
+from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT
 
 
 NAMES = ["Tom", "Ann", "Bob", "Eve", "Max", "Sam"]

@@ -13,8 +13,9 @@ from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
-from coconut.tokenizer import LATENT, train_tokenizer
+from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import LATENT
 
 
 # A toy task with three reasoning steps per question, small enough to tokenize and train on in milliseconds.

@@ -17,7 +17,7 @@ from coconut.synthetic import (
     synthetic_corpus,
     synthetic_tokenizer,
 )
-from coconut.tokenizer import LATENT_TOKENS
+from processing_coconut_internvl import LATENT_TOKENS
 
 
 def read_board(image, grid_size):
