@@ -45,9 +45,9 @@ from coconut.model_card import build_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
-from configuration_coconut_internvl import CoconutInternVLConfig
+from coconut.tiny import tiny_coconut_config_for
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, CoconutInternVLProcessor
+from processing_coconut_internvl import CoconutInternVLProcessor
 
 
 logger = logging.getLogger(__name__)
@@ -127,37 +127,13 @@ def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
         image_std=[0.5] * 3,
     )
     # A 56 px image in 14 px patches is 4 x 4 patches; InternVL's pixel shuffle (0.5) leaves 2 x 2 tokens.
-    image_seq_length = (task.image_size // 14) ** 2 // 4
-    processor = CoconutInternVLProcessor(image_processor, tokenizer, image_seq_length=image_seq_length)
-    start, end, latent = tokenizer.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT])
-    config = CoconutInternVLConfig(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=task.image_size,
-            patch_size=14,
-        ),
-        image_token_id=processor.image_token_id,
-        image_seq_length=image_seq_length,
-        start_latent_token_id=start,
-        end_latent_token_id=end,
-        latent_token_id=latent,
-        tie_word_embeddings=False,
+    config = tiny_coconut_config_for(
+        tokenizer,
+        image_size=task.image_size,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4),
+        vision=dict(hidden_size=64, intermediate_size=128),
     )
+    processor = CoconutInternVLProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
     torch.manual_seed(seed)
     model = CoconutInternVLForConditionalGeneration(config)
     model.generation_config = build_generation_config(model, tokenizer)

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig, InternVLForConditionalGeneration
 
 from coconut.reference import reference_logits
+from coconut.tiny import tiny_coconut_config
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
@@ -40,24 +41,9 @@ TEXT_QUESTION_TOKENS, TEXT_ANSWER_TOKENS, MISALIGNMENT = 300, 24, 10
 
 def small_config(**text_overrides) -> CoconutInternVLConfig:
     """Small enough for a laptop CPU, with the real image geometry: 448 px / 14 px patches -> 256 tokens a tile."""
-    text_config = dict(
-        model_type="qwen2",
-        vocab_size=2048,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return CoconutInternVLConfig(
-        text_config={**text_config, **text_overrides},
-        vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
-        image_token_id=2000,
-        start_latent_token_id=2001,
-        end_latent_token_id=2002,
-        latent_token_id=2003,
-        tie_word_embeddings=False,
-    )
+    text = {**dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4), **text_overrides}
+    vision = dict(hidden_size=128, intermediate_size=256)
+    return tiny_coconut_config(2048, 2000, (2001, 2002, 2003), image_size=448, text=text, vision=vision)
 
 
 def small_text_config() -> CoconutInternVLConfig:

@@ -123,6 +123,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
                 f"`dataset_kwargs`={self.dataset_kwargs}: TRL must not tokenize the schedule, the collator builds each "
                 'sample for its stage. Use `dataset_kwargs={"skip_prepare_dataset": True}`.'
             )
+        if self.activation_checkpointing and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                f"`activation_checkpointing_kwargs`={self.activation_checkpointing_kwargs}: reentrant checkpointing "
+                "cuts the gradient that flows from later thoughts into earlier keys and values. Use "
+                "`{'use_reentrant': False}` (the transformers default) or leave the kwargs out."
+            )
         if self.label_smoothing_factor > 0:
             raise ValueError(
                 f"`label_smoothing_factor`={self.label_smoothing_factor}: the loss is the model's own forward loss, "

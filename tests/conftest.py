@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from coconut.tokenizer import IMAGE_CONTEXT
+from coconut.tiny import tiny_coconut_config
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import END_LATENT, START_LATENT
-from processing_coconut_internvl import LATENT as LATENT_TOKEN
 
 
 PAD, IMAGE, LATENT, START, END, IMG_OPEN, IMG_CLOSE = 0, 1, 2, 3, 4, 5, 6
@@ -25,54 +23,9 @@ IMAGE_SIZE, TOKENS_PER_TILE = 56, 4  # 56 px / 14 px patches = 4x4 patches, pixe
 
 
 def tiny_config(**overrides) -> CoconutInternVLConfig:
-    """A two-layer InternVL (Qwen2 text model, InternViT vision tower) that runs in milliseconds on a CPU."""
-    config = dict(
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=PAD,
-            eos_token_id=FIRST_TEXT_ID,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=IMAGE_SIZE,
-            patch_size=14,
-        ),
-        image_token_id=IMAGE,
-        image_seq_length=TOKENS_PER_TILE,
-        latent_token_id=LATENT,
-        start_latent_token_id=START,
-        end_latent_token_id=END,
-        tie_word_embeddings=False,
-    )
-    config.update(overrides)
-    return CoconutInternVLConfig(**config)
-
-
-def tiny_config_for(tokenizer, **overrides) -> CoconutInternVLConfig:
-    """`tiny_config` with the vocabulary and special token ids of a `coconut.tokenizer.train_tokenizer` tokenizer."""
-    ids = tokenizer.convert_tokens_to_ids
-    text_config = tiny_config().text_config.to_dict()
-    text_config.update(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    return tiny_config(
-        text_config=text_config,
-        image_token_id=ids(IMAGE_CONTEXT),
-        latent_token_id=ids(LATENT_TOKEN),
-        start_latent_token_id=ids(START_LATENT),
-        end_latent_token_id=ids(END_LATENT),
-        **overrides,
-    )
+    """A two-layer InternVL (Qwen2 text model, InternViT vision tower) on the tiny vocabulary, milliseconds on a CPU."""
+    ids = dict(image_token_id=IMAGE, latent_token_ids=(START, END, LATENT))
+    return tiny_coconut_config(VOCAB_SIZE, **ids, text=dict(pad_token_id=PAD, eos_token_id=FIRST_TEXT_ID), **overrides)
 
 
 def tiny_model(seed: int = 0, **overrides) -> CoconutInternVLForConditionalGeneration:

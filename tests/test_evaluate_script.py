@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config_for
 from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig
@@ -17,6 +16,7 @@ from coconut.evaluation import (
     evaluate_stage,
     write_table_into_card,
 )
+from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from evaluate import CurriculumArguments, ScriptArguments, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
@@ -30,7 +30,7 @@ SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"
 def saved_model(tmp_path, hf_home):
     records = json.loads(SLICE.read_text())
     tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=320)
-    config = tiny_config_for(tokenizer)
+    config = tiny_coconut_config_for(tokenizer)
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path / "model")

@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from conftest import random_model, tiny_config_for
+from conftest import random_model
 
 from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
@@ -18,6 +18,7 @@ from coconut.evaluation import (
     score_generations,
 )
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
+from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT
@@ -51,7 +52,7 @@ def trained():
     records = make_records()
     corpus = [r["question"] + " ".join(r["steps"]) + r["answer"] for r in records]
     tokenizer = train_tokenizer(corpus, vocab_size=300)
-    config = tiny_config_for(tokenizer)
+    config = tiny_coconut_config_for(tokenizer)
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config)
     prompts = [eval_prompt(tokenizer, r, COCONUT, CoconutEvalConfig(stage=1))["prompt"] for r in records]
@@ -239,7 +240,7 @@ def test_image_records_through_the_processor(tmp_path):
         image_processor=image_processor, tokenizer=synthetic_tokenizer(task), image_seq_length=4
     )
     tokenizer = processor.tokenizer
-    config = tiny_config_for(tokenizer)
+    config = tiny_coconut_config_for(tokenizer)
     model = random_model(CoconutInternVLForConditionalGeneration, config)
     curriculum = CurriculumConfig(c_thought=1, max_latent_stage=6)
     eval_config = CoconutEvalConfig(stage=2, batch_size=2, max_new_tokens=8, disable_tqdm=True)

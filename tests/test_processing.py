@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model, tiny_config_for
+from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model
 from PIL import Image
 from replicas import HF_IMAGE_TOKEN_NAMES, OFFICIAL_CHAT_TEMPLATE, VOCAB_SIZE, write_replica_tokenizer
 from transformers import AutoProcessor, AutoTokenizer, GotOcr2ImageProcessorPil
 
+from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 
@@ -37,7 +38,7 @@ def processor_model(processor: CoconutInternVLProcessor, seed: int = 0):
     """A tiny model whose token ids are the processor's tokenizer's."""
     from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
-    return random_model(CoconutInternVLForConditionalGeneration, tiny_config_for(processor.tokenizer), seed)
+    return random_model(CoconutInternVLForConditionalGeneration, tiny_coconut_config_for(processor.tokenizer), seed)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_config_for
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
@@ -13,6 +12,7 @@ from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
+from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import LATENT
@@ -45,7 +45,7 @@ def tokenizer():
 
 def text_model(tokenizer, seed: int = 0) -> CoconutInternVLForConditionalGeneration:
     """A tiny Coconut-InternVL whose vocabulary and special ids are the tokenizer's."""
-    config = tiny_config_for(tokenizer)
+    config = tiny_coconut_config_for(tokenizer)
     torch.manual_seed(seed)
     return CoconutInternVLForConditionalGeneration(config)
 
@@ -202,6 +202,10 @@ def test_config_defaults_and_checks(tmp_path):
         sft_config(tmp_path, method="latent")
     with pytest.raises(ValueError, match="train_sampling_strategy"):
         sft_config(tmp_path, train_sampling_strategy="random")
+    with pytest.raises(ValueError, match="reentrant checkpointing cuts the gradient"):
+        sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    reentrant_off = {"use_reentrant": False}
+    assert sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=reentrant_off)
 
 
 def test_gradient_checkpointing_keeps_the_training_loss(tmp_path, tokenizer):
