@@ -346,4 +346,6 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, CoconutSFTConfig, ModelConfig))
     args = sys.argv[1:] or DEMO_ARGS
-    main(*parser.parse_args_and_config(args=args))
+    trainer = main(*parser.parse_args_and_config(args=args))
+    # Destroy the process group before exit: gloo threads still running at interpreter shutdown abort the process.
+    trainer.accelerator.end_training()

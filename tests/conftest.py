@@ -5,6 +5,7 @@ Token ids of the tiny vocabulary: 0 pad, 1 image context, 2 `<|latent|>`, 3 `<|s
 """
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +151,10 @@ def counting_passes(model):
         yield calls
     finally:
         handle.remove()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide with other test runs on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,13 +1,8 @@
 """`generate` with continuous thoughts against a naive decode (each prompt alone, everything recomputed per token)."""
 
-import os
-import socket
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, counting_passes, tiny_model
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -207,39 +202,6 @@ def test_num_latent_thoughts_must_match_the_batch(model):
     batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
     with pytest.raises(ValueError, match="one per prompt \\(2 prompts\\)"):
         model.generate(**prompt_inputs(batch), num_latent_thoughts=[1, 2, 3], max_new_tokens=2)
-
-
-def _count_passes_on_rank(rank: int, world_size: int, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = tiny_model(seed=1)
-        model.generation_config.pad_token_id = PAD
-        # Rank 0 thinks 1 thought, rank 1 thinks 6: without syncing they would make 2 and 7 prefill calls.
-        rows = [Row(latents=1, answer=0)] if rank == 0 else [Row(latents=6, answer=0, lead=3)]
-        batch = build_batch(rows, padding_side="left", seed=rank)
-        calls = []
-        model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
-        output = model.generate(
-            **prompt_inputs(batch), max_new_tokens=3, do_sample=False, eos_token_id=None, synced_gpus=True
-        )
-        generate_calls = len(calls)
-        expected = reference_greedy(model, batch["sequences"][0], batch["pixel_rows"][0], 3)
-        results[rank] = (generate_calls, output[0, batch["input_ids"].shape[1] :].tolist() == expected)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_synced_gpus_makes_every_rank_run_the_same_passes():
-    """Under FSDP / ZeRO-3 `generate` syncs ranks by default; here we ask for it on a CPU gloo group of two."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_count_passes_on_rank, args=(2, port, results), nprocs=2, join=True)
-    (calls_0, exact_0), (calls_1, exact_1) = results[0], results[1]
-    assert calls_0 == calls_1 == 7 + 2  # 7 prefill passes (1 + 6 thoughts), then 2 decoding steps
-    assert exact_0 and exact_1
 
 
 def test_generation_config_suppresses_the_latent_block_once(model, tmp_path):

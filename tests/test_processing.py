@@ -9,7 +9,7 @@ from transformers import AutoProcessor, AutoTokenizer, GotOcr2ImageProcessorPil
 
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
-from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
+from processing_coconut_internvl import CoconutInternVLProcessor
 
 
 CORPUS = ["Every wump is a zhorpus. Is Tom a wump or a yumpus? Tom is a wump. ### Yes No"] * 4
@@ -44,10 +44,6 @@ def processor_model(processor: CoconutInternVLProcessor, seed: int = 0):
 @pytest.fixture(scope="module")
 def processor():
     return make_processor()
-
-
-def test_processor_uses_the_internvl_chat_template(processor):
-    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
 
 
 CONVERSATIONS = [

@@ -2,7 +2,6 @@
 processes, the script."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
+from conftest import free_port, subprocess_env
 from test_sft_trainer import RECORDS, sft_config, text_model, tokenizer  # noqa: F401 (fixture)
 from transformers import AutoModel, AutoProcessor, PreTrainedTokenizerFast
 from trl import ModelConfig
@@ -25,13 +24,6 @@ from train_sft import LANGUAGE_MODEL_LORA_TARGETS, coconut_peft_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (fixed ports collide with other test runs on the machine)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_lora_on_language_model_with_trainable_latent_rows(tmp_path, tokenizer):  # noqa: F811
@@ -77,32 +69,6 @@ def test_lora_on_language_model_with_trainable_latent_rows(tmp_path, tokenizer):
     for name in state:
         if "vision" in name or "lm_head" in name:
             assert torch.equal(state[name], before[name]), name
-
-
-def _count_passes(rank: int, world_size: int, port: int, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    model = tiny_model(seed=0)
-    calls = []
-    model.model.language_model.register_forward_hook(lambda *args: calls.append(1))
-    latents = [3, 0][rank]  # rank 1 has no thoughts: without agreement it makes one call, rank 0 makes four
-    batch = model_inputs(build_batch([Row(latents=latents)], seed=rank))
-    with torch.no_grad():
-        synced = model(**batch, sync_latent_passes=True).logits
-        synced_calls = len(calls)
-        calls.clear()
-        alone = model(**batch).logits
-    results[rank] = (synced_calls, len(calls), (synced - alone).abs().max().item())
-    dist.destroy_process_group()
-
-
-def test_ranks_agree_on_the_latent_pass_count():
-    results = mp.Manager().dict()
-    port = free_port()
-    mp.spawn(_count_passes, args=(2, port, results), nprocs=2, join=True)
-    (synced_0, alone_0, difference_0), (synced_1, alone_1, difference_1) = results[0], results[1]
-    assert (alone_0, alone_1) == (4, 1)
-    assert synced_0 == synced_1 == 4
-    assert difference_0 < 1e-5 and difference_1 < 1e-5  # the extra passes change nothing
 
 
 # Per optimizer step, the (sample, stage) rows of process 0 and of process 1: the processes hold different numbers of
