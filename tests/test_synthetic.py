@@ -14,6 +14,7 @@ from coconut.synthetic import (
     cell_name,
     generate_puzzles,
     majority_baseline,
+    question_split,
     synthetic_corpus,
     synthetic_tokenizer,
 )
@@ -87,10 +88,30 @@ def test_guessing_without_the_image_is_weak():
     answers = {split: [cell_name(p.path[-1]) for p in generate_puzzles(split, config)] for split in ("train", "test")}
     train, test = (Dataset.from_dict({"answer": answers[split]}) for split in ("train", "test"))
     accuracy = majority_baseline(train, test)
-    assert accuracy == pytest.approx(0.07)  # 14 of 200: the majority train answer, B2, on the test split
+    assert accuracy == pytest.approx(34 / 500)  # the majority train answer, B2, on the 500 test questions
     assert len(Counter(answers["test"])) == 16  # every cell is a possible answer
     hops = Counter(len(p.path) - 1 for p in generate_puzzles("test", config))
     assert sorted(hops) == [2, 3, 4, 5, 6] and min(hops.values()) >= 30
+
+
+def test_no_question_is_in_two_splits_on_a_small_board():
+    """A 2 x 2 board with 2-3 arrows has 2048 questions: independent draws would overlap; the partition does not."""
+    config = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=2000, validation_size=100, test_size=500)
+    assert config.num_questions == 4**4 * 4 * 2
+    questions = {
+        split: [p.question for p in generate_puzzles(split, config)] for split in ("train", "validation", "test")
+    }
+    assert len(questions["train"]) == 2000 and len(set(questions["train"])) < 1500  # training draws repeat
+    assert len(set(questions["validation"])) == 100 and len(set(questions["test"])) == 500  # distinct
+    assert not set(questions["train"]) & set(questions["test"])
+    assert not set(questions["train"]) & set(questions["validation"])
+    assert not set(questions["validation"]) & set(questions["test"])
+    # The partition is by question alone: another seed's test questions are not in this seed's training split.
+    other_seed = SyntheticTaskConfig(grid_size=2, max_hops=3, seed=1)
+    assert not {p.question for p in generate_puzzles("test", other_seed)} & set(questions["train"])
+    assert {question_split(p, config) for p in generate_puzzles("test", other_seed)} == {"test"}
+    with pytest.raises(ValueError, match="700 distinct test questions do not fit in the test share"):
+        generate_puzzles("test", SyntheticTaskConfig(grid_size=2, max_hops=3, test_size=700))
 
 
 def test_tokenizer_is_small_and_covers_the_task(tmp_path):
@@ -119,6 +140,7 @@ def test_tokenizer_is_small_and_covers_the_task(tmp_path):
         ({"image_size": 50}, "`image_size`=50 must be a multiple of `grid_size`=4"),
         ({"min_hops": 4, "max_hops": 3}, "Need 1 <= `min_hops` <= `max_hops`, got 4 and 3"),
         ({"test_size": -1}, "`test_size` must be >= 0, got -1"),
+        ({"test_share": 0.5, "validation_share": 0.5}, "must be positive and leave a share for training"),
     ],
 )
 def test_config_validation(overrides, message):
