@@ -82,7 +82,7 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
     `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
-    `pause_as_thought`); `no_thought` keeps its empty marker pair and `cot` / `no_cot` have no block.
+    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block.
     """
     latent_methods = ("coconut", "pause_as_thought")
     if curriculum.method in latent_methods and config.num_latent_thoughts is not None:
