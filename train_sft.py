@@ -27,6 +27,7 @@ A run resumes from the last checkpoint in `--output_dir` (or `--resume_from_chec
 that stage's optimizer state and the data order. `--push_to_hub --hub_model_id you/name` pushes at the end.
 """
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from coconut.convert import build_generation_config, push_folder, save_repository
 from coconut.data import load_split
+from coconut.evaluation import CoconutEvalConfig, EvalResults, evaluate_stage, write_table_into_card
 from coconut.model_card import ModelCardData, render_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
@@ -205,6 +207,20 @@ def coconut_peft_config(model_args: ModelConfig, model):
     return peft_config
 
 
+def evaluate_held_out_test(trainer: CoconutSFTTrainer, task: SyntheticTaskConfig, script_args: ScriptArguments):
+    """The trained model on the bundled task's test split (questions in no other split), at its final stage."""
+    args = trainer.args
+    test = build_synthetic_split(script_args.synthetic_dir, "test", task)
+    config = CoconutEvalConfig(
+        stage=args.stage_of_epoch(int(trainer.curriculum_epochs) - 1),
+        batch_size=args.per_device_eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
+        disable_tqdm=True,
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return evaluate_stage(model, trainer.processing_class, test, args.curriculum, config, label="test")
+
+
 def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_args: ModelConfig):
     # Logging
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -284,6 +300,20 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     if trainer.eval_results.results:
         trainer.eval_results.save(output_dir)
         print(trainer.eval_results.markdown_table())
+
+    # Test: the final model on the bundled task's held-out test split, into eval_results.json ("test") and the card
+    if task is not None:
+        test = evaluate_held_out_test(trainer, task, script_args)
+        EvalResults([test]).save(output_dir / "test")  # its predictions, table and plot
+        results_path = output_dir / "eval_results.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results["test"] = {"stage": test.stage, **test.metrics}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        table = EvalResults([test]).markdown_table()
+        for folder in (output_dir, output_dir / "merged"):
+            if (folder / "README.md").is_file():
+                write_table_into_card(folder / "README.md", table, heading="## Test split (held-out questions)")
+        print(f"Held-out test split, {len(test.predictions)} questions:\n{table}")
 
     # Push (only at the end: the trainer itself never talks to the Hub)
     if push_to_hub:
