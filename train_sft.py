@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # `python train_sft.py` without arguments: the tiny model from scratch on the arrow-chase task, through every stage.
+# Three epochs for each of stages 0-3, then the final stage (every step a thought) for the remaining eight; each stage
+# restarts Adam with a warmup and decays the learning rate to zero. docs/learning.md gives the evidence for each choice.
 DEMO_ARGS = [
     "--output_dir", "outputs/demo",
     "--dataset", "arrow_chase",
@@ -67,12 +69,13 @@ DEMO_ARGS = [
     "--method", "coconut",
     "--c_thought", "1",
     "--max_latent_stage", "3",
-    "--epochs_per_stage", "4",
-    "--num_train_epochs", "16",
+    "--epochs_per_stage", "3",
+    "--num_train_epochs", "20",
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "100",
-    "--learning_rate", "2e-3",
-    "--lr_scheduler_type", "constant",
+    "--learning_rate", "1e-3",
+    "--lr_scheduler_type", "cosine",
+    "--warmup_steps", "0.1",
     "--reset_optimizer", "true",
     "--eval_max_new_tokens", "40",
     "--logging_steps", "20",
