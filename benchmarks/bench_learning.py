@@ -126,26 +126,30 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str):
-    """Test accuracy against generated tokens: one point per method, error bars of one standard deviation."""
+    """Test accuracy against the positions generated after the question (text tokens + thoughts or pauses): mean and
+    one standard deviation per method, each seed a small dot; methods at the same x are drawn side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    positions = {method: row["tokens_mean"] + row["thoughts_mean"] for method, row in summary.items()}
     for method, row in summary.items():
-        axis.errorbar(
-            row["tokens_mean"], row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", capsize=4, label=NAMES[method]
+        same_x = [other for other in summary if abs(positions[other] - positions[method]) < 0.5]
+        x = positions[method] + 0.6 * (same_x.index(method) - (len(same_x) - 1) / 2)
+        line = axis.errorbar(
+            x, row["accuracy_mean"], yerr=row["accuracy_std"], fmt="o", capsize=4, label=NAMES[method], zorder=3
         )
-        axis.annotate(
-            NAMES[method], (row["tokens_mean"], row["accuracy_mean"]), textcoords="offset points", xytext=(6, 4)
-        )
-    axis.set_xlabel("generated tokens per question (continuous thoughts not counted)")
+        seeds = row["accuracy_per_seed"]
+        axis.plot([x] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.45, zorder=2)
+    axis.set_xlabel("positions generated per question: text tokens + continuous thoughts (or pauses)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_ylim(0, 100)
-    axis.set_xlim(left=0)
+    axis.set_ylim(0, 105)
+    axis.set_xlim(0, max(positions.values()) + 2)
     axis.set_title(title, fontsize=9)
     axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -186,7 +190,8 @@ def main():
     methods = [method for method in METHODS if method in args.methods]
     summary = summarize(runs, methods)
     table = markdown_table(summary)
-    title = f"arrow chase, {len(args.seeds)} seeds, {runs[0]['num_test_questions']} held-out test questions"
+    task = " ".join(args.extra_args) or "the embedded default's task"
+    title = f"arrow chase ({task}), {len(args.seeds)} seeds, {runs[0]['num_test_questions']} held-out test questions"
     plot(summary, output_dir / "bench_learning.png", title)
     record = {
         "summary": summary,
