@@ -19,6 +19,12 @@ would overlap heavily; with the partition a model never trains on a question it 
 by its own seeded RNG from its part of the question space: the training split with repeats (as independent draws),
 the validation and test splits as distinct questions. Splits are rendered on demand into a caller-given folder, and
 the records point at the PNG files.
+
+The `branching` variant (`SyntheticTaskConfig(variant="branching")`, a board of at least 3 x 3) asks for a search:
+every cell holds two arrows, drawn as its top and bottom halves, and a path may take either one at each cell. "Start
+at A1 and follow 3 arrows. Which can you reach, B2 or C3?": exactly one of the two cells is the end of some path of
+that many arrows. The steps write one such path; choosing a wrong arrow early leads to neither cell, so writing the
+path step by step needs the search done before the first step, while a continuous thought can keep several frontiers.
 """
 
 import hashlib
@@ -37,6 +43,9 @@ from coconut.tokenizer import train_tokenizer
 DIRECTIONS = {"right": (0, 1), "down": (1, 0), "left": (0, -1), "up": (-1, 0)}  # (row, column) offsets
 COLOURS = {"right": (220, 50, 40), "down": (40, 90, 220), "left": (40, 160, 60), "up": (235, 195, 30)}
 SPLITS = ("train", "validation", "test")
+VARIANTS = ("chase", "branching")
+# The two arrows of a cell in the branching variant, in DIRECTIONS order (top half, bottom half of the cell).
+ARROW_PAIRS = [(a, b) for i, a in enumerate(DIRECTIONS) for b in list(DIRECTIONS)[i + 1 :]]
 COLUMN_LETTERS = "ABCDEFGH"
 
 
@@ -44,6 +53,14 @@ COLUMN_LETTERS = "ABCDEFGH"
 class SyntheticTaskConfig:
     """Size and difficulty of the arrow-chase task."""
 
+    variant: str = field(
+        default="chase",
+        metadata={
+            "help": "'chase' (one arrow per cell, where do you stop?) or 'branching' (two arrows per cell, which of "
+            "two cells can you reach?).",
+            "choices": list(VARIANTS),
+        },
+    )
     image_size: int = field(default=56, metadata={"help": "Image side in pixels (InternVL tiles are resized to it)."})
     grid_size: int = field(default=4, metadata={"help": "Cells per side; image_size must be a multiple of it."})
     min_hops: int = field(default=2, metadata={"help": "Fewest reasoning steps (arrows to follow)."})
@@ -61,6 +78,13 @@ class SyntheticTaskConfig:
         self.validate_synthetic()
 
     def validate_synthetic(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"`variant` must be one of {VARIANTS}, got {self.variant!r}.")
+        if self.variant == "branching" and self.grid_size < 3:
+            raise ValueError(
+                f"`grid_size`={self.grid_size}: the branching variant needs a board of at least 3 x 3 (on 2 x 2, "
+                "moves wrap so that left equals right and up equals down, and two arrows reach every cell)."
+            )
         if not 2 <= self.grid_size <= len(COLUMN_LETTERS):
             raise ValueError(f"`grid_size` must be in [2, {len(COLUMN_LETTERS)}], got {self.grid_size}.")
         if self.image_size % self.grid_size:
@@ -92,18 +116,23 @@ class SyntheticTaskConfig:
 
     @property
     def num_questions(self) -> int:
-        """Distinct questions: boards x start cells x hop counts."""
+        """Distinct questions: boards x start cells x hop counts (x ordered pairs of cells, at most, if branching)."""
         cells = self.grid_size**2
-        return len(DIRECTIONS) ** cells * cells * (self.max_hops - self.min_hops + 1)
+        hops = self.max_hops - self.min_hops + 1
+        if self.variant == "branching":
+            return len(ARROW_PAIRS) ** cells * cells * hops * cells * (cells - 1)
+        return len(DIRECTIONS) ** cells * cells * hops
 
 
 @dataclass(frozen=True)
 class Puzzle:
-    """One arrow-chase instance: `board[row][column]` is a direction; `path` lists the visited cells."""
+    """One arrow-chase instance: `board[row][column]` is a direction (a pair of them if branching); `path` lists the
+    visited cells; `targets` are the two cells a branching question offers (the answer is the path's end)."""
 
-    board: tuple[tuple[str, ...], ...]
+    board: tuple
     start: tuple[int, int]
     path: tuple[tuple[int, int], ...]
+    targets: tuple[tuple[int, int], ...] = ()
 
     @property
     def hops(self) -> int:
@@ -111,8 +140,8 @@ class Puzzle:
 
     @property
     def question(self) -> tuple:
-        """What the model is asked: the board (the image), the start cell and the number of arrows."""
-        return (self.board, self.start, self.hops)
+        """What the model is asked: the board (the image), the start cell, the number of arrows (and the targets)."""
+        return (self.board, self.start, self.hops, *self.targets)
 
 
 def cell_name(cell: tuple[int, int]) -> str:
@@ -120,15 +149,58 @@ def cell_name(cell: tuple[int, int]) -> str:
     return f"{COLUMN_LETTERS[column]}{row + 1}"
 
 
+def step(cell: tuple[int, int], direction: str, size: int) -> tuple[int, int]:
+    """The cell one arrow away, wrapping around the edges."""
+    d_row, d_column = DIRECTIONS[direction]
+    return ((cell[0] + d_row) % size, (cell[1] + d_column) % size)
+
+
 def follow(board, start: tuple[int, int], hops: int) -> tuple[tuple[int, int], ...]:
-    """The cells visited from `start` following `hops` arrows, wrapping around the edges."""
-    size = len(board)
+    """The cells visited from `start` following `hops` arrows (one per cell), wrapping around the edges."""
     path = [start]
     for _ in range(hops):
         row, column = path[-1]
-        d_row, d_column = DIRECTIONS[board[row][column]]
-        path.append(((row + d_row) % size, (column + d_column) % size))
+        path.append(step((row, column), board[row][column], len(board)))
     return tuple(path)
+
+
+def branching_path(board, start: tuple[int, int], hops: int, target: tuple[int, int]):
+    """The first path (arrows tried in each cell's order) of exactly `hops` arrows from `start` to `target`, or None."""
+    if hops == 0:
+        return (start,) if start == target else None
+    for direction in board[start[0]][start[1]]:
+        rest = branching_path(board, step(start, direction, len(board)), hops - 1, target)
+        if rest is not None:
+            return (start, *rest)
+    return None
+
+
+def reachable(board, start: tuple[int, int], hops: int) -> set[tuple[int, int]]:
+    """The cells at the end of some path of exactly `hops` arrows from `start` (either arrow of each cell)."""
+    frontier = {start}
+    for _ in range(hops):
+        frontier = {step(cell, direction, len(board)) for cell in frontier for direction in board[cell[0]][cell[1]]}
+    return frontier
+
+
+def _draw_puzzle(rng: random.Random, config: SyntheticTaskConfig) -> Puzzle | None:
+    """One random puzzle of `config.variant`; None when a branching draw has no cell out of reach."""
+    size, names = config.grid_size, list(DIRECTIONS)
+    if config.variant == "chase":
+        board = tuple(tuple(rng.choice(names) for _ in range(size)) for _ in range(size))
+    else:
+        board = tuple(tuple(rng.choice(ARROW_PAIRS) for _ in range(size)) for _ in range(size))
+    start = (rng.randrange(size), rng.randrange(size))
+    hops = rng.randint(config.min_hops, config.max_hops)
+    if config.variant == "chase":
+        return Puzzle(board, start, follow(board, start, hops))
+    ends = reachable(board, start, hops)
+    elsewhere = [(row, column) for row in range(size) for column in range(size) if (row, column) not in ends]
+    if not elsewhere:
+        return None
+    target, decoy = rng.choice(sorted(ends)), rng.choice(elsewhere)
+    targets = (target, decoy) if rng.random() < 0.5 else (decoy, target)
+    return Puzzle(board, start, branching_path(board, start, hops, target), targets)
 
 
 def question_split(puzzle: Puzzle, config: SyntheticTaskConfig) -> str:
@@ -159,17 +231,13 @@ def generate_puzzles(split: str, config: SyntheticTaskConfig, num_records: int |
             f"fewer, raise `{split}_share`, or use a larger board or more arrows."
         )
     rng = random.Random(f"arrow-chase-{config.seed}-{split}")
-    names = list(DIRECTIONS)
     puzzles, seen = [], set()
     max_draws = 10_000 + int(50 * num_records / config.share(split))
     for _ in range(max_draws):
         if len(puzzles) == num_records:
             break
-        board = tuple(tuple(rng.choice(names) for _ in range(config.grid_size)) for _ in range(config.grid_size))
-        start = (rng.randrange(config.grid_size), rng.randrange(config.grid_size))
-        hops = rng.randint(config.min_hops, config.max_hops)
-        puzzle = Puzzle(board, start, follow(board, start, hops))
-        if question_split(puzzle, config) != split or (split != "train" and puzzle.question in seen):
+        puzzle = _draw_puzzle(rng, config)
+        if puzzle is None or question_split(puzzle, config) != split or (split != "train" and puzzle.question in seen):
             continue
         seen.add(puzzle.question)
         puzzles.append(puzzle)
@@ -182,34 +250,55 @@ def generate_puzzles(split: str, config: SyntheticTaskConfig, num_records: int |
 
 
 def render_board(board, image_size: int) -> Image.Image:
-    """The board as an RGB image: each cell filled with its direction's colour, with a dark arrow head on it."""
+    """The board as an RGB image: each cell filled with its direction's colour, with a dark arrow head on it; a cell
+    with two arrows (branching variant) has the first one's colour and arrow in its top half, the second's below."""
     size = len(board)
     cell = image_size // size
     image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for row in range(size):
         for column in range(size):
-            direction = board[row][column]
             left, top = column * cell, row * cell
-            draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=COLOURS[direction])
-            draw.polygon(_arrow_head(direction, left, top, cell), fill=(30, 30, 30))
+            arrows = board[row][column]
+            if isinstance(arrows, str):
+                draw.rectangle((left, top, left + cell - 1, top + cell - 1), fill=COLOURS[arrows])
+                draw.polygon(_arrow_head(arrows, left, top, cell), fill=(30, 30, 30))
+                continue
+            half = cell // 2
+            for index, direction in enumerate(arrows):
+                y = top + index * half
+                draw.rectangle((left, y, left + cell - 1, y + half - 1), fill=COLOURS[direction])
+                # The arrow head of a half cell: the full cell's, scaled to half the height.
+                head = [(x, y + (v - top) / 2) for x, v in _arrow_head(direction, left, top, cell)]
+                draw.polygon(head, fill=(30, 30, 30))
     return image
 
 
 def puzzle_record(puzzle: Puzzle, record_id: str, image_path: str) -> dict:
     """The record of a puzzle: question, one step per hop, the final cell as answer, the board image."""
     steps = []
+    size = len(puzzle.board)
     for here, there in zip(puzzle.path[:-1], puzzle.path[1:], strict=True):
-        direction = puzzle.board[here[0]][here[1]]
+        arrows = puzzle.board[here[0]][here[1]]
+        direction = next(d for d in ([arrows] if isinstance(arrows, str) else arrows) if step(here, d, size) == there)
         steps.append(f"{cell_name(here)} points {direction} to {cell_name(there)}.")
-    arrows = "arrow" if puzzle.hops == 1 else "arrows"
     return {
         "id": record_id,
-        "question": f"Start at {cell_name(puzzle.start)} and follow {puzzle.hops} {arrows}. Where do you stop?",
+        "question": question_text(puzzle.start, puzzle.hops, puzzle.targets),
         "steps": steps,
         "answer": cell_name(puzzle.path[-1]),
         "images": [image_path],
     }
+
+
+def question_text(start: tuple[int, int], hops: int, targets=()) -> str:
+    """The question: `Start at B3 and follow 4 arrows. Where do you stop?`, or with targets `... Which can you reach,
+    A1 or C2?`."""
+    arrows = "arrow" if hops == 1 else "arrows"
+    text = f"Start at {cell_name(start)} and follow {hops} {arrows}."
+    if targets:
+        return f"{text} Which can you reach, {cell_name(targets[0])} or {cell_name(targets[1])}?"
+    return f"{text} Where do you stop?"
 
 
 def build_synthetic_split(
@@ -249,8 +338,10 @@ def synthetic_corpus(config: SyntheticTaskConfig | None = None) -> list[str]:
     texts = ["user\n", "assistant\n", "### ", "<image>\n"]
     cells = [(row, column) for row in range(config.grid_size) for column in range(config.grid_size)]
     for hops in range(config.min_hops, config.max_hops + 1):
-        arrows = "arrow" if hops == 1 else "arrows"
-        texts += [f"Start at {cell_name(cell)} and follow {hops} {arrows}. Where do you stop?" for cell in cells]
+        if config.variant == "branching":
+            texts += [question_text(cell, hops, (cell, other)) for cell in cells for other in cells]
+        else:
+            texts += [question_text(cell, hops) for cell in cells]
     for cell in cells:
         for direction in DIRECTIONS:
             texts.append(f"{cell_name(cell)} points {direction} to {cell_name(cell)}.\n")
@@ -283,11 +374,14 @@ def _arrow_head(direction: str, left: int, top: int, cell: int) -> list[tuple[fl
 
 
 __all__ = [
+    "ARROW_PAIRS",
     "COLOURS",
     "DIRECTIONS",
     "SPLITS",
+    "VARIANTS",
     "Puzzle",
     "SyntheticTaskConfig",
+    "branching_path",
     "build_synthetic_dataset",
     "build_synthetic_split",
     "cell_name",
@@ -296,7 +390,10 @@ __all__ = [
     "majority_baseline",
     "puzzle_record",
     "question_split",
+    "question_text",
+    "reachable",
     "render_board",
+    "step",
     "synthetic_corpus",
     "synthetic_tokenizer",
 ]

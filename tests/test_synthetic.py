@@ -60,6 +60,40 @@ def test_answers_and_steps_follow_from_the_image(tmp_path, image_size, grid_size
         assert cell_name(here) == record["answer"]
 
 
+def test_branching_answers_need_a_search_read_from_the_image(tmp_path):
+    """Two arrows per cell (top and bottom halves): exactly one of the two offered cells ends a path of that length."""
+    config = SyntheticTaskConfig(variant="branching", grid_size=3, image_size=84, max_hops=3)
+    dataset = build_synthetic_split(tmp_path, "train", config, num_records=40)
+    names = {cell_name((r, c)): (r, c) for r in range(3) for c in range(3)}
+    moves = {"right": (0, 1), "down": (1, 0), "left": (0, -1), "up": (-1, 0)}
+    by_colour = {colour: direction for direction, colour in COLOURS.items()}
+    first_arrow_differs = 0
+    for record in dataset:
+        image = record["images"][0].convert("RGB")
+        cell = image.width // 3
+        board = [
+            [{by_colour[image.getpixel((c * cell + 1, r * cell + y))] for y in (1, cell - 2)} for c in range(3)]
+            for r in range(3)
+        ]
+        words = record["question"].rstrip("?").replace(",", "").split()
+        start, hops, offered = names[words[2]], int(words[5]), [names[words[-3]], names[words[-1]]]
+        frontier = {start}
+        for _ in range(hops):
+            frontier = {((r + moves[d][0]) % 3, (c + moves[d][1]) % 3) for r, c in frontier for d in board[r][c]}
+        assert [target in frontier for target in offered].count(True) == 1
+        assert names[record["answer"]] in frontier and len(record["steps"]) == hops
+        here = start
+        for text in record["steps"]:  # "A3 points right to B3.", with one of the cell's two arrows
+            source, _, direction, _, target = text.rstrip(".").split()
+            assert names[source] == here and direction in board[here[0]][here[1]]
+            here = names[target]
+        assert here == names[record["answer"]]
+        first_arrow_differs += sorted(board[start[0]][start[1]])[0] != record["steps"][0].split()[2]
+    assert first_arrow_differs > 0  # the path does not always take the same arrow: the first step needs the search
+    with pytest.raises(ValueError, match="branching variant needs a board of at least 3 x 3"):
+        SyntheticTaskConfig(variant="branching", grid_size=2)
+
+
 def test_splits_are_deterministic_and_disjoint(tmp_path):
     config = SyntheticTaskConfig()
     first = build_synthetic_split(tmp_path / "a", "validation", config, num_records=8)
