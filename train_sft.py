@@ -108,6 +108,17 @@ class ScriptArguments:
     synthetic_validation_size: int = field(default=200, metadata={"help": "Synthetic validation records."})
     synthetic_grid_size: int = field(default=4, metadata={"help": "Cells per side of the arrow-chase board."})
     synthetic_max_hops: int = field(default=6, metadata={"help": "Most arrows (reasoning steps) per question."})
+    synthetic_variant: str = field(
+        default="chase",
+        metadata={
+            "help": "'chase' (one arrow per cell) or 'branching' (two arrows per cell, which of two cells can you "
+            "reach? a board of at least 3 x 3).",
+            "choices": ["chase", "branching"],
+        },
+    )
+    synthetic_image_size: int = field(
+        default=56, metadata={"help": "Side of the task's image in pixels (a multiple of the grid size and of 28)."}
+    )
     merge_adapter: bool = field(
         default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
     )
@@ -165,6 +176,8 @@ def load_splits(script_args: ScriptArguments, seed: int):
     if script_args.dataset == "arrow_chase":
         task = SyntheticTaskConfig(
             seed=seed,
+            variant=script_args.synthetic_variant,
+            image_size=script_args.synthetic_image_size,
             grid_size=script_args.synthetic_grid_size,
             max_hops=script_args.synthetic_max_hops,
             train_size=script_args.synthetic_train_size,
