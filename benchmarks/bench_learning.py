@@ -169,8 +169,10 @@ def main():
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # The slowest runs first, so that the workers finish together.
-    jobs = [(method, seed) for method in reversed(METHODS) if method in args.methods for seed in args.seeds]
+    # The slowest runs first (CoT writes the longest sequences, Coconut makes the most passes), so that the workers
+    # finish together.
+    slowest_first = ("cot", "coconut", "pause_as_thought", "no_thought", "no_cot")
+    jobs = [(method, seed) for method in slowest_first if method in args.methods for seed in args.seeds]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         futures = [
