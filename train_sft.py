@@ -29,6 +29,7 @@ the same training and curriculum settings; `--overwrite_output_dir` starts from 
 every check and how to recover). `--push_to_hub --hub_model_id you/name` pushes at the end.
 """
 
+import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_split, validate_dataset
+from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
 from coconut.model_card import build_model_card
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
@@ -56,6 +58,8 @@ logger = logging.getLogger(__name__)
 LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # `python train_sft.py` without arguments: the tiny model from scratch on the arrow-chase task, through every stage.
+# Three epochs for each of stages 0-3, then the final stage (every step a thought) for the remaining eight; each stage
+# restarts Adam with a warmup and decays the learning rate to zero. docs/learning.md gives the evidence for each choice.
 DEMO_ARGS = [
     "--output_dir", "outputs/demo",
     "--dataset", "arrow_chase",
@@ -66,12 +70,13 @@ DEMO_ARGS = [
     "--method", "coconut",
     "--c_thought", "1",
     "--max_latent_stage", "3",
-    "--epochs_per_stage", "4",
-    "--num_train_epochs", "16",
+    "--epochs_per_stage", "3",
+    "--num_train_epochs", "20",
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "100",
-    "--learning_rate", "2e-3",
-    "--lr_scheduler_type", "constant",
+    "--learning_rate", "1e-3",
+    "--lr_scheduler_type", "cosine",
+    "--warmup_steps", "0.1",
     "--reset_optimizer", "true",
     "--eval_max_new_tokens", "40",
     "--logging_steps", "20",
@@ -110,8 +115,25 @@ class ScriptArguments:
     )
     synthetic_train_size: int = field(default=1500, metadata={"help": "Synthetic training records."})
     synthetic_validation_size: int = field(default=200, metadata={"help": "Synthetic validation records."})
+    synthetic_test_size: int = field(
+        default=500,
+        metadata={
+            "help": "Held-out test questions the final model answers at the end (in no other split); 0 for none."
+        },
+    )
     synthetic_grid_size: int = field(default=4, metadata={"help": "Cells per side of the arrow-chase board."})
     synthetic_max_hops: int = field(default=6, metadata={"help": "Most arrows (reasoning steps) per question."})
+    synthetic_variant: str = field(
+        default="chase",
+        metadata={
+            "help": "'chase' (one arrow per cell) or 'branching' (two arrows per cell, which of two cells can you "
+            "reach? a board of at least 3 x 3).",
+            "choices": ["chase", "branching"],
+        },
+    )
+    synthetic_image_size: int = field(
+        default=56, metadata={"help": "Side of the task's image in pixels (a multiple of the grid size and of 28)."}
+    )
     merge_adapter: bool = field(
         default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
     )
@@ -145,10 +167,13 @@ def load_splits(script_args: ScriptArguments, seed: int):
     if script_args.dataset == "arrow_chase":
         task = SyntheticTaskConfig(
             seed=seed,
+            variant=script_args.synthetic_variant,
+            image_size=script_args.synthetic_image_size,
             grid_size=script_args.synthetic_grid_size,
             max_hops=script_args.synthetic_max_hops,
             train_size=script_args.synthetic_train_size,
             validation_size=script_args.synthetic_validation_size,
+            test_size=script_args.synthetic_test_size,
         )
         train = build_synthetic_split(script_args.synthetic_dir, "train", task)
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
@@ -236,8 +261,11 @@ def checkpoint_to_resume(training_args: CoconutSFTConfig) -> str | None:
     return last_complete_checkpoint(training_args.output_dir)
 
 
-def describe_training(trainer: CoconutSFTTrainer, script_args: ScriptArguments, task) -> tuple[dict, str, list[dict]]:
-    """What the saved model's `coconut_training.json` and card say: the stage reached, not the one planned."""
+def describe_training(
+    trainer: CoconutSFTTrainer, script_args: ScriptArguments, task, test: StageResult | None = None
+) -> tuple[dict, str, list[dict]]:
+    """What the saved model's `coconut_training.json` and card say: the stage reached, not the one planned, and the
+    held-out test split's result as the table's last row."""
     args = trainer.args
     record = {**trainer.training_record(), "dataset": script_args.dataset, "task": asdict(task) if task else None}
     stopped = (
@@ -260,7 +288,39 @@ def describe_training(trainer: CoconutSFTTrainer, script_args: ScriptArguments, 
         }
         for result in trainer.eval_results.results
     ]
+    if test is not None:
+        rows.append(
+            {
+                "stage": f"{test.stage}, held-out test ({len(test.predictions)} questions)",
+                "thoughts (max)": test.metrics.get("max_latent_thoughts", "-"),
+                "accuracy": test.metrics["accuracy"],
+                "generated tokens": test.metrics["mean_generated_tokens"],
+            }
+        )
     return record, text, rows
+
+
+def evaluate_held_out_test(trainer: CoconutSFTTrainer, task: SyntheticTaskConfig, script_args: ScriptArguments):
+    """The trained model on the bundled task's test split (questions in no other split), at the stage it reached."""
+    args = trainer.args
+    test = build_synthetic_split(script_args.synthetic_dir, "test", task)
+    config = CoconutEvalConfig(
+        stage=trainer.stage_reached,
+        batch_size=args.per_device_eval_batch_size,
+        max_new_tokens=args.eval_max_new_tokens,
+        disable_tqdm=True,
+    )
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return evaluate_stage(model, trainer.processing_class, test, args.curriculum, config, label="test")
+
+
+def write_test_results(output_dir: Path, test: StageResult):
+    """`eval_results.json` gains `"test"`; `test/` holds its predictions, table and plot."""
+    EvalResults([test]).save(output_dir / "test")
+    results_path = output_dir / "eval_results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results["test"] = {"stage": test.stage, **test.metrics}
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_args: ModelConfig):
@@ -308,7 +368,9 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     trainer.save_model(str(output_dir))
     if not trainer.accelerator.is_main_process:
         return trainer
-    record, training_text, rows = describe_training(trainer, script_args, task)
+    # Test: the final model on the bundled task's held-out test split (questions in no training or validation split)
+    test = evaluate_held_out_test(trainer, task, script_args) if task is not None and task.test_size > 0 else None
+    record, training_text, rows = describe_training(trainer, script_args, task, test)
     card = build_model_card(
         repo_id=training_args.hub_model_id or str(output_dir),
         base_model=base_model,
@@ -329,11 +391,14 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card)
         write_training_record(output_dir, record)
 
-    # Evaluate: the table of the evaluations after each stage (those before a resume included)
+    # Evaluate: the table of the evaluations after each stage (those before a resume included), then the test split
     eval_results = trainer.eval_results
     if eval_results.results:
         eval_results.save(output_dir)
         print(eval_results.markdown_table())
+    if test is not None:
+        write_test_results(output_dir, test)
+        print(f"Held-out test split, {len(test.predictions)} questions:\n{EvalResults([test]).markdown_table()}")
 
     # Push (only at the end: the trainer itself never talks to the Hub)
     if push_to_hub:

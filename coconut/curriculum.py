@@ -40,8 +40,9 @@ class CurriculumConfig:
     - `"pause_as_thought"`: the coconut layout, but the `<|latent|>` tokens are ordinary learned "pause" tokens: the
       trainer sets `config.latent_token_id=None` so the model does not feed hidden states back (the paper's
       "pause as thought" baseline). The text produced here is the same as for `"coconut"`.
-    - `"no_thought"`: steps dropped as in coconut, but no `<|latent|>` tokens; the (empty) marker pair is kept so the
-      layout differs from coconut only by the missing thoughts. (The reference code also drops the markers here.)
+    - `"no_thought"`: the paper's "w/o thought" ablation: the curriculum drops the first steps as coconut does, but
+      nothing takes their place, no `<|latent|>` tokens and no markers (the reference code's `no_thoughts: true`);
+      evaluation prompts are the question alone.
     """
 
     method: str = field(
@@ -82,7 +83,12 @@ class CurriculumConfig:
 
     @property
     def uses_markers(self) -> bool:
-        """Whether examples carry the `<|start-latent|>`/`<|end-latent|>` pair (all methods but cot and no_cot)."""
+        """Whether examples carry the `<|start-latent|>`/`<|end-latent|>` pair (coconut and pause_as_thought)."""
+        return self.method in ("coconut", "pause_as_thought")
+
+    @property
+    def staged(self) -> bool:
+        """Whether the curriculum stage changes the examples (every method but cot and no_cot)."""
         return self.method not in ("cot", "no_cot")
 
 
@@ -113,8 +119,8 @@ def training_layout(num_steps: int, stage: int, config: CurriculumConfig) -> Lat
         num_thoughts = config.max_latent_stage if config.pad_latent_to_max else min(num_steps, config.max_latent_stage)
     else:
         num_skipped, num_thoughts = min(stage, num_steps), stage
-    num_latents = 0 if config.method == "no_thought" else num_thoughts * config.c_thought
-    return LatentLayout(num_skipped, num_latents, markers=True)
+    num_latents = num_thoughts * config.c_thought if config.uses_markers else 0
+    return LatentLayout(num_skipped, num_latents, config.uses_markers)
 
 
 def evaluation_layout(num_steps: int, stage: int, config: CurriculumConfig) -> LatentLayout:
@@ -125,12 +131,12 @@ def evaluation_layout(num_steps: int, stage: int, config: CurriculumConfig) -> L
     """
     if stage < 0:
         raise ValueError(f"`stage` must be >= 0, got {stage}.")
-    if not config.uses_markers:
+    if not config.staged:
         return LatentLayout(num_steps if config.method == "no_cot" else 0, 0, markers=False)
     cap = config.max_latent_stage if config.pad_latent_to_max else min(config.max_latent_stage, num_steps)
     num_thoughts = min(cap, stage)
-    num_latents = 0 if config.method == "no_thought" else num_thoughts * config.c_thought
-    return LatentLayout(min(num_thoughts, num_steps), num_latents, markers=True)
+    num_latents = num_thoughts * config.c_thought if config.uses_markers else 0
+    return LatentLayout(min(num_thoughts, num_steps), num_latents, config.uses_markers)
 
 
 def sample_stage(stage: int, num_steps: int, config: CurriculumConfig, rng: random.Random | None = None) -> int:
@@ -138,7 +144,7 @@ def sample_stage(stage: int, num_steps: int, config: CurriculumConfig, rng: rand
 
     `rng` is required when `config.uniform_prob > 0` so runs are reproducible (seed it per sample or per epoch).
     """
-    if config.uniform_prob == 0.0 or not config.uses_markers:
+    if config.uniform_prob == 0.0 or not config.staged:
         return stage
     if rng is None:
         raise ValueError(

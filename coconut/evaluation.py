@@ -83,14 +83,13 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
     `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
-    `pause_as_thought`); `no_thought` keeps its empty marker pair and `cot` / `no_cot` have no block.
+    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block.
     """
-    latent_methods = ("coconut", "pause_as_thought")
-    if curriculum.method in latent_methods and config.num_latent_thoughts is not None:
+    if curriculum.uses_markers and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts
         prompt = question_prompt(record, processing_class) + latent_block(k)
         return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": k}
-    if curriculum.method in latent_methods and config.stage is None:
+    if curriculum.uses_markers and config.stage is None:
         raise ValueError(
             f"`method`={curriculum.method!r} needs the latent count: set `stage` (the curriculum stage the model "
             "reached) or `num_latent_thoughts`."

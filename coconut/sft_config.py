@@ -13,8 +13,11 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
     r"""
     Configuration of [`CoconutSFTTrainer`]: [`~trl.SFTConfig`] plus Coconut's curriculum (Hao et al. 2024, arXiv
     2412.06769). Training runs `num_train_epochs` curriculum epochs; the stage of epoch `e` is
-    `e // epochs_per_stage` (stage 0 is the full chain of thought), and in stage `k` the first `k` reasoning steps
-    are replaced by `k * c_thought` continuous thoughts.
+    `min(e // epochs_per_stage, max_latent_stage + 1)` (stage 0 is the full chain of thought), and in stage `k` the
+    first `k` reasoning steps are replaced by `k * c_thought` continuous thoughts. Every stage past
+    `max_latent_stage` builds the same examples, so they are one final stage that runs for all the remaining epochs
+    (as the paper's schedule keeps training the last stage): one optimizer reset, one learning-rate schedule, one
+    evaluation at its end.
 
     Defaults that differ from [`~trl.SFTConfig`]:
 
@@ -141,10 +144,14 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         return CurriculumConfig(**{item.name: getattr(self, item.name) for item in fields(CurriculumConfig)})
 
     def stage_of_epoch(self, epoch: int) -> int:
-        """The scheduled stage of curriculum epoch `epoch` (0 = full chain of thought)."""
+        """The scheduled stage of curriculum epoch `epoch` (0 = full chain of thought).
+
+        Stages past `max_latent_stage` lay out every example alike (all steps removed, thoughts capped), so they are
+        merged into the final stage `max_latent_stage + 1`.
+        """
         if self.method in ("cot", "no_cot"):
             return 0
-        return epoch // self.epochs_per_stage
+        return min(epoch // self.epochs_per_stage, self.max_latent_stage + 1)
 
 
 __all__ = ["CoconutSFTConfig"]

@@ -57,8 +57,9 @@ TRAINING_TABLE = [
     ("coconut", 2, 4, False, (2, 4, True)),  # past max stage: min(num_steps, max) * c
     ("coconut", 2, 4, True, (2, 6, True)),  # ... unless padded to the maximum
     ("pause_as_thought", 4, 2, False, (2, 4, True)),
-    ("no_thought", 4, 2, False, (2, 0, True)),
-    ("no_thought", 4, 9, False, (4, 0, True)),
+    ("no_thought", 4, 2, False, (2, 0, False)),  # "w/o thought": steps dropped, nothing in their place, no markers
+    ("no_thought", 4, 9, False, (4, 0, False)),
+    ("no_thought", 2, 3, True, (2, 0, False)),
     ("cot", 4, 3, False, (0, 0, False)),
     ("no_cot", 4, 0, False, (4, 0, False)),
 ]
@@ -106,6 +107,36 @@ def test_eval_prompt_is_the_training_prompt_without_completion(tokenizer):
         assert prompt == build_training_example(text_record(), stage, tokenizer, config)["prompt"]
         assert prompt.endswith(END_LATENT) and prompt.count(LATENT) == 2 * stage
         assert "Step" not in prompt and "###" not in prompt
+
+
+def test_no_thought_is_the_papers_ablation(tokenizer):
+    """The reference's `no_thoughts: true`: no markers, no thoughts; the stage only drops steps; prompts are bare."""
+    config = CurriculumConfig(method="no_thought", c_thought=2, max_latent_stage=3)
+    bare = build_training_example(text_record(), 0, tokenizer, CurriculumConfig(method="cot"))["prompt"]
+    completions = []
+    for stage in range(5):
+        example = build_training_example(text_record(), stage, tokenizer, config)
+        assert example["prompt"] == bare and example["num_latents"] == 0
+        assert build_eval_prompt(text_record(), stage, tokenizer, config)["prompt"] == bare
+        completions.append(example["completion"])
+    assert completions == [
+        "Step number 0.\nStep number 1.\nStep number 2.\n### Tom is a wumpus.<|im_end|>",
+        "Step number 1.\nStep number 2.\n### Tom is a wumpus.<|im_end|>",
+        "Step number 2.\n### Tom is a wumpus.<|im_end|>",
+        "### Tom is a wumpus.<|im_end|>",
+        "### Tom is a wumpus.<|im_end|>",
+    ]
+    for text in completions + [bare]:
+        assert START_LATENT not in text and END_LATENT not in text and LATENT not in text
+    # Labels: everything after the question, as the reference's mask of len(question) + 0 thoughts + 0 markers.
+    tokens = tokenize_example(build_training_example(text_record(), 1, tokenizer, config), tokenizer)
+    num_prompt = len(tokenizer(bare, add_special_tokens=False)["input_ids"])
+    assert tokens["labels"][:num_prompt] == [-100] * num_prompt
+    assert -100 not in tokens["labels"][num_prompt:]
+    # uniform_prob redraws its stages as it does coconut's (the reference draws them for every method).
+    mixed = CurriculumConfig(method="no_thought", uniform_prob=1.0)
+    stages = {build_training_example(text_record(), 0, tokenizer, mixed, random.Random(i))["stage"] for i in range(50)}
+    assert stages == {0, 1, 2, 3}
 
 
 def test_images_become_placeholders_in_order(tokenizer):

@@ -22,7 +22,8 @@ from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 # The demo's task and model, shrunk: 8 records of a 2 x 2 board with 2 arrows, three stages of two steps.
 SMALL_RUN = [
     "--dataset", "arrow_chase", "--synthetic_train_size", "8", "--synthetic_validation_size", "2",
-    "--synthetic_grid_size", "2", "--synthetic_max_hops", "2", "--num_train_epochs", "3", "--max_latent_stage", "2",
+    "--synthetic_test_size", "4", "--synthetic_grid_size", "2", "--synthetic_max_hops", "2",
+    "--num_train_epochs", "3", "--max_latent_stage", "2",
     "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--eval_max_new_tokens", "2",
     "--learning_rate", "1e-3", "--save_strategy", "no", "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
     "--disable_tqdm", "true", "--logging_steps", "1", "--seed", "0",

@@ -158,6 +158,21 @@ def test_stage_schedule(tmp_path):
     }
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_stages_past_the_last_merge_into_one_final_stage(tmp_path, tokenizer, pad):
+    """Past max_latent_stage every stage builds the same examples: one final stage for all the remaining epochs."""
+    args = sft_config(tmp_path, num_train_epochs=9, epochs_per_stage=2, max_latent_stage=2, pad_latent_to_max=pad)
+    schedule = CurriculumSchedule.build(args, RECORDS, rows_per_step=4)  # 8 records: 2 steps per epoch
+    assert schedule.stage_of_epoch == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert schedule.stage_spans() == [(0, 0, 4), (1, 4, 4), (2, 8, 4), (3, 12, 6)]  # one reset, one lr schedule
+    one_step = {**RECORDS[0], "steps": RECORDS[0]["steps"][:1]}
+    for record in [*RECORDS[:2], one_step]:
+        final = build_training_example(record, 3, tokenizer, args.curriculum)
+        for later in (4, 8, 50):  # what the uncapped schedule would have used
+            example = build_training_example(record, later, tokenizer, args.curriculum)
+            assert {**example, "stage": 3} == final
+
+
 def test_uniform_prob_redraws_stages_reproducibly(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, num_train_epochs=30, uniform_prob=0.5)
     rows = trainer.schedule.rows

@@ -14,6 +14,7 @@ from coconut.synthetic import (
     cell_name,
     generate_puzzles,
     majority_baseline,
+    question_split,
     synthetic_corpus,
     synthetic_tokenizer,
 )
@@ -59,6 +60,40 @@ def test_answers_and_steps_follow_from_the_image(tmp_path, image_size, grid_size
         assert cell_name(here) == record["answer"]
 
 
+def test_branching_answers_need_a_search_read_from_the_image(tmp_path):
+    """Two arrows per cell (top and bottom halves): exactly one of the two offered cells ends a path of that length."""
+    config = SyntheticTaskConfig(variant="branching", grid_size=3, image_size=84, max_hops=3)
+    dataset = build_synthetic_split(tmp_path, "train", config, num_records=40)
+    names = {cell_name((r, c)): (r, c) for r in range(3) for c in range(3)}
+    moves = {"right": (0, 1), "down": (1, 0), "left": (0, -1), "up": (-1, 0)}
+    by_colour = {colour: direction for direction, colour in COLOURS.items()}
+    first_arrow_differs = 0
+    for record in dataset:
+        image = record["images"][0].convert("RGB")
+        cell = image.width // 3
+        board = [
+            [{by_colour[image.getpixel((c * cell + 1, r * cell + y))] for y in (1, cell - 2)} for c in range(3)]
+            for r in range(3)
+        ]
+        words = record["question"].rstrip("?").replace(",", "").split()
+        start, hops, offered = names[words[2]], int(words[5]), [names[words[-3]], names[words[-1]]]
+        frontier = {start}
+        for _ in range(hops):
+            frontier = {((r + moves[d][0]) % 3, (c + moves[d][1]) % 3) for r, c in frontier for d in board[r][c]}
+        assert [target in frontier for target in offered].count(True) == 1
+        assert names[record["answer"]] in frontier and len(record["steps"]) == hops
+        here = start
+        for text in record["steps"]:  # "A3 points right to B3.", with one of the cell's two arrows
+            source, _, direction, _, target = text.rstrip(".").split()
+            assert names[source] == here and direction in board[here[0]][here[1]]
+            here = names[target]
+        assert here == names[record["answer"]]
+        first_arrow_differs += sorted(board[start[0]][start[1]])[0] != record["steps"][0].split()[2]
+    assert first_arrow_differs > 0  # the path does not always take the same arrow: the first step needs the search
+    with pytest.raises(ValueError, match="branching variant needs a board of at least 3 x 3"):
+        SyntheticTaskConfig(variant="branching", grid_size=2)
+
+
 def test_splits_are_deterministic_and_disjoint(tmp_path):
     config = SyntheticTaskConfig()
     first = build_synthetic_split(tmp_path / "a", "validation", config, num_records=8)
@@ -87,10 +122,30 @@ def test_guessing_without_the_image_is_weak():
     answers = {split: [cell_name(p.path[-1]) for p in generate_puzzles(split, config)] for split in ("train", "test")}
     train, test = (Dataset.from_dict({"answer": answers[split]}) for split in ("train", "test"))
     accuracy = majority_baseline(train, test)
-    assert accuracy == pytest.approx(0.07)  # 14 of 200: the majority train answer, B2, on the test split
+    assert accuracy == pytest.approx(34 / 500)  # the majority train answer, B2, on the 500 test questions
     assert len(Counter(answers["test"])) == 16  # every cell is a possible answer
     hops = Counter(len(p.path) - 1 for p in generate_puzzles("test", config))
     assert sorted(hops) == [2, 3, 4, 5, 6] and min(hops.values()) >= 30
+
+
+def test_no_question_is_in_two_splits_on_a_small_board():
+    """A 2 x 2 board with 2-3 arrows has 2048 questions: independent draws would overlap; the partition does not."""
+    config = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=2000, validation_size=100, test_size=500)
+    assert config.num_questions == 4**4 * 4 * 2
+    questions = {
+        split: [p.question for p in generate_puzzles(split, config)] for split in ("train", "validation", "test")
+    }
+    assert len(questions["train"]) == 2000 and len(set(questions["train"])) < 1500  # training draws repeat
+    assert len(set(questions["validation"])) == 100 and len(set(questions["test"])) == 500  # distinct
+    assert not set(questions["train"]) & set(questions["test"])
+    assert not set(questions["train"]) & set(questions["validation"])
+    assert not set(questions["validation"]) & set(questions["test"])
+    # The partition is by question alone: another seed's test questions are not in this seed's training split.
+    other_seed = SyntheticTaskConfig(grid_size=2, max_hops=3, seed=1)
+    assert not {p.question for p in generate_puzzles("test", other_seed)} & set(questions["train"])
+    assert {question_split(p, config) for p in generate_puzzles("test", other_seed)} == {"test"}
+    with pytest.raises(ValueError, match="700 distinct test questions do not fit in the test share"):
+        generate_puzzles("test", SyntheticTaskConfig(grid_size=2, max_hops=3, test_size=700))
 
 
 def test_tokenizer_is_small_and_covers_the_task(tmp_path):
@@ -119,6 +174,7 @@ def test_tokenizer_is_small_and_covers_the_task(tmp_path):
         ({"image_size": 50}, "`image_size`=50 must be a multiple of `grid_size`=4"),
         ({"min_hops": 4, "max_hops": 3}, "Need 1 <= `min_hops` <= `max_hops`, got 4 and 3"),
         ({"test_size": -1}, "`test_size` must be >= 0, got -1"),
+        ({"test_share": 0.5, "validation_share": 0.5}, "must be positive and leave a share for training"),
     ],
 )
 def test_config_validation(overrides, message):

@@ -176,8 +176,8 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
         str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
         "--main_process_port", str(free_port()), "train_sft.py", "--dataset", "arrow_chase",
         "--output_dir", str(output), "--synthetic_dir", str(tmp_path / "data"),
-        "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_max_hops", "2",
-        "--num_train_epochs", "2", "--max_latent_stage", "1", "--per_device_train_batch_size", "2",
+        "--synthetic_train_size", "16", "--synthetic_validation_size", "4", "--synthetic_test_size", "8",
+        "--synthetic_max_hops", "2", "--num_train_epochs", "2", "--max_latent_stage", "1", "--per_device_train_batch_size", "2",
         "--per_device_eval_batch_size", "4", "--eval_max_new_tokens", "4", "--save_strategy", "no",
         "--bf16", "false", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
     ]  # fmt: skip
@@ -189,9 +189,14 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     assert "Trained 8 steps on 2 processes" in result.stderr, result.stderr[-3000:]
     results = json.loads((output / "eval_results.json").read_text())
     assert [row["stage"] for row in results["stages"]] == [0, 1]
+    # The final model answered the held-out test split once, on the main process, at the stage it reached.
+    assert results["test"]["stage"] == 1 and results["test"]["num_samples"] == 8
+    assert len((output / "test" / "predictions_test.jsonl").read_text().splitlines()) == 8
     # The saved folder is a Hub repository: remote code, processor, card.
     model = AutoModel.from_pretrained(output, trust_remote_code=True)
     assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
     assert model.config.latent_token_id is not None
     assert AutoProcessor.from_pretrained(output, trust_remote_code=True).image_seq_length == 4
-    assert "| stage | thoughts (max) | accuracy | generated tokens |" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "| stage | thoughts (max) | accuracy | generated tokens |" in card
+    assert "| 1, held-out test (8 questions) |" in card
