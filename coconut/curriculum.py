@@ -13,13 +13,11 @@ Semantics follow the paper (Hao et al. 2024, arXiv 2412.06769) and its reference
 
 An example is built as text pieces, `prompt` (chat template, image placeholders, question, latent block) and `completion`
 (remaining steps each followed by a newline, then `### ` + answer + EOS): the trainer's collator tokenizes them with the
-processor, which expands image placeholders into image tokens. [`tokenize_example`] does it for text-only records.
+processor, which expands image placeholders into image tokens (see [`coconut.collator.CoconutDataCollator`]).
 """
 
 import random
 from dataclasses import dataclass, field, replace
-
-from datasets import Dataset, Features, Image, List, Value
 
 from processing_coconut_internvl import ANSWER_MARKER, chat_prompt, latent_block
 
@@ -227,36 +225,6 @@ def build_eval_prompt(record: dict, stage: int, tokenizer, config: CurriculumCon
     }
 
 
-def tokenize_example(example: dict, tokenizer, max_length: int | None = None) -> dict:
-    """Token ids and labels of a text-only example: `-100` on the prompt, its markers and thoughts.
-
-    Prompt and completion are tokenized separately (special tokens such as `<|latent|>` come from the text itself, so
-    no BOS/EOS is added); for byte-level BPE tokenizers this equals tokenizing the full text, which the tests check
-    on real ProsQA records. Records with images go through the processor instead, which expands image placeholders.
-
-    Returns:
-        `dict` with `input_ids`, `attention_mask` and `labels` (lists of `int`).
-    """
-    if example.get("images"):
-        raise ValueError(
-            f"tokenize_example is for text-only examples, got {len(example['images'])} images; tokenize examples "
-            "with images with the InternVL processor, which expands the image placeholders into image tokens."
-        )
-    prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
-    input_ids = prompt_ids + completion_ids
-    if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(
-            f"Example is {len(input_ids)} tokens long, more than max_length={max_length}; raise max_length or drop "
-            "the record (coconut.data.validate_dataset(..., skip_invalid=True) does that)."
-        )
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [-100] * len(prompt_ids) + completion_ids,
-    }
-
-
 def max_example_length(record: dict, tokenizer, config: CurriculumConfig, image_token_count: int = 0) -> int:
     """The longest training example of `record` over all curriculum stages, in tokens.
 
@@ -276,73 +244,6 @@ def max_example_length(record: dict, tokenizer, config: CurriculumConfig, image_
     return longest
 
 
-def build_stage_dataset(
-    dataset: Dataset,
-    stage: int,
-    tokenizer,
-    config: CurriculumConfig,
-    seed: int = 0,
-    evaluation: bool = False,
-) -> Dataset:
-    """Map a record dataset to the examples of one curriculum stage (columns `id`, `prompt`, `images`, ...).
-
-    Training datasets get `completion`, `stage` and `num_latents`; evaluation datasets get the prompt only and keep
-    `answer`, `steps`, `choices` and `direct_answers` for scoring. Images stay a lazily decoded `Image` column (file
-    paths or encoded bytes, never pixel tensors). With `uniform_prob > 0` each record's rng is seeded by
-    `(seed, index)`, so the result does not depend on `num_proc`; change `seed` every epoch for fresh draws.
-    """
-    image_feature = dataset.features["images"]
-    if evaluation:
-        features = Features(
-            {
-                "id": Value("string"),
-                "prompt": Value("string"),
-                "images": image_feature,
-                "num_latents": Value("int32"),
-                "answer": Value("string"),
-                "steps": List(Value("string")),
-                "choices": List(Value("string")),
-                "direct_answers": List(Value("string")),
-            }
-        )
-
-        def convert(record, index):
-            example = build_eval_prompt(record, stage, tokenizer, config)
-            return {**example, **{key: record[key] for key in ("id", "answer", "steps", "choices", "direct_answers")}}
-
-    else:
-        features = Features(
-            {
-                "id": Value("string"),
-                "prompt": Value("string"),
-                "completion": Value("string"),
-                "images": image_feature,
-                "stage": Value("int32"),
-                "num_latents": Value("int32"),
-            }
-        )
-
-        def convert(record, index):
-            rng = random.Random(f"{seed}-{index}") if config.uniform_prob > 0 else None
-            example = build_training_example(record, stage, tokenizer, config, rng)
-            return {**example, "id": record["id"]}
-
-    # Decoding images is not needed to build text: read them as stored (path/bytes) and keep them that way.
-    undecoded = dataset.cast_column("images", List(_undecoded(image_feature.feature)))
-    mapped = undecoded.map(
-        convert, with_indices=True, remove_columns=undecoded.column_names, features=_undecoded_features(features)
-    )
-    return mapped.cast_column("images", image_feature)
-
-
-def _undecoded(image_feature):
-    return Image(decode=False, mode=getattr(image_feature, "mode", None))
-
-
-def _undecoded_features(features: Features) -> Features:
-    return Features({**features, "images": List(_undecoded(features["images"].feature))})
-
-
 def _record_name(record: dict) -> str:
     return f"Record {record['id']!r}" if record.get("id") is not None else "Record"
 
@@ -352,12 +253,10 @@ __all__ = [
     "CurriculumConfig",
     "LatentLayout",
     "build_eval_prompt",
-    "build_stage_dataset",
     "build_training_example",
     "evaluation_layout",
     "max_example_length",
     "question_prompt",
     "sample_stage",
-    "tokenize_example",
     "training_layout",
 ]

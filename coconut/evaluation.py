@@ -1,8 +1,8 @@
 """Evaluation of Coconut models: batched greedy generation with the Coconut prompt, metrics, results per stage.
 
-The trainer calls [`evaluate_stage`] after each curriculum stage and `evaluate.py` calls it once; [`compare_models`]
-runs the paper's comparison (CoT, no-CoT, pause-as-thought, Coconut) on one split. Records follow the data layer's
-schema: `id`, `question`, `steps`, `answer`, optional `images`, `choices`, `direct_answers`.
+The trainer calls [`evaluate_stage`] after each curriculum stage and `evaluate.py` calls it once; several labelled
+results in one [`EvalResults`] make a comparison table (`benchmarks/bench_learning.py` compares the paper's methods over
+seeds). Records follow the data layer's schema: `id`, `question`, `steps`, `answer`, optional `images`, `choices`, `direct_answers`.
 """
 
 import json
@@ -402,19 +402,6 @@ def write_table_into_card(card_path: str | Path, table: str, heading: str = "## 
     return card
 
 
-@dataclass
-class ModelEntry:
-    """One model of a comparison: a `label` for the table, a local path or Hub id, and how it was trained.
-
-    `curriculum` is the model's training recipe (its `method` above all) and `config` its stage or latent count.
-    """
-
-    label: str
-    model: str
-    curriculum: CurriculumConfig
-    config: CoconutEvalConfig
-
-
 def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.dtype = "auto", device=None):
     """`AutoModelForImageTextToText` and `AutoProcessor` (or the tokenizer, for text-only repositories), remote code on."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -426,41 +413,11 @@ def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.d
     return model.eval(), processing_class
 
 
-def compare_models(entries: Sequence[ModelEntry], records: Iterable[dict], device=None) -> EvalResults:
-    """The paper's comparison: every model (e.g. CoT, no-CoT, pause-as-thought, Coconut) on the same records.
-
-    Example:
-
-    ```python
-    >>> entries = [
-    ...     ModelEntry("CoT", "outputs/cot", CurriculumConfig(method="cot"), CoconutEvalConfig()),
-    ...     ModelEntry("No-CoT", "outputs/no_cot", CurriculumConfig(method="no_cot"), CoconutEvalConfig()),
-    ...     ModelEntry("Pause as thought", "outputs/pause", CurriculumConfig(method="pause_as_thought"),
-    ...                CoconutEvalConfig(stage=4)),
-    ...     ModelEntry("Coconut", "outputs/coconut", CurriculumConfig(), CoconutEvalConfig(stage=4)),
-    ... ]
-    >>> print(compare_models(entries, test_records).markdown_table())
-    ```
-    """
-    records = list(records)
-    labels = [entry.label for entry in entries]
-    if len(set(labels)) != len(labels) or not all(labels):
-        raise ValueError(f"Model labels {labels} must be non-empty and distinct: they name the table's rows.")
-    results = EvalResults()
-    for entry in entries:
-        model, processing_class = load_model_and_processor(entry.model, device=device)
-        results.add(evaluate_stage(model, processing_class, records, entry.curriculum, entry.config, entry.label))
-        del model
-    return results
-
-
 __all__ = [
     "CoconutEvalConfig",
     "EvalResults",
-    "ModelEntry",
     "Prediction",
     "StageResult",
-    "compare_models",
     "evaluate_stage",
     "generate_predictions",
     "eval_prompt",

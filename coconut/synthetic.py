@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from PIL import Image, ImageDraw
 
 from coconut.data import records_to_dataset, validate_dataset
@@ -326,12 +326,6 @@ def build_synthetic_split(
     return validate_dataset(records_to_dataset(records), check_images=False)
 
 
-def build_synthetic_dataset(output_dir: str | Path, config: SyntheticTaskConfig | None = None) -> DatasetDict:
-    """All three splits, rendered into `output_dir/{train,validation,test}/`."""
-    config = config or SyntheticTaskConfig()
-    return DatasetDict({split: build_synthetic_split(output_dir, split, config) for split in SPLITS})
-
-
 def synthetic_corpus(config: SyntheticTaskConfig | None = None) -> list[str]:
     """Every word the task can produce, in its templates, to train the task's tokenizer on."""
     config = config or SyntheticTaskConfig()
@@ -382,7 +376,6 @@ __all__ = [
     "Puzzle",
     "SyntheticTaskConfig",
     "branching_path",
-    "build_synthetic_dataset",
     "build_synthetic_split",
     "cell_name",
     "follow",

@@ -5,18 +5,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from datasets import Image, List
 
+from coconut.collator import CoconutDataCollator
 from coconut.curriculum import (
     CurriculumConfig,
     build_eval_prompt,
-    build_stage_dataset,
     build_training_example,
     evaluation_layout,
-    tokenize_example,
     training_layout,
 )
-from coconut.data import load_coconut_json, records_to_dataset
+from coconut.data import load_coconut_json
 from coconut.tokenizer import train_tokenizer
 from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, user_content
 
@@ -129,10 +127,10 @@ def test_no_thought_is_the_papers_ablation(tokenizer):
     for text in completions + [bare]:
         assert START_LATENT not in text and END_LATENT not in text and LATENT not in text
     # Labels: everything after the question, as the reference's mask of len(question) + 0 thoughts + 0 markers.
-    tokens = tokenize_example(build_training_example(text_record(), 1, tokenizer, config), tokenizer)
+    _, labels = collate_one(tokenizer, text_record(), 1, config)
     num_prompt = len(tokenizer(bare, add_special_tokens=False)["input_ids"])
-    assert tokens["labels"][:num_prompt] == [-100] * num_prompt
-    assert -100 not in tokens["labels"][num_prompt:]
+    assert labels[:num_prompt] == [-100] * num_prompt
+    assert -100 not in labels[num_prompt:]
     # uniform_prob redraws its stages as it does coconut's (the reference draws them for every method).
     mixed = CurriculumConfig(method="no_thought", uniform_prob=1.0)
     stages = {build_training_example(text_record(), 0, tokenizer, mixed, random.Random(i))["stage"] for i in range(50)}
@@ -151,8 +149,6 @@ def test_images_become_placeholders_in_order(tokenizer):
     assert [part["type"] for part in inline] == ["text", "image", "text", "image", "text"]
     with pytest.raises(ValueError, match="3 <image> placeholders but 2 images \\(more placeholders than images\\)"):
         user_content("<image><image><image>", 2, "Record 'x'")
-    with pytest.raises(ValueError, match="text-only"):
-        tokenize_example(build_training_example(two_images, 0, tokenizer, CurriculumConfig()), tokenizer)
 
 
 def test_uniform_prob_is_seeded_and_covers_every_stage(tokenizer):
@@ -174,21 +170,28 @@ def test_uniform_prob_is_seeded_and_covers_every_stage(tokenizer):
     assert 70 < sum(stage == 9 for stage in drawn) < 130  # the scheduled stage half of the time
 
 
+def collate_one(tokenizer, record: dict, stage: int, config: CurriculumConfig) -> tuple[list[int], list[int]]:
+    """The training collator's input ids and labels of `record` alone at `stage` (a tokenizer serves text-only data)."""
+    batch = CoconutDataCollator(tokenizer, [record], config)([{"epoch": 0, "sample": 0, "stage": stage}])
+    return batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+
 @pytest.mark.parametrize("method", ["coconut", "cot", "no_cot", "no_thought", "pause_as_thought"])
 def test_pieces_tokenize_like_the_full_text_on_prosqa(prosqa, tokenizer, method):
+    """The collator tokenizes prompt and completion apart; on byte-level BPE that equals the full text's tokens."""
     config = CurriculumConfig(method=method, c_thought=2, max_latent_stage=3)
     latent_id = tokenizer.convert_tokens_to_ids(LATENT)
     for record in prosqa:
         for stage in range(len(record["steps"]) + 2):
             example = build_training_example(record, stage, tokenizer, config)
-            tokens = tokenize_example(example, tokenizer)
+            input_ids, labels = collate_one(tokenizer, record, stage, config)
             full = tokenizer(example["prompt"] + example["completion"], add_special_tokens=False)["input_ids"]
-            assert tokens["input_ids"] == full, (record["id"], stage)
-            num_masked = tokens["labels"].count(-100)
-            assert tokens["labels"][num_masked:] == tokens["input_ids"][num_masked:]
-            assert tokenizer.decode(tokens["input_ids"][num_masked:]) == example["completion"]
-            assert tokens["input_ids"].count(latent_id) == example["num_latents"]
-            assert -100 not in tokens["labels"][num_masked:]
+            assert input_ids == full, (record["id"], stage)
+            num_masked = labels.count(-100)
+            assert labels[num_masked:] == input_ids[num_masked:]
+            assert tokenizer.decode(input_ids[num_masked:]) == example["completion"]
+            assert input_ids.count(latent_id) == example["num_latents"]
+            assert -100 not in labels[num_masked:]
 
 
 def test_stage_zero_matches_the_original_coconut_check(prosqa, tokenizer):
@@ -198,23 +201,6 @@ def test_stage_zero_matches_the_original_coconut_check(prosqa, tokenizer):
         example = build_training_example(record, 0, tokenizer, config)
         body = "\n".join(record["steps"]) + "\n### " + record["answer"]
         assert example["completion"] == body + tokenizer.eos_token
-
-
-def test_stage_dataset_keeps_images_as_files(tmp_path, tokenizer):
-    from PIL import Image as PILImage
-
-    path = tmp_path / "board.png"
-    PILImage.new("RGB", (56, 56), (200, 10, 10)).save(path)
-    records = records_to_dataset([text_record(id=str(i), images=[str(path)]) for i in range(6)])
-    config = CurriculumConfig(uniform_prob=0.5)
-    train = build_stage_dataset(records, 2, tokenizer, config, seed=3)
-    assert train.column_names == ["id", "prompt", "completion", "images", "stage", "num_latents"]
-    assert train.features["images"] == List(Image())
-    assert train.cast_column("images", List(Image(decode=False)))[0]["images"][0]["path"] == str(path)
-    assert train[0]["images"][0].getpixel((0, 0)) == (200, 10, 10)
-    assert train["stage"] == build_stage_dataset(records, 2, tokenizer, config, seed=3)["stage"]
-    evaluation = build_stage_dataset(records, 2, tokenizer, config, evaluation=True)
-    assert evaluation[0]["answer"] == "Tom is a wumpus." and "completion" not in evaluation.column_names
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,9 @@ from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
-    ModelEntry,
-    compare_models,
     eval_prompt,
     evaluate_stage,
+    load_model_and_processor,
     score_generations,
 )
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
@@ -180,16 +179,14 @@ def test_results_files_and_comparison(trained, tmp_path, hf_home):
         tokenizer.save_pretrained(tmp_path / name)
     records = make_records()
     entries = [
-        ModelEntry("Coconut", str(tmp_path / "coconut"), COCONUT, CoconutEvalConfig(stage=1, max_new_tokens=24)),
-        ModelEntry(
-            "No thought",
-            str(tmp_path / "other"),
-            CurriculumConfig(method="no_thought"),
-            CoconutEvalConfig(max_new_tokens=24),
-        ),
+        ("Coconut", "coconut", COCONUT, CoconutEvalConfig(stage=1, max_new_tokens=24)),
+        ("No thought", "other", CurriculumConfig(method="no_thought"), CoconutEvalConfig(max_new_tokens=24)),
     ]
-    results = compare_models(entries, records)
-    direct = evaluate_stage(model, tokenizer, records, COCONUT, entries[0].config, "Coconut")
+    results = EvalResults()
+    for label, folder, curriculum, config in entries:  # each model as loaded from its saved folder
+        loaded, processing_class = load_model_and_processor(str(tmp_path / folder))
+        results.add(evaluate_stage(loaded, processing_class, records, curriculum, config, label))
+    direct = evaluate_stage(model, tokenizer, records, COCONUT, entries[0][3], "Coconut")
     assert results.results[0].metrics["accuracy"] == direct.metrics["accuracy"] == 1.0
     assert [p.generation for p in results.results[0].predictions] == [p.generation for p in direct.predictions]
 
