@@ -59,7 +59,8 @@ LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj
 
 # `python train_sft.py` without arguments: the tiny model from scratch on the arrow-chase task, through every stage.
 # Three epochs for each of stages 0-3, then the final stage (every step a thought) for the remaining eight; each stage
-# restarts Adam with a warmup and decays the learning rate to zero. docs/learning.md gives the evidence for each choice.
+# restarts Adam with a warmup and decays the learning rate (peak 5e-4) to zero. docs/learning.md gives the evidence for
+# each choice: at 1e-3 the final stage ended unconverged on some seeds (test accuracy 86-95 %).
 DEMO_ARGS = [
     "--output_dir", "outputs/demo",
     "--dataset", "arrow_chase",
@@ -74,7 +75,7 @@ DEMO_ARGS = [
     "--num_train_epochs", "20",
     "--per_device_train_batch_size", "32",
     "--per_device_eval_batch_size", "100",
-    "--learning_rate", "1e-3",
+    "--learning_rate", "5e-4",
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "0.1",
     "--reset_optimizer", "true",
