@@ -413,5 +413,8 @@ if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, CoconutSFTConfig, ModelConfig))
     args = sys.argv[1:] or DEMO_ARGS
     trainer = main(*parser.parse_args_and_config(args=args))
-    # Destroy the process group before exit: gloo threads still running at interpreter shutdown abort the process.
+    # Every rank waits until the main process has saved and scored the model, then all destroy the process group
+    # together: a rank that tears down gloo while its peer is still connected aborts ("terminate called without an
+    # active exception"), and so does one that leaves gloo threads running at interpreter shutdown.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
