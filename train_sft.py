@@ -280,25 +280,20 @@ def describe_training(
         f"{record['num_train_epochs']} epochs.{stopped} The saved model reached stage {record['stage']} and is "
         f"evaluated with up to {record['num_latent_thoughts']} continuous thoughts per question."
     )
-    rows = [
-        {
-            "stage": result.stage,
-            "thoughts (max)": result.metrics.get("max_latent_thoughts", "-"),
-            "accuracy": result.metrics["accuracy"],
-            "generated tokens": result.metrics["mean_generated_tokens"],
-        }
-        for result in trainer.eval_results.results
-    ]
+    rows = [card_row(result.stage, result.metrics) for result in trainer.eval_results.results]
     if test is not None:
-        rows.append(
-            {
-                "stage": f"{test.stage}, held-out test ({len(test.predictions)} questions)",
-                "thoughts (max)": test.metrics.get("max_latent_thoughts", "-"),
-                "accuracy": test.metrics["accuracy"],
-                "generated tokens": test.metrics["mean_generated_tokens"],
-            }
-        )
+        rows.append(card_row(f"{test.stage}, held-out test ({len(test.predictions)} questions)", test.metrics))
     return record, text, rows
+
+
+def card_row(stage: int | str, metrics: dict) -> dict:
+    """One row of the card's evaluation table."""
+    return {
+        "stage": stage,
+        "thoughts (max)": metrics.get("max_latent_thoughts", "-"),
+        "accuracy": metrics["accuracy"],
+        "generated tokens": metrics["mean_generated_tokens"],
+    }
 
 
 def evaluate_held_out_test(trainer: CoconutSFTTrainer, task: SyntheticTaskConfig, script_args: ScriptArguments):

@@ -1,8 +1,9 @@
 """Evaluation of Coconut models: batched greedy generation with the Coconut prompt, metrics, results per stage.
 
 The trainer calls [`evaluate_stage`] after each curriculum stage and `evaluate.py` calls it once; several labelled
-results in one [`EvalResults`] make a comparison table (`benchmarks/bench_learning.py` compares the paper's methods over
-seeds). Records follow the data layer's schema: `id`, `question`, `steps`, `answer`, optional `images`, `choices`, `direct_answers`.
+results in one [`EvalResults`] make a comparison table (`benchmarks/bench_learning.py` compares the paper's methods
+over seeds). Records follow the data layer's schema: `id`, `question`, `steps`, `answer`, optional `images`,
+`choices`, `direct_answers`.
 """
 
 import json
