@@ -123,6 +123,7 @@ class ScriptArguments:
         },
     )
     synthetic_grid_size: int = field(default=4, metadata={"help": "Cells per side of the arrow-chase board."})
+    synthetic_min_hops: int = field(default=2, metadata={"help": "Fewest arrows (reasoning steps) per question."})
     synthetic_max_hops: int = field(default=6, metadata={"help": "Most arrows (reasoning steps) per question."})
     synthetic_variant: str = field(
         default="chase",
@@ -171,6 +172,7 @@ def load_splits(script_args: ScriptArguments, seed: int):
             variant=script_args.synthetic_variant,
             image_size=script_args.synthetic_image_size,
             grid_size=script_args.synthetic_grid_size,
+            min_hops=script_args.synthetic_min_hops,
             max_hops=script_args.synthetic_max_hops,
             train_size=script_args.synthetic_train_size,
             validation_size=script_args.synthetic_validation_size,

@@ -43,6 +43,11 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             folders are deleted first. Without it a run resumes from the last complete checkpoint, and refuses to
             when the saved training and curriculum settings differ from the current ones (transformers 5 dropped
             this field of `TrainingArguments`; it is back here with that meaning).
+        start_stage (`int`, *optional*, defaults to `0`):
+            Stage of the first curriculum epoch. A model that already finished the earlier stages, e.g. a converged
+            chain-of-thought model given as `--model_name_or_path`, continues the curriculum at `start_stage` (the
+            reference code's GSM8k recipe loads a CoT checkpoint and resumes past stage 0 the same way);
+            `num_train_epochs` then counts the epochs from that stage on.
         resume_with_fresh_optimizer (`bool`, *optional*, defaults to `False`):
             Resume from a checkpoint that has no optimizer or scheduler state (e.g. saved with `save_only_model`),
             starting both afresh. Without it such a checkpoint is an error, since resuming would silently change
@@ -63,6 +68,14 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         metadata={
             "help": "Train from scratch into an output_dir that holds checkpoints or a trained model (its "
             "checkpoint-* folders are deleted first) instead of resuming, whatever the saved settings."
+        },
+    )
+    start_stage: int = field(
+        default=0,
+        metadata={
+            "help": "Stage of the first curriculum epoch: continue a model that finished the earlier stages (e.g. a "
+            "converged CoT model given as --model_name_or_path, with --start_stage 1). num_train_epochs counts the "
+            "epochs from there."
         },
     )
     resume_with_fresh_optimizer: bool = field(
@@ -112,6 +125,17 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             )
         if self.epochs_per_stage < 1:
             raise ValueError(f"`epochs_per_stage`={self.epochs_per_stage} must be at least 1.")
+        final_stage = self.max_latent_stage + 1
+        if not 0 <= self.start_stage <= final_stage:
+            raise ValueError(
+                f"`start_stage`={self.start_stage} must be between 0 and the final stage max_latent_stage + 1 = "
+                f"{final_stage}."
+            )
+        if self.start_stage > 0 and not self.staged:
+            raise ValueError(
+                f"`start_stage`={self.start_stage}: method {self.method!r} has no stages (its examples never change); "
+                "leave `start_stage` at 0."
+            )
         if self.train_sampling_strategy != "sequential":
             raise ValueError(
                 f"`train_sampling_strategy`={self.train_sampling_strategy!r}: the trainer orders the data itself "
@@ -146,12 +170,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
     def stage_of_epoch(self, epoch: int) -> int:
         """The scheduled stage of curriculum epoch `epoch` (0 = full chain of thought).
 
-        Stages past `max_latent_stage` lay out every example alike (all steps removed, thoughts capped), so they are
+        The schedule starts at `start_stage`. Stages past `max_latent_stage` lay out every example alike (all steps removed, thoughts capped), so they are
         merged into the final stage `max_latent_stage + 1`.
         """
-        if self.method in ("cot", "no_cot"):
+        if not self.staged:
             return 0
-        return min(epoch // self.epochs_per_stage, self.max_latent_stage + 1)
+        return min(self.start_stage + epoch // self.epochs_per_stage, self.max_latent_stage + 1)
 
 
 __all__ = ["CoconutSFTConfig"]

@@ -287,6 +287,7 @@ class CoconutSFTTrainer(SFTTrainer):
             "settings": self.run_record.settings,
             "curriculum": asdict(self.args.curriculum),
             "epochs_per_stage": self.args.epochs_per_stage,
+            "start_stage": self.args.start_stage,
             "num_train_epochs": self.curriculum_epochs,
             "planned_steps": self.schedule.total_steps,
             "global_step": self.state.global_step,
@@ -461,6 +462,7 @@ RESUME_SETTINGS = (
     "method",
     "c_thought",
     "epochs_per_stage",
+    "start_stage",
     "max_latent_stage",
     "pad_latent_to_max",
     "uniform_prob",
@@ -538,7 +540,7 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
     last_step = min(args.max_steps, schedule.total_steps) if args.max_steps > 0 else schedule.total_steps
     final_stage = schedule.stage_of_step(last_step - 1)
     if final_stage < args.max_latent_stage:
-        needed = (args.max_latent_stage + 1) * args.epochs_per_stage
+        needed = (args.max_latent_stage + 1 - args.start_stage) * args.epochs_per_stage
         stop = (
             f"`max_steps`={args.max_steps} of {schedule.total_steps} steps"
             if last_step < schedule.total_steps
@@ -546,7 +548,7 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
         )
         logger.warning(
             f"The run is too short for its curriculum: {stop} ends in stage {final_stage}, but "
-            f"`max_latent_stage`={args.max_latent_stage} needs (max_latent_stage + 1) x epochs_per_stage "
+            f"`max_latent_stage`={args.max_latent_stage} needs (max_latent_stage + 1 - start_stage) x epochs_per_stage "
             f"({args.epochs_per_stage}) = {needed} epochs. The model is saved, evaluated and described at stage "
             f"{final_stage}."
         )

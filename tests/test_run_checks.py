@@ -231,3 +231,18 @@ def test_evaluate_names_a_truncated_weight_file(trained, tmp_path):
     with pytest.raises(ValueError, match=f"Weight file '{weights}' is damaged"):
         evaluate.main(*parser.parse_args_and_config(["--model", str(damaged), "--data_dir", str(tmp_path / "data")]))
     assert not (tmp_path / "data").exists()
+
+
+def test_curriculum_continues_from_a_trained_cot_model(tmp_path):
+    """`--model_name_or_path <cot run> --start_stage 1`: the saved CoT model is the starting point, stage 0 is skipped
+    and the run ends at the final stage."""
+    train(tmp_path, "--method", "cot", output="cot")
+    trainer = train(
+        tmp_path, "--model_name_or_path", str(tmp_path / "cot"), "--start_stage", "1", "--num_train_epochs", "2",
+        output="coconut",
+    )  # fmt: skip
+    assert [result.stage for result in trainer.eval_results.results] == [1, 2]
+    record = json.loads((tmp_path / "coconut" / "coconut_training.json").read_text())
+    assert record["start_stage"] == 1 and record["stage"] == 2
+    with pytest.raises(ValueError, match="method 'cot' has no stages"):
+        train(tmp_path, "--method", "cot", "--start_stage", "1", output="refused")

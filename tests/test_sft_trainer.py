@@ -158,6 +158,21 @@ def test_stage_schedule(tmp_path):
     }
 
 
+def test_start_stage_continues_the_curriculum(tmp_path):
+    """A model that finished stage 0 elsewhere (e.g. a converged CoT model) starts the schedule at `start_stage`."""
+    records = [{"steps": ["a"] * 3} for _ in range(8)]
+    args = sft_config(tmp_path, num_train_epochs=7, epochs_per_stage=2, max_latent_stage=3, start_stage=1)
+    schedule = CurriculumSchedule.build(args, records, rows_per_step=4)
+    assert schedule.stage_of_epoch == [1, 1, 2, 2, 3, 3, 4]
+    assert schedule.stage_spans()[0] == (1, 0, 4)
+    final = sft_config(tmp_path, num_train_epochs=2, max_latent_stage=3, start_stage=4)
+    assert CurriculumSchedule.build(final, records, rows_per_step=4).stage_of_epoch == [4, 4]
+    with pytest.raises(ValueError, match=r"`start_stage`=5 must be between 0 and the final stage .* = 4"):
+        sft_config(tmp_path, max_latent_stage=3, start_stage=5)
+    with pytest.raises(ValueError, match="method 'cot' has no stages"):
+        sft_config(tmp_path, method="cot", start_stage=1)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_stages_past_the_last_merge_into_one_final_stage(tmp_path, tokenizer, pad):
     """Past max_latent_stage every stage builds the same examples: one final stage for all the remaining epochs."""
