@@ -136,13 +136,25 @@ class ScriptArguments:
     synthetic_image_size: int = field(
         default=56, metadata={"help": "Side of the task's image in pixels (a multiple of the grid size and of 28)."}
     )
+    tiny_embedding_std: float | None = field(
+        default=None,
+        metadata={
+            "help": "Without --model_name_or_path: standard deviation of the tiny model's initial token embeddings "
+            "(default: the config's initializer_range, 0.02). 1.0 puts tokens at the scale of the fed-back thoughts."
+        },
+    )
     merge_adapter: bool = field(
         default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
     )
 
 
-def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
-    """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor."""
+def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int, embedding_std: float | None = None):
+    """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor.
+
+    `embedding_std` re-initialises the token embeddings with that standard deviation (the config's
+    `initializer_range`, 0.02, otherwise): at 1.0 a token embedding has the norm of the final norm's output, so a
+    fed-back continuous thought and a token enter the first layer at the same scale (docs/learning.md).
+    """
     tokenizer = synthetic_tokenizer(task)
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": task.image_size, "width": task.image_size},
@@ -160,6 +172,8 @@ def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
     processor = CoconutInternVLProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
     torch.manual_seed(seed)
     model = CoconutInternVLForConditionalGeneration(config)
+    if embedding_std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=embedding_std)
     model.generation_config = build_generation_config(model, tokenizer)
     return model, processor
 
@@ -334,7 +348,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
 
     # Model
     if model_args.model_name_or_path is None:
-        model, processor = tiny_model_and_processor(task, training_args.seed)
+        model, processor = tiny_model_and_processor(task, training_args.seed, script_args.tiny_embedding_std)
         base_model = "from scratch (tiny InternVL-shaped model)"
     else:
         if Path(model_args.model_name_or_path).is_dir():
