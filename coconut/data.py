@@ -26,13 +26,22 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from urllib.request import urlopen
 
+import numpy as np
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
-from transformers.image_utils import load_image
+from PIL import ImageOps
+from transformers.image_transforms import convert_to_rgb
 
 from coconut.curriculum import CurriculumConfig, max_example_length
-from processing_coconut_internvl import ANSWER_MARKER, IMAGE_PLACEHOLDER, user_content
+from processing_coconut_internvl import (
+    ANSWER_MARKER,
+    IMAGE_PLACEHOLDER,
+    LATENT_TOKENS,
+    VIDEO_PLACEHOLDER,
+    user_content,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +61,13 @@ RECORD_FIELDS = tuple(RECORD_FEATURES)
 # While records are built and checked, images stay as {"bytes", "path"} dicts: nothing is decoded.
 _STORED_FEATURES = Features({**RECORD_FEATURES, "images": List(Image(decode=False))})
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Strings the tokenizer or the processor reads as control tokens, not text: in a record they would end a turn, open a
+# latent block or stand for an image. Records are refused rather than escaped, so that no text changes silently.
+CONTROL_STRINGS = (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", VIDEO_PLACEHOLDER, *LATENT_TOKENS,
+)  # fmt: skip
+# Pillow modes of 16-bit grey images (a 16-bit PNG opens as `I;16`; older Pillow versions gave `I`).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def records_to_dataset(
@@ -80,7 +96,7 @@ def records_to_dataset(
 
 
 def load_record_images(record: dict, index: int | None = None) -> list[PILImage.Image]:
-    """The images of `record` as RGB `PIL.Image`s (through `transformers.image_utils.load_image`).
+    """The images of `record` as 8-bit RGB `PIL.Image`s, converted by [`to_rgb`].
 
     A path that is not a file is an error naming the record: records point at images that must exist.
     """
@@ -88,7 +104,12 @@ def load_record_images(record: dict, index: int | None = None) -> list[PILImage.
     for image in record.get("images") or []:
         if isinstance(image, dict):  # an undecoded `datasets.Image`: {"bytes", "path"}
             image = PILImage.open(io.BytesIO(image["bytes"])) if image.get("bytes") else image.get("path")
-        if isinstance(image, (str, Path)) and not str(image).startswith(("http://", "https://")):
+        if isinstance(image, Path):
+            image = str(image)
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            with urlopen(image) as response:  # noqa: S310 (records name http(s) URLs only)
+                image = PILImage.open(io.BytesIO(response.read()))
+        elif isinstance(image, str):
             if not Path(image).is_file():
                 name = (
                     f"Record {index} (id {record.get('id')!r})"
@@ -96,12 +117,30 @@ def load_record_images(record: dict, index: int | None = None) -> list[PILImage.
                     else f"Record {record.get('id')!r}"
                 )
                 raise ValueError(
-                    f"{name}: image file {str(image)!r} does not exist. Render or download the dataset's images "
+                    f"{name}: image file {image!r} does not exist. Render or download the dataset's images "
                     "first, or fix the record's `images` paths."
                 )
-            image = str(image)
-        images.append(load_image(image))
+            image = PILImage.open(image)
+        images.append(to_rgb(image))
     return images
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """`image` as the 8-bit RGB image a viewer shows: upright, 16-bit values scaled, transparency on white.
+
+    - The EXIF orientation is applied (as `transformers.image_utils.load_image` does).
+    - 16-bit grey images (Pillow modes `I;16*` and `I`, e.g. a 16-bit PNG) are scaled to 8 bits (value / 257), not
+      clipped: Pillow's own `convert("RGB")` clips every value above 255, which turns such an image almost white.
+    - An image with transparency (RGBA, LA, a palette with a transparent colour) is composited onto white, as
+      `transformers.image_transforms.convert_to_rgb` (the image processors' `do_convert_rgb`) does: Pillow's
+      `convert("RGB")`, which `load_image` uses, drops the alpha channel, so a transparent background (stored as
+      black) turns black.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)  # (H, W), 0 to 65535
+        image = PILImage.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))
+    return PILImage.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 def validate_dataset(
@@ -481,8 +520,8 @@ def _value(value, limit: int = 40) -> str:
 def _record_problem(
     record, require_steps, check_images, tokenizer, max_length, curriculum, image_token_count
 ) -> str | None:
-    if not record["question"]:
-        return "no question: `question` is empty."
+    if not record["question"] or not record["question"].strip():
+        return "no question: `question` is empty or only whitespace."
     if record["answer"] is None or not record["answer"].strip():
         return "no answer: `answer` is missing or empty."
     if ANSWER_MARKER in record["answer"]:
@@ -492,6 +531,9 @@ def _record_problem(
         )
     if require_steps and not record["steps"]:
         return "no steps: `steps` is empty, and CoT/Coconut training needs reasoning steps."
+    problem = _control_string_problem(record, tokenizer)
+    if problem is not None:
+        return problem
     images = record["images"]
     num_placeholders = record["question"].count(IMAGE_PLACEHOLDER)
     if num_placeholders > len(images):
@@ -515,6 +557,27 @@ def _record_problem(
             return (
                 f"too long: its longest curriculum example has up to {length} tokens, more than "
                 f"max_length={max_length}."
+            )
+    return None
+
+
+def _control_string_problem(record: dict, tokenizer) -> str | None:
+    """The first text field holding a control string ([`CONTROL_STRINGS`], `<image>` outside the question, and with a
+    tokenizer its special tokens), or `None`."""
+    controls = set(CONTROL_STRINGS)
+    if tokenizer is not None:
+        controls |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    fields = [("question", record["question"]), ("answer", record["answer"])]
+    for name in ("steps", "choices", "direct_answers"):
+        fields += [(f"{name}[{position}]", text) for position, text in enumerate(record[name] or [])]
+    for name, text in fields:
+        allowed = {IMAGE_PLACEHOLDER} if name == "question" else set()
+        found = sorted(token for token in (controls | {IMAGE_PLACEHOLDER}) - allowed if token in text)
+        if found:
+            return (
+                f"control token in text: `{name}` holds {found[0]!r}, which the tokenizer or processor reads as a "
+                "control token (ending a turn, opening a latent block or standing for an image), not as text. "
+                "Remove or rewrite it."
             )
     return None
 
@@ -554,6 +617,7 @@ __all__ = [
     "load_record_images",
     "load_records",
     "records_to_dataset",
+    "to_rgb",
     "validate_dataset",
 ]
 

@@ -5,6 +5,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from datasets import Dataset, Features, Image, List, Value
@@ -15,10 +16,12 @@ from coconut.data import (
     RECORD_FEATURES,
     load_aokvqa,
     load_coconut_json,
+    load_record_images,
     load_records,
     records_to_dataset,
     validate_dataset,
 )
+from coconut.synthetic import synthetic_tokenizer
 from coconut.tokenizer import train_tokenizer
 
 
@@ -301,3 +304,59 @@ def test_an_answer_holding_the_marker_is_invalid():
     """The evaluation reads the answer after the last `### `: an answer containing one could never be scored."""
     with pytest.raises(ValueError, match="Record 0 \\(id 'q7'\\): answer holds the marker"):
         validate_dataset(records_to_dataset([good_record(answer="### 3")]))
+
+
+@pytest.mark.parametrize("question", ["", " ", "\n\t  "])
+def test_a_blank_question_is_invalid(question):
+    with pytest.raises(
+        ValueError, match="Record 0 \\(id 'q7'\\): no question: `question` is empty or only whitespace"
+    ):
+        validate_dataset(records_to_dataset([good_record(question=question)]))
+
+
+@pytest.mark.parametrize(
+    "overrides, field, token",
+    [
+        ({"question": "Is it <|latent|> red?"}, "question", "<|latent|>"),
+        ({"steps": ["One.", "Two.<|im_end|>"]}, "steps[1]", "<|im_end|>"),
+        ({"answer": "<|im_start|>Three"}, "answer", "<|im_start|>"),
+        ({"steps": ["See <image> here."]}, "steps[0]", "<image>"),
+        ({"question": "Look at <IMG_CONTEXT>."}, "question", "<IMG_CONTEXT>"),
+        ({"choices": ["a", "<|start-latent|>"], "answer": "a"}, "choices[1]", "<|start-latent|>"),
+    ],
+)
+def test_control_tokens_typed_into_record_text_are_refused(overrides, field, token):
+    """Typed into a record, such a string would be tokenized as the control token itself (end a turn, open a
+    latent block, stand for an image); records are refused, not escaped."""
+    dataset = records_to_dataset([good_record(id="fine"), good_record(**overrides)])
+    message = re.escape(f"Record 1 (id 'q7'): control token in text: `{field}` holds {token!r}")
+    with pytest.raises(ValueError, match=message):
+        validate_dataset(dataset)
+    assert validate_dataset(dataset, skip_invalid=True)["id"] == ["fine"]
+
+
+def test_control_tokens_of_the_tokenizer_are_refused_when_it_is_given():
+    tokenizer = synthetic_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<ref>"]}, replace_extra_special_tokens=False)
+    dataset = records_to_dataset([good_record(question="Where is <ref>?")])
+    assert validate_dataset(dataset)["id"] == ["q7"]  # no tokenizer: only the InternVL and Coconut control strings
+    with pytest.raises(ValueError, match="control token in text: `question` holds '<ref>'"):
+        validate_dataset(dataset, tokenizer=tokenizer)
+
+
+def test_sixteen_bit_and_transparent_images_convert_as_a_viewer_shows_them(tmp_path):
+    """A 16-bit PNG used to come out almost white (values clipped at 255), a transparent background black."""
+    grey = np.full((8, 8), 32768, dtype=np.uint16)
+    grey[0, 0] = 65535
+    PILImage.fromarray(grey).save(tmp_path / "grey16.png")
+    figure = PILImage.new("RGBA", (8, 8), (0, 0, 0, 0))  # transparent background, as stored: black
+    figure.putpixel((0, 0), (200, 0, 0, 255))
+    figure.save(tmp_path / "figure.png")
+    half = PILImage.new("LA", (8, 8), (0, 128))  # black, half transparent
+    records = [good_record(images=["grey16.png", "figure.png", half])]
+    first, second, third = load_record_images(records_to_dataset(records, image_root=tmp_path)[0])
+    assert PILImage.open(tmp_path / "grey16.png").mode == "I;16"
+    assert first.mode == second.mode == third.mode == "RGB"
+    assert first.getpixel((1, 1)) == (128, 128, 128) and first.getpixel((0, 0)) == (255, 255, 255)
+    assert second.getpixel((1, 1)) == (255, 255, 255) and second.getpixel((0, 0)) == (200, 0, 0)
+    assert third.getpixel((1, 1)) == (127, 127, 127)
