@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from coconut.checkpoints import (
     TRAINING_RECORD,
+    check_resume_files,
     check_weight_files,
     is_complete,
     last_complete_checkpoint,
@@ -351,6 +352,7 @@ class CoconutSFTTrainer(SFTTrainer):
                     "Pass `--resume_with_fresh_optimizer` to accept that, or resume from a checkpoint that has them."
                 )
         check_weight_files(checkpoint)
+        check_resume_files(checkpoint)
         saved = saved_run_settings(checkpoint, RunRecord.__name__)
         self.refuse_other_settings(saved, f"Checkpoint {str(checkpoint)!r}")
 

@@ -382,6 +382,22 @@ def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
         make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
 
 
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bit flipped"])
+def test_a_damaged_optimizer_or_rng_file_names_the_file_and_the_checkpoint(tmp_path, tokenizer, name, damage):
+    """A damaged torch file used to fail with a bare EOFError or Errno 22, or (a flipped bit) to load silently."""
+    stopped_run(tmp_path, tokenizer, 2)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    data = bytearray((checkpoint / name).read_bytes())
+    if damage == "bit flipped":
+        data[len(data) // 3] ^= 0x10
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "bit flipped": data}[damage]
+    (checkpoint / name).write_bytes(bytes(damaged))
+    message = f"Checkpoint file '{checkpoint / name}' is damaged: .* Delete the checkpoint '{checkpoint}'"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
+
+
 class CorruptWeightAfter(TrainerCallback):
     """Writes a NaN into the LM head after `step` steps, as a corrupt weight file would."""
 
