@@ -41,7 +41,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
-from coconut.data import image_token_counter, load_split, validate_dataset
+from coconut.data import image_token_counter, load_train_and_eval_splits, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
 from coconut.model_card import build_model_card
 from coconut.sft_config import CoconutSFTConfig
@@ -180,11 +180,10 @@ def load_splits(script_args: ScriptArguments, seed: int):
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
         return train, validation, task
 
-    skip = script_args.skip_invalid
-    validation = (
-        load_split(script_args.dataset, script_args.eval_split, skip_invalid=skip) if script_args.eval_split else None
+    train, validation = load_train_and_eval_splits(
+        script_args.dataset, script_args.train_split, script_args.eval_split, script_args.skip_invalid
     )
-    return load_split(script_args.dataset, script_args.train_split, skip_invalid=skip), validation, None
+    return train, validation, None
 
 
 def load_model_and_processor(model_args: ModelConfig):

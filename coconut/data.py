@@ -34,6 +34,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 from transformers.image_transforms import convert_to_rgb
 
+from coconut.checkpoints import looks_like_local_path
 from coconut.curriculum import CurriculumConfig, max_example_length
 from processing_coconut_internvl import (
     ANSWER_MARKER,
@@ -64,7 +65,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # Strings the tokenizer or the processor reads as control tokens, not text: in a record they would end a turn, open a
 # latent block or stand for an image. Records are refused rather than escaped, so that no text changes silently.
 CONTROL_STRINGS = (
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", VIDEO_PLACEHOLDER, *LATENT_TOKENS,
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", VIDEO_PLACEHOLDER,
+    *LATENT_TOKENS,
 )  # fmt: skip
 # Pillow modes of 16-bit grey images (a 16-bit PNG opens as `I;16`; older Pillow versions gave `I`).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -607,19 +609,21 @@ def _undecode_images(dataset: Dataset) -> Dataset:
     return dataset
 
 
-__all__ = [
-    "RECORD_FEATURES",
-    "RECORD_FIELDS",
-    "aokvqa_to_record",
-    "image_token_counter",
-    "load_aokvqa",
-    "load_coconut_json",
-    "load_record_images",
-    "load_records",
-    "records_to_dataset",
-    "to_rgb",
-    "validate_dataset",
-]
+# Split names as they end data file names (`prosqa_valid.json`), each with the split it means.
+_SPLIT_WORDS = {
+    "train": "train", "training": "train", "valid": "validation", "validation": "validation", "val": "validation",
+    "dev": "validation", "eval": "validation", "test": "test", "testing": "test",
+}  # fmt: skip
+
+
+def _split_words(name: str) -> set[str]:
+    """The splits named by the words of a file stem or split name (`prosqa_valid_slice` -> `{"validation"}`)."""
+    return {_SPLIT_WORDS[word] for word in re.split(r"[_\-.\s]+", name.lower()) if word in _SPLIT_WORDS}
+
+
+def is_single_file(dataset: str) -> bool:
+    """Whether `dataset` names one local JSON/JSONL file, which holds a single split."""
+    return Path(dataset).suffix in (".json", ".jsonl")
 
 
 def load_split(
@@ -630,9 +634,13 @@ def load_split(
     Args:
         dataset (`str`): a folder of Coconut JSON files `<name>_<split>.json`, a Coconut JSON file, a Hub id of
             A-OKVQA (its own loader), or any local JSON/JSONL file or Hub dataset (the generic loader).
-        split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`.
+        split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`. A single file holds
+            one split: one whose name names another split (`train.json` for `split="test"`) is an error.
         aokvqa_target (`str`): `"multiple_choice"` or `"direct"`, for A-OKVQA.
         skip_invalid (`bool`): drop invalid records (and log how many) instead of raising.
+
+    A name meant as a local path (see [`coconut.checkpoints.looks_like_local_path`]) that does not exist is an
+    error saying so, not a Hub look-up.
     """
     path = Path(dataset)
     if path.is_dir():
@@ -644,8 +652,58 @@ def load_split(
                 "pass a split that names exactly one, or the file itself."
             )
         return load_coconut_json(matches[0], skip_invalid=skip_invalid)
+    if looks_like_local_path(dataset) and not path.exists():
+        parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
+        raise ValueError(
+            f"`dataset` {dataset!r}: no such file or folder (the nearest existing folder is {str(parent)!r}). Fix the "
+            "path; a Hub dataset id has the form `namespace/name`."
+        )
+    if is_single_file(dataset):
+        named, asked = _split_words(path.stem), _split_words(split)
+        if named and asked and not named & asked:
+            raise ValueError(
+                f"`dataset` {dataset!r} is one file, and its name says it is the {sorted(named)[0]!r} split, not the "
+                f"{split!r} split asked for. Pass the {split} file (or a folder of `<name>_<split>.json` files), or "
+                f"ask for the split this file holds."
+            )
     if path.suffix == ".json" and path.is_file():
         return load_coconut_json(path, skip_invalid=skip_invalid)
     if "a-okvqa" in dataset.lower():
         return load_aokvqa(dataset, split=split, target=aokvqa_target, skip_invalid=skip_invalid)
     return load_records(dataset, split=split, skip_invalid=skip_invalid)
+
+
+def load_train_and_eval_splits(
+    dataset: str, train_split: str, eval_split: str | None, skip_invalid: bool = False
+) -> tuple[Dataset, Dataset | None]:
+    """The training records and the records evaluated after each stage (`None` when `eval_split` is empty).
+
+    A single JSON/JSONL file holds one split: evaluating "its validation split" would score the training records
+    and report training ids as validation, so that is an error asking for a folder of split files or no evaluation.
+    """
+    if eval_split and is_single_file(dataset):
+        raise ValueError(
+            f"`--dataset` {dataset!r} is one file, which holds a single split: evaluating `--eval_split` "
+            f"{eval_split!r} would score the training records and report them as validation. Pass a folder holding "
+            f"`<name>_{train_split}.json` and `<name>_{eval_split}.json`, or `--eval_split ''` to train without "
+            "evaluating after each stage."
+        )
+    validation = load_split(dataset, eval_split, skip_invalid=skip_invalid) if eval_split else None
+    return load_split(dataset, train_split, skip_invalid=skip_invalid), validation
+
+
+__all__ = [
+    "RECORD_FEATURES",
+    "RECORD_FIELDS",
+    "aokvqa_to_record",
+    "image_token_counter",
+    "load_aokvqa",
+    "load_coconut_json",
+    "load_record_images",
+    "load_records",
+    "load_split",
+    "load_train_and_eval_splits",
+    "records_to_dataset",
+    "to_rgb",
+    "validate_dataset",
+]

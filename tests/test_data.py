@@ -18,6 +18,8 @@ from coconut.data import (
     load_coconut_json,
     load_record_images,
     load_records,
+    load_split,
+    load_train_and_eval_splits,
     records_to_dataset,
     validate_dataset,
 )
@@ -360,3 +362,42 @@ def test_sixteen_bit_and_transparent_images_convert_as_a_viewer_shows_them(tmp_p
     assert first.getpixel((1, 1)) == (128, 128, 128) and first.getpixel((0, 0)) == (255, 255, 255)
     assert second.getpixel((1, 1)) == (255, 255, 255) and second.getpixel((0, 0)) == (200, 0, 0)
     assert third.getpixel((1, 1)) == (127, 127, 127)
+
+
+def test_one_file_holds_one_split(tmp_path):
+    """A single .json as `--dataset` used to serve as every split: validation scored the training records, and
+    `evaluate.py --split test` scored `train.json`."""
+    records = json.loads(PROSQA_SLICE.read_text())[:4]
+    (tmp_path / "prosqa_train.json").write_text(json.dumps(records))
+    (tmp_path / "mine.json").write_text(json.dumps(records))
+    train_file = str(tmp_path / "prosqa_train.json")
+    with pytest.raises(
+        ValueError,
+        match="'.*prosqa_train.json' is one file, and its name says it is the 'train' split, not the 'test' split",
+    ):
+        load_split(train_file, "test")
+    with pytest.raises(ValueError, match="it is the 'validation' split, not the 'train' split"):
+        load_split(str(PROSQA_SLICE), "train")
+    assert len(load_split(train_file, "train")) == 4
+    assert len(load_split(str(PROSQA_SLICE), "valid")) == len(load_split(str(PROSQA_SLICE), "validation")) == 20
+    assert len(load_split(str(tmp_path / "mine.json"), "test")) == 4  # a name without a split: the file is the split
+
+    with pytest.raises(
+        ValueError,
+        match="'.*mine.json' is one file, which holds a single split: evaluating `--eval_split` 'valid' would score",
+    ):
+        load_train_and_eval_splits(str(tmp_path / "mine.json"), "train", "valid")
+    train, validation = load_train_and_eval_splits(str(tmp_path / "mine.json"), "train", "")
+    assert len(train) == 4 and validation is None
+    train, validation = load_train_and_eval_splits(str(tmp_path), "train", "")
+    assert len(train) == 4
+
+
+@pytest.mark.parametrize("name", ["data/prosqa", "data/prosqa/prosqa_trian.json", "./prosqa", "missing.jsonl"])
+def test_a_typo_in_a_local_dataset_path_says_no_such_file(tmp_path, monkeypatch, name):
+    """A typo used to become "Repo id must be..." or several Hub look-ups."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("coconut.data.load_dataset", lambda *args, **kwargs: pytest.fail("looked it up"))
+    with pytest.raises(ValueError, match=f"`dataset` {re.escape(repr(name))}: no such file or folder"):
+        load_split(name, "train")
