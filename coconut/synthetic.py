@@ -28,7 +28,9 @@ path step by step needs the search done before the first step, while a continuou
 """
 
 import hashlib
+import os
 import random
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,18 @@ class SyntheticTaskConfig:
         if split == "train":
             return 1.0 - self.validation_share - self.test_share
         return getattr(self, f"{split}_share")
+
+    @property
+    def folder_name(self) -> str:
+        """The folder of this task's images under a rendering directory: every setting that changes a board or its
+        image is in the name (split sizes are not: the first n records of a split do not depend on its size)."""
+        name = (
+            f"{self.variant}_{self.grid_size}x{self.grid_size}_{self.min_hops}-{self.max_hops}hops_"
+            f"{self.image_size}px_seed{self.seed}"
+        )
+        if (self.validation_share, self.test_share) != (0.1, 0.3):
+            name += f"_shares{self.validation_share:g}-{self.test_share:g}"
+        return name
 
     @property
     def num_questions(self) -> int:
@@ -304,7 +318,12 @@ def question_text(start: tuple[int, int], hops: int, targets=()) -> str:
 def build_synthetic_split(
     output_dir: str | Path, split: str, config: SyntheticTaskConfig | None = None, num_records: int | None = None
 ) -> Dataset:
-    """Render `split` into `output_dir/<split>/` (PNG per record, overwritten) and return its records.
+    """Render `split` into `output_dir/<config.folder_name>/<split>/` (a PNG per record) and return its records.
+
+    Runs with different task settings (a seed sweep, another board) may share `output_dir`: each task renders into
+    its own folder, so no run rewrites another's images (records read them lazily, when a batch is built). Runs with
+    the same settings write the same bytes, each file through a temporary file renamed into place, so a reader never
+    sees a half-written one.
 
     Args:
         output_dir (`str` or `Path`): where images go, e.g. `outputs/data/arrow_chase`; created if needed.
@@ -314,13 +333,15 @@ def build_synthetic_split(
             (the same puzzles as the full split's first ones).
     """
     config = config or SyntheticTaskConfig()
-    folder = Path(output_dir) / split
+    folder = Path(output_dir) / config.folder_name / split
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for index, puzzle in enumerate(generate_puzzles(split, config, num_records)):
         record_id = f"{split}-{index:05d}"
         path = folder / f"{record_id}.png"
-        render_board(puzzle.board, config.image_size).save(path)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{record_id}-", suffix=".png", delete=False) as file:
+            render_board(puzzle.board, config.image_size).save(file, format="PNG")
+        os.replace(file.name, path)
         records.append(puzzle_record(puzzle, record_id, str(path)))
     # Images were just written; checking them again would only re-read them.
     return validate_dataset(records_to_dataset(records), check_images=False)

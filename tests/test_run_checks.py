@@ -199,7 +199,7 @@ def test_evaluate_defaults_to_the_recorded_task_and_curriculum(trained, tmp_path
         assert [p.generation for p in result.predictions] == [p.generation for p in direct.predictions]
         assert [p.num_latent_thoughts for p in result.predictions] == [4] * 4  # stage 2 x c_thought 2
     for index in range(4):  # the boards evaluate.py rendered are those of the recorded task (2 x 2, seed 3)
-        name = f"test/test-{index:05d}.png"
+        name = f"{task.folder_name}/test/test-{index:05d}.png"
         assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
 
 
