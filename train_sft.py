@@ -79,7 +79,6 @@ DEMO_ARGS = [
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "0.1",
     "--reset_optimizer", "true",
-    "--eval_max_new_tokens", "40",
     "--logging_steps", "20",
     "--save_strategy", "no",
     "--bf16", "false",
