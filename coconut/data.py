@@ -203,16 +203,15 @@ def validate_dataset(
 
 
 def image_token_counter(processor) -> Callable[[dict], int]:
-    """For the length check: the tokens an InternVL processor puts in place of a stored image (`{"bytes", "path"}`),
-    `<img>` + `image_seq_length` x tiles + `</img>`, with the tile count its image processor gives the image's size
-    (only the image header is read)."""
+    """For the length check: the tokens `processor` puts in place of a stored image (`{"bytes", "path"}`), counted
+    by the processor itself (`_get_num_multimodal_tokens`, with the tiling settings its calls use, e.g. InternVL's
+    `crop_to_patches=True`) from the image's size; only the image header is read."""
 
     def count(image: dict) -> int:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
         with PILImage.open(source) as opened:
             width, height = opened.size
-        tiles = processor.image_processor.get_number_of_image_patches(height, width, {})
-        return 2 + processor.image_seq_length * tiles
+        return processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
 
     return count
 
