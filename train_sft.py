@@ -1,7 +1,8 @@
 """Train Coconut-InternVL with the Coconut curriculum (Hao et al. 2024, arXiv 2412.06769) on TRL's SFTTrainer.
 
 # The embedded default: a tiny InternVL-shaped model from scratch on the bundled arrow-chase task, every stage,
-# an evaluation after each stage, the model in outputs/demo (minutes on a CPU)
+# an evaluation after each stage, the model in outputs/demo (minutes on a CPU); flags given without --dataset,
+# --model_name_or_path or --config override the default's (e.g. `--output_dir outputs/mine --seed 1`)
 ```bash
 python train_sft.py
 ```
@@ -39,11 +40,18 @@ import torch
 from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
+from coconut.checkpoints import (
+    check_loaded_weights,
+    check_weight_files,
+    check_writable,
+    last_complete_checkpoint,
+    write_training_record,
+)
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_train_and_eval_splits, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
 from coconut.model_card import build_model_card
+from coconut.preflight import check_script_sizes, with_demo_defaults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
@@ -96,8 +104,8 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "'arrow_chase' (the bundled synthetic visual task), a Coconut JSON file, a folder of "
-            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id. Required (only the "
-            "embedded default, `python train_sft.py` without arguments, picks 'arrow_chase' by itself)."
+            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id. Without it (and without "
+            "--model_name_or_path and --config) the embedded default runs, with the flags given on top."
         },
     )
     skip_invalid: bool = field(
@@ -138,6 +146,9 @@ class ScriptArguments:
         default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
     )
 
+    def __post_init__(self):
+        check_script_sizes(self)
+
 
 def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int):
     """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor."""
@@ -175,6 +186,7 @@ def load_splits(script_args: ScriptArguments, seed: int):
             validation_size=script_args.synthetic_validation_size,
             test_size=script_args.synthetic_test_size,
         )
+        task.check_split_sizes()  # the test split is built after training: a task too small for it fails now
         train = build_synthetic_split(script_args.synthetic_dir, "train", task)
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
         return train, validation, task
@@ -199,6 +211,7 @@ def load_model_and_processor(model_args: ModelConfig):
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=True
     )
+    check_loaded_weights(model, model_args.model_name_or_path)
     if getattr(model.config, "latent_token_id", None) is None:
         raise ValueError(
             f"{model_args.model_name_or_path!r} has no `latent_token_id`: convert the base InternVL checkpoint with "
@@ -220,7 +233,8 @@ def coconut_peft_config(model_args: ModelConfig, model):
 
 
 def check_dataset_argument(script_args: ScriptArguments, model_args: ModelConfig):
-    """`--dataset` is required; only the embedded default (no arguments at all) picks the bundled task by itself."""
+    """`--dataset` is required (`with_demo_defaults` gives the demo's when no dataset, model or recipe is named), and
+    `--model_name_or_path` must name a Coconut-InternVL folder or Hub id."""
     if script_args.dataset is None:
         raise ValueError(
             "`--dataset` is missing: pass `--dataset arrow_chase` for the bundled synthetic task, or a Coconut JSON "
@@ -232,6 +246,8 @@ def check_dataset_argument(script_args: ScriptArguments, model_args: ModelConfig
             f"`--dataset`={script_args.dataset!r} needs `--model_name_or_path` (a converted model, see "
             "convert_to_coconut.py); only 'arrow_chase' trains the tiny model from scratch."
         )
+    if model_args.model_name_or_path is not None:  # a typo or a plain InternVL, before any data is built
+        require_coconut_checkpoint(model_args.model_name_or_path, revision=model_args.model_revision)
 
 
 def check_lengths(train, processor, training_args: CoconutSFTConfig, skip_invalid: bool):
@@ -404,8 +420,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, CoconutSFTConfig, ModelConfig))
-    args = sys.argv[1:] or DEMO_ARGS
-    trainer = main(*parser.parse_args_and_config(args=args))
+    trainer = main(*parser.parse_args_and_config(args=with_demo_defaults(sys.argv[1:], DEMO_ARGS)))
     # Every rank waits until the main process has saved and scored the model, then all destroy the process group
     # together: a rank that tears down gloo while its peer is still connected aborts ("terminate called without an
     # active exception"), and so does one that leaves gloo threads running at interpreter shutdown.

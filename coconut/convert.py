@@ -32,6 +32,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
+from coconut.checkpoints import looks_like_local_path
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
@@ -418,8 +419,21 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
     """Raise a `ValueError` unless `model_name_or_path` holds a Coconut-InternVL config.
 
     Reads only its `config.json` (no remote code runs, no weights are loaded), so a plain InternVL is refused with
-    what to do before anything else can fail on it.
+    what to do before anything else can fail on it. A name meant as a local path that is no folder is "no such
+    folder", not a Hub look-up.
     """
+    path = Path(model_name_or_path).expanduser()
+    if looks_like_local_path(model_name_or_path) and not path.is_dir():
+        raise ValueError(
+            f"{model_name_or_path!r}: no such folder{' (it is a file)' if path.exists() else ''}. Pass the folder "
+            "convert_to_coconut.py (`--output`) or train_sft.py (`--output_dir`) saved the model in, or a Hub id "
+            "`namespace/name`."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{model_name_or_path!r} has no config.json: pass the folder convert_to_coconut.py (`--output`) or "
+            "train_sft.py (`--output_dir`) saved the model in."
+        )
     config_dict, _ = PreTrainedConfig.get_config_dict(model_name_or_path, revision=revision)
     model_type = config_dict.get("model_type")
     if model_type != CoconutInternVLConfig.model_type:

@@ -105,6 +105,25 @@ class SyntheticTaskConfig:
                 "leave a share for training (their sum below 1)."
             )
 
+    def check_split_fits(self, split: str, num_records: int | None = None) -> None:
+        """Raise a `ValueError` when `num_records` (default: the split's size) distinct validation or test questions
+        cannot be drawn from the split's share of the question space (more than 90 % of it: drawing would stall)."""
+        num_records = self.split_size(split) if num_records is None else num_records
+        available = self.num_questions * self.share(split)
+        if split != "train" and num_records > 0.9 * available:
+            raise ValueError(
+                f"{num_records} distinct {split} questions (`{split}_size`, `--synthetic_{split}_size` in "
+                f"train_sft.py) do not fit in the {split} share of the question space: {self.num_questions} "
+                f"questions ({self.grid_size} x {self.grid_size} board, {self.min_hops} to {self.max_hops} arrows) x "
+                f"`{split}_share`={self.share(split)} is about {available:.0f}. Ask for at most "
+                f"{int(0.9 * available)}, raise `{split}_share`, or use a larger board or more arrows."
+            )
+
+    def check_split_sizes(self) -> None:
+        """[`check_split_fits`] for every split, before any is drawn (the test split is drawn after training)."""
+        for split in SPLITS:
+            self.check_split_fits(split)
+
     def split_size(self, split: str) -> int:
         if split not in SPLITS:
             raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
@@ -236,14 +255,7 @@ def generate_puzzles(split: str, config: SyntheticTaskConfig, num_records: int |
     on how many are asked for.
     """
     num_records = config.split_size(split) if num_records is None else num_records
-    available = config.num_questions * config.share(split)
-    if split != "train" and num_records > 0.9 * available:
-        raise ValueError(
-            f"{num_records} distinct {split} questions do not fit in the {split} share of the question space: "
-            f"{config.num_questions} questions ({config.grid_size} x {config.grid_size} board, {config.min_hops} to "
-            f"{config.max_hops} arrows) x `{split}_share`={config.share(split)} is about {available:.0f}. Ask for "
-            f"fewer, raise `{split}_share`, or use a larger board or more arrows."
-        )
+    config.check_split_fits(split, num_records)
     rng = random.Random(f"arrow-chase-{config.seed}-{split}")
     puzzles, seen = [], set()
     max_draws = 10_000 + int(50 * num_records / config.share(split))

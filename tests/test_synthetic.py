@@ -161,7 +161,7 @@ def test_no_question_is_in_two_splits_on_a_small_board():
     other_seed = SyntheticTaskConfig(grid_size=2, max_hops=3, seed=1)
     assert not {p.question for p in generate_puzzles("test", other_seed)} & set(questions["train"])
     assert {question_split(p, config) for p in generate_puzzles("test", other_seed)} == {"test"}
-    with pytest.raises(ValueError, match="700 distinct test questions do not fit in the test share"):
+    with pytest.raises(ValueError, match="700 distinct test questions \\(`test_size`.* do not fit in the test share"):
         generate_puzzles("test", SyntheticTaskConfig(grid_size=2, max_hops=3, test_size=700))
 
 
