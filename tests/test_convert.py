@@ -317,6 +317,16 @@ def test_output_in_the_base_folder_is_refused(original_replica):
             ConvertConfig(base=str(base), output=str(output))
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_loading(original_replica, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded before the refusal")
+
+    monkeypatch.setattr(convert_to_coconut, "load_base", refuse)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="`output`='.*a_file' cannot be written \\(FileExistsError"):
+        main(ConvertConfig(base=str(original_replica[0]), output=str(tmp_path / "a_file"), license="mit"))
+
+
 def test_train_sft_refuses_a_plain_internvl(tmp_path):
     write_hf_replica(tmp_path / "internvl")
     with pytest.raises(ValueError, match="'internvl' checkpoint .* convert it with `convert_to_coconut.py` first"):
