@@ -262,6 +262,11 @@ class CoconutSFTTrainer(SFTTrainer):
         self.sync_latent_passes = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self.stage_lr_scheduler = None
 
+    def _send_telemetry(self):
+        """TRL's trainers ping the Hub when built (trainer class, model type, data source, device; unless
+        `HF_HUB_DISABLE_TELEMETRY=1` or `HF_HUB_OFFLINE=1`). This trainer does not: a training run talks to the Hub
+        only when asked to (a Hub model or dataset, `--push_to_hub`)."""
+
     @property
     def run_record(self) -> RunRecord:
         # Looked up each time: `restore_callback_states_from_checkpoint` replaces the callback by a new instance.

@@ -483,3 +483,18 @@ def test_collator_never_cuts_an_example(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=f"Record 5 \\(id 'toy-5'\\) at stage 0 is {length} tokens long"):
         trainer.data_collator([row])
     assert trainer.data_collator([{**row, "stage": 3}])["input_ids"].shape[1] < length  # shorter stages still fit
+
+
+def test_building_the_trainer_sends_no_telemetry(tmp_path, tokenizer, monkeypatch):
+    """TRL's trainers ping the Hub when built; the comment in train_sft.py says the trainer never talks to the Hub."""
+    from trl import SFTTrainer
+    from trl.trainer import base_trainer
+
+    pings = []
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(base_trainer, "send_telemetry", lambda *args, **kwargs: pings.append(kwargs))
+    SFTTrainer._send_telemetry(make_trainer(tmp_path, tokenizer))  # TRL's own method still pings through it
+    assert len(pings) == 1 and pings[0]["library_name"] == "trl"
+    make_trainer(tmp_path, tokenizer)
+    assert len(pings) == 1
