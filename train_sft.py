@@ -50,7 +50,7 @@ from coconut.checkpoints import (
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_train_and_eval_splits, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
-from coconut.model_card import build_model_card
+from coconut.model_card import build_model_card, run_results, save_example_images
 from coconut.preflight import check_script_sizes, with_demo_defaults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
@@ -347,7 +347,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Model
     if model_args.model_name_or_path is None:
         model, processor = tiny_model_and_processor(task, training_args.seed)
-        base_model = "from scratch (tiny InternVL-shaped model)"
+        base_model = None  # trained from scratch
     else:
         if Path(model_args.model_name_or_path).is_dir():
             check_weight_files(model_args.model_name_or_path)  # a truncated file, named
@@ -381,6 +381,8 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Test: the final model on the bundled task's held-out test split (questions in no training or validation split)
     test = evaluate_held_out_test(trainer, task, script_args) if task is not None and task.test_size > 0 else None
     record, training_text, rows = describe_training(trainer, script_args, task, test)
+    example = (validation if validation is not None else train)[0]  # the card's quick start asks its question
+    validation_split = "validation" if task is not None else script_args.eval_split
     card = build_model_card(
         repo_id=training_args.hub_model_id or str(output_dir),
         base_model=base_model,
@@ -389,16 +391,19 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         num_latent_thoughts=record["num_latent_thoughts"],
         training=training_text,
         evaluation=rows,
+        eval_results=run_results(script_args.dataset, validation_split, trainer.eval_results.results, test),
+        example=example,
     )
     if model_args.use_peft:
         card.save(output_dir / "README.md")
+        save_example_images(output_dir, example)
         write_training_record(output_dir, record)
         if script_args.merge_adapter:
             merged = trainer.model.merge_and_unload()
-            save_repository(merged, processor, output_dir / "merged", card)
+            save_repository(merged, processor, output_dir / "merged", card, example)
             write_training_record(output_dir / "merged", record)
     else:
-        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card)
+        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card, example)
         write_training_record(output_dir, record)
 
     # Evaluate: the table of the evaluations after each stage (those before a resume included), then the test split

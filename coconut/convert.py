@@ -33,6 +33,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
 from coconut.checkpoints import looks_like_local_path
+from coconut.model_card import save_example_images
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
@@ -445,14 +446,19 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
         )
 
 
-def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard) -> Path:
+def save_repository(
+    model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard, example: dict | None = None
+) -> Path:
     """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
-    config and `README.md` into `output`."""
+    config and `README.md` into `output`, and the images of the card's `example` record (its quick start loads
+    them)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
     model_card.save(output / "README.md")
+    if example is not None:
+        save_example_images(output, example)
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes

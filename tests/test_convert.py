@@ -44,7 +44,7 @@ from trl import ModelConfig
 import coconut.convert
 import convert_to_coconut
 from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
-from coconut.model_card import build_model_card
+from coconut.model_card import accuracy_results, build_model_card
 from convert_to_coconut import ConvertConfig, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from train_sft import load_model_and_processor
@@ -488,3 +488,24 @@ def test_model_card_metadata_and_evaluation_table():
         assert section in card
     with pytest.raises(ValueError, match="`evaluation` rows have different columns"):
         build_model_card(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])
+
+
+def test_a_card_without_base_model_and_with_results_is_valid_hub_metadata():
+    """A model trained from scratch used to get `base_model: from scratch (...)` and a link to that "repository"."""
+    results = accuracy_results("arrow_chase", [("validation", 0.97123), ("test", 0.95)])
+    card = build_model_card(
+        repo_id="outputs/demo", base_model=None, license="apache-2.0", training="T", eval_results=results
+    )
+    metadata = yaml.safe_load(str(card).split("---", 2)[1])
+    assert "base_model" not in metadata and "huggingface.co/" not in str(card).split("## Citation")[0]
+    assert str(card).split("---", 2)[2].lstrip().startswith("# demo\n\nAn InternVL-shaped model trained from scratch")
+    (index,) = metadata["model-index"]
+    assert index["name"] == "demo"
+    assert [(r["dataset"]["split"], r["metrics"][0]["type"], r["metrics"][0]["value"]) for r in index["results"]] == [
+        ("validation", "accuracy", 0.9712),
+        ("test", "accuracy", 0.95),
+    ]
+    with pytest.raises(
+        ValueError, match="A card without `training` describes a converted model: give its `base_model`"
+    ):
+        build_model_card(repo_id="me/x", base_model=None, license="mit")

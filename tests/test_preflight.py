@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import subprocess_env
 from safetensors.torch import load_file, save_file
 from test_run_checks import SMALL_RUN, parse, train
@@ -146,3 +147,29 @@ def test_damaged_weights_that_still_load_are_refused_or_warned_about(trained, tm
     with pytest.raises(ValueError, match="The weights loaded from '.*damaged-inf' are damaged"):
         train(tmp_path, "--model_name_or_path", str(damage(trained, float("inf"))), output="retrain")
     assert all(torch.isfinite(weight).all() for weight in load_file(trained / "model.safetensors").values())
+
+
+def test_a_trained_card_has_valid_metadata_results_and_a_quick_start_on_the_task(trained, tmp_path):
+    card = (trained / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---", 2)[1])
+    assert "base_model" not in metadata and "from scratch (" not in card
+    results = json.loads((trained / "eval_results.json").read_text())
+    (index,) = metadata["model-index"]
+    accuracies = {r["dataset"]["split"]: r["metrics"][0]["value"] for r in index["results"]}
+    assert accuracies == {
+        "validation": round(results["overall"]["accuracy"], 4),
+        "test": round(results["test"]["accuracy"], 4),
+    }
+    # The quick start asks a question of the task about its board, saved beside the card, and runs as written.
+    quick_start = card.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert "question = 'Start at " in quick_start and (trained / "example_0.png").is_file()
+    completed = subprocess.run(
+        [sys.executable, "-c", quick_start], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(tmp_path)
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "answer:" in completed.stdout
+
+
+def test_predictions_files_show_the_target_beside_the_answer(trained):
+    rows = [json.loads(line) for line in (trained / "predictions_stage_2.jsonl").read_text().splitlines()]
+    assert rows and all(list(row)[3:5] == ["answer", "target"] and row["target"] for row in rows)
