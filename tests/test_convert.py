@@ -137,12 +137,16 @@ HF_LAYOUTS = {
     "tie_word_embeddings false": dict(),
     "tied": dict(tie_word_embeddings=True),
     "qwen3 text model (InternVL3.5)": dict(text_model_type="qwen3"),
+    # Newer conversions declare `video_token`, which added `<video>` at 151674 and moved the Coconut ids by one.
+    "tokenizer declares video_token": dict(video_token=True),
 }
 
 
 @pytest.mark.parametrize("layout", HF_LAYOUTS)
 def test_hf_layout_converts_to_the_same_model(layout, tmp_path, hf_home):
     base_model = write_hf_replica(tmp_path / "base", **HF_LAYOUTS[layout])
+    if HF_LAYOUTS[layout].get("video_token"):
+        assert AutoTokenizer.from_pretrained(tmp_path / "base").convert_tokens_to_ids("<video>") == VOCAB_SIZE
     tied = HF_LAYOUTS[layout].get("tie_word_embeddings", False)
     if layout.startswith("no top-level"):
         # transformers 5 reads the missing key as tied; its own loading keeps the two different matrices apart
