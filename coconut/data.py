@@ -14,9 +14,11 @@ Every loader returns a `datasets.Dataset` with [`RECORD_FEATURES`]:
 Loaders refuse what they cannot read faithfully, with a `ValueError` naming the file (and line) or the record (index
 and id) and the field: a file that is not JSON, a dataset without records, a `column_mapping` naming a missing column,
 a record that is not an object, an `answer` or a step that is not a string, `steps` given as one string, an empty
-step. Validation (run by every loader, or by [`validate_dataset`]) then checks the content: no steps where needed, no
-answer, an answer holding the marker `### `, a missing or unreadable image, more `<image>` placeholders than images,
-or an example longer than `max_length`. `skip_invalid=True` drops such records instead and logs how many.
+step. Validation (run by every loader, or by [`validate_dataset`]) then checks the content: a blank question, no steps
+where needed, no answer, an answer holding the marker `### `, a control-token string in the text ([`CONTROL_STRINGS`]:
+refused, never escaped), a missing or unreadable image, more `<image>` placeholders than images, or an example longer
+than `max_length`. `skip_invalid=True` drops such records instead and logs how many. A single JSON/JSONL file holds one
+split ([`load_split`]); images are read as a viewer shows them ([`to_rgb`]).
 """
 
 import io
@@ -692,6 +694,7 @@ def load_train_and_eval_splits(
 
 
 __all__ = [
+    "CONTROL_STRINGS",
     "RECORD_FEATURES",
     "RECORD_FIELDS",
     "aokvqa_to_record",
