@@ -5,6 +5,7 @@
 - [`check_weight_files`]: every `*.safetensors` file of a folder has a whole header and all its data; a truncated
   download or an interrupted save is an error naming the file, not a deserialisation error without one.
 - [`check_writable`]: the output folder can be created and written before any training time is spent.
+- [`check_output_file`]: an output file's path is not a folder, and its folder can be written.
 - [`check_resume_files`]: the optimizer, scheduler, scaler and RNG files a resumed run loads are whole.
 - [`check_loaded_weights`]: no weight of a loaded model is NaN, infinite or absurdly large (a damaged file).
 - [`looks_like_local_path`]: whether a model or dataset name is meant as a local path, so that a typo in it is
@@ -106,6 +107,18 @@ def check_writable(folder: str | Path, argument: str = "output_dir") -> None:
             f"`{argument}`={str(folder)!r} cannot be written ({type(error).__name__}: {error}); the run would do its "
             f"work and then fail to save. Pass an `--{argument}` folder you can write to, or fix its permissions."
         ) from error
+
+
+def check_output_file(path: str | Path, argument: str) -> None:
+    """Raise a `ValueError` (naming the script's `argument`) when the file `path` could not be written at the end of
+    a run: it is a folder, or its folder cannot be created or written. Nothing is created but that folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"`{argument}`={str(path)!r} is a folder; the run would do its work and then fail to write the file. "
+            f"Pass a file path, e.g. `--{argument} {path / 'out.json'}`."
+        )
+    check_writable(path.parent, argument)
 
 
 # The torch files `Trainer` loads when it resumes, besides the weights (`rng_state_<rank>.pth` with several processes).
@@ -239,6 +252,7 @@ def remove_checkpoints(folder: str | Path) -> list[str]:
 __all__ = [
     "TRAINING_RECORD",
     "check_loaded_weights",
+    "check_output_file",
     "check_resume_files",
     "check_weight_files",
     "check_writable",

@@ -17,6 +17,7 @@ from trl import TrlParser
 
 import evaluate
 import train_sft
+from coconut.checkpoints import check_output_file
 from coconut.evaluation import CoconutEvalConfig
 from coconut.preflight import with_demo_defaults
 
@@ -173,3 +174,14 @@ def test_a_trained_card_has_valid_metadata_results_and_a_quick_start_on_the_task
 def test_predictions_files_show_the_target_beside_the_answer(trained):
     rows = [json.loads(line) for line in (trained / "predictions_stage_2.jsonl").read_text().splitlines()]
     assert rows and all(list(row)[3:5] == ["answer", "target"] and row["target"] for row in rows)
+
+
+def test_an_output_file_path_that_is_a_folder_or_under_a_file_is_refused(tmp_path):
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="`output_file`='.*a_folder' is a folder; .* Pass a file path"):
+        check_output_file(tmp_path / "a_folder", "output_file")
+    with pytest.raises(ValueError, match="`output_file`='.*a_file' cannot be written"):
+        check_output_file(tmp_path / "a_file" / "probe.json", "output_file")
+    check_output_file(tmp_path / "new" / "probe.json", "output_file")
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "probe.json").exists()
