@@ -238,8 +238,8 @@ def check_dataset_argument(script_args: ScriptArguments, model_args: ModelConfig
     if script_args.dataset is None:
         raise ValueError(
             "`--dataset` is missing: pass `--dataset arrow_chase` for the bundled synthetic task, or a Coconut JSON "
-            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without any "
-            "argument runs the embedded arrow-chase demo.)"
+            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without "
+            "`--dataset`, `--model_name_or_path` and `--config` runs the embedded arrow-chase demo.)"
         )
     if script_args.dataset != "arrow_chase" and model_args.model_name_or_path is None:
         raise ValueError(
