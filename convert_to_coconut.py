@@ -25,6 +25,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
+from coconut.checkpoints import check_writable
 from coconut.convert import (
     add_latent_tokens,
     base_model_license,
@@ -80,6 +81,7 @@ class ConvertConfig:
 def main(config: ConvertConfig) -> None:
     logging.set_verbosity_info()
     read_base_config(config.base)  # refuses a checkpoint that is not InternVL before its weights are downloaded
+    check_writable(config.output, "output")  # a file, or a folder that cannot be written, before any loading
     license = config.license or base_model_license(config.base)
     if license is None:
         raise ValueError(f"The README.md of {config.base} states no `license`; pass `--license` (e.g. `mit`).")

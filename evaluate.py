@@ -35,16 +35,19 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from trl import TrlParser
 
-from coconut.checkpoints import check_weight_files, read_training_record
+from coconut.checkpoints import check_weight_files, check_writable, looks_like_local_path, read_training_record
+from coconut.convert import require_coconut_checkpoint
 from coconut.curriculum import CurriculumConfig
 from coconut.data import load_split
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
+    check_eval_settings,
     evaluate_stage,
     load_model_and_processor,
     write_table_into_card,
 )
+from coconut.preflight import require_at_least
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 
 
@@ -87,6 +90,21 @@ class ScriptArguments:
     )
     device: str | None = field(default=None, metadata={"help": "Device to run on, e.g. `cuda`; default CPU."})
 
+    def __post_init__(self):
+        require_at_least(self, 1, {"max_samples": "leave it out to evaluate the whole split"})
+        if self.update_model_card and not Path(self.model).is_dir():
+            raise ValueError(
+                f"`--update_model_card` writes into a local model folder's README.md; {self.model!r} is not one. Drop "
+                "the flag (the table is printed and saved in `--output_dir`), or evaluate a local copy."
+            )
+
+    @property
+    def results_dir(self) -> str:
+        """`--output_dir`, else `<model>/eval` for a local model folder, else `outputs/eval`."""
+        if self.output_dir:
+            return self.output_dir
+        return str(Path(self.model) / "eval") if Path(self.model).is_dir() else "outputs/eval"
+
 
 # The fields of `CurriculumConfig`, each defaulting to `None` ("not given"), so that the model's saved curriculum
 # fills the flags left out.
@@ -106,8 +124,9 @@ CurriculumArguments = make_dataclass(
 def check_model(model: str) -> dict | None:
     """Fail fast on a model that cannot be loaded, before any data is rendered; returns its training record.
 
-    A local folder must hold `config.json` and readable weights; a path that does not exist is an error naming it
-    (a string is taken for a Hub id only when it looks like one, `namespace/name`, and is no local path).
+    A local folder must hold a Coconut-InternVL `config.json` (a plain InternVL is refused: convert it first) and
+    readable weights; a path that does not exist is an error naming it (a string is taken for a Hub id only when it
+    looks like one, `namespace/name`, and is no local path).
     """
     path = Path(model)
     if path.is_dir():
@@ -116,22 +135,18 @@ def check_model(model: str) -> dict | None:
                 f"`--model` folder {model!r} has no config.json: pass the folder that train_sft.py (`--output_dir`) "
                 "or convert_to_coconut.py saved the model in."
             )
+        require_coconut_checkpoint(model)
         check_weight_files(path)
         return read_training_record(path)
-    looks_local = (
-        path.exists()
-        or model.startswith((".", "/", "~"))
-        or model.count("/") != 1
-        or path.parent.is_dir()  # e.g. `outputs/demoo` beside an existing `outputs/`
-    )
-    if looks_local:
+    if looks_like_local_path(model) or model.count("/") != 1:
         raise ValueError(
             f"`--model` {model!r} does not exist: pass a model folder (train_sft.py writes one in its `--output_dir`) "
             "or a Hub id `namespace/name`."
         )
     try:
+        require_coconut_checkpoint(model)
         return read_training_record(model)
-    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as error:
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as error:
         raise ValueError(
             f"`--model` {model!r} is no local folder, and the Hub has no model of that id we can read "
             f"({type(error).__name__}: {error}). Check the id (and `huggingface-cli login` for a private one)."
@@ -189,6 +204,9 @@ def load_eval_records(
 def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEvalConfig) -> EvalResults:
     record = check_model(script_args.model)
     dataset, curriculum, task = settings_from_record(record, script_args, curriculum_args, eval_config)
+    check_eval_settings(curriculum, eval_config)
+    output_dir = script_args.results_dir
+    check_writable(output_dir)  # before any data is rendered or generated
     model, processing_class = load_model_and_processor(script_args.model, device=script_args.device)
     records = load_eval_records(dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir, task)
     if script_args.max_samples is not None:
@@ -196,12 +214,8 @@ def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEval
     result = evaluate_stage(model, processing_class, records, curriculum, eval_config)
     results = EvalResults([result])
 
-    local_model = Path(script_args.model).is_dir()
-    output_dir = script_args.output_dir or (str(Path(script_args.model) / "eval") if local_model else "outputs/eval")
     paths = results.save(output_dir)
     if script_args.update_model_card:
-        if not local_model:
-            raise ValueError(f"`--update_model_card` needs a local model folder; {script_args.model!r} is not one.")
         write_table_into_card(Path(script_args.model) / "README.md", results.markdown_table())
     print(results.markdown_table())
     logger.info("Wrote %s", ", ".join(str(path) for path in paths.values()))

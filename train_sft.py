@@ -1,7 +1,8 @@
 """Train Coconut-InternVL with the Coconut curriculum (Hao et al. 2024, arXiv 2412.06769) on TRL's SFTTrainer.
 
 # The embedded default: a tiny InternVL-shaped model from scratch on the bundled arrow-chase task, every stage,
-# an evaluation after each stage, the model in outputs/demo (minutes on a CPU)
+# an evaluation after each stage, the model in outputs/demo (minutes on a CPU); flags given without --dataset,
+# --model_name_or_path or --config override the default's (e.g. `--output_dir outputs/mine --seed 1`)
 ```bash
 python train_sft.py
 ```
@@ -39,11 +40,18 @@ import torch
 from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from coconut.checkpoints import check_weight_files, check_writable, last_complete_checkpoint, write_training_record
+from coconut.checkpoints import (
+    check_loaded_weights,
+    check_weight_files,
+    check_writable,
+    last_complete_checkpoint,
+    write_training_record,
+)
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
-from coconut.data import image_token_counter, load_split, validate_dataset
+from coconut.data import image_token_counter, load_train_and_eval_splits, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
-from coconut.model_card import build_model_card
+from coconut.model_card import build_model_card, run_results, save_example_images
+from coconut.preflight import check_script_sizes, with_demo_defaults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
@@ -79,7 +87,6 @@ DEMO_ARGS = [
     "--lr_scheduler_type", "cosine",
     "--warmup_steps", "0.1",
     "--reset_optimizer", "true",
-    "--eval_max_new_tokens", "40",
     "--logging_steps", "20",
     "--save_strategy", "no",
     "--bf16", "false",
@@ -97,8 +104,8 @@ class ScriptArguments:
         default=None,
         metadata={
             "help": "'arrow_chase' (the bundled synthetic visual task), a Coconut JSON file, a folder of "
-            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id. Required (only the "
-            "embedded default, `python train_sft.py` without arguments, picks 'arrow_chase' by itself)."
+            "`<name>_<split>.json` files, a JSON/JSONL file of records or a Hub dataset id. Without it (and without "
+            "--model_name_or_path and --config) the embedded default runs, with the flags given on top."
         },
     )
     skip_invalid: bool = field(
@@ -147,6 +154,9 @@ class ScriptArguments:
         default=True, metadata={"help": "With --use_peft, also save the merged full model in <output_dir>/merged."}
     )
 
+    def __post_init__(self):
+        check_script_sizes(self)
+
 
 def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int, embedding_std: float | None = None):
     """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor.
@@ -192,15 +202,15 @@ def load_splits(script_args: ScriptArguments, seed: int):
             validation_size=script_args.synthetic_validation_size,
             test_size=script_args.synthetic_test_size,
         )
+        task.check_split_sizes()  # the test split is built after training: a task too small for it fails now
         train = build_synthetic_split(script_args.synthetic_dir, "train", task)
         validation = build_synthetic_split(script_args.synthetic_dir, "validation", task)
         return train, validation, task
 
-    skip = script_args.skip_invalid
-    validation = (
-        load_split(script_args.dataset, script_args.eval_split, skip_invalid=skip) if script_args.eval_split else None
+    train, validation = load_train_and_eval_splits(
+        script_args.dataset, script_args.train_split, script_args.eval_split, script_args.skip_invalid
     )
-    return load_split(script_args.dataset, script_args.train_split, skip_invalid=skip), validation, None
+    return train, validation, None
 
 
 def load_model_and_processor(model_args: ModelConfig):
@@ -217,6 +227,7 @@ def load_model_and_processor(model_args: ModelConfig):
     processor = AutoProcessor.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=True
     )
+    check_loaded_weights(model, model_args.model_name_or_path)
     if getattr(model.config, "latent_token_id", None) is None:
         raise ValueError(
             f"{model_args.model_name_or_path!r} has no `latent_token_id`: convert the base InternVL checkpoint with "
@@ -238,18 +249,21 @@ def coconut_peft_config(model_args: ModelConfig, model):
 
 
 def check_dataset_argument(script_args: ScriptArguments, model_args: ModelConfig):
-    """`--dataset` is required; only the embedded default (no arguments at all) picks the bundled task by itself."""
+    """`--dataset` is required (`with_demo_defaults` gives the demo's when no dataset, model or recipe is named), and
+    `--model_name_or_path` must name a Coconut-InternVL folder or Hub id."""
     if script_args.dataset is None:
         raise ValueError(
             "`--dataset` is missing: pass `--dataset arrow_chase` for the bundled synthetic task, or a Coconut JSON "
-            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without any "
-            "argument runs the embedded arrow-chase demo.)"
+            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without "
+            "`--dataset`, `--model_name_or_path` and `--config` runs the embedded arrow-chase demo.)"
         )
     if script_args.dataset != "arrow_chase" and model_args.model_name_or_path is None:
         raise ValueError(
             f"`--dataset`={script_args.dataset!r} needs `--model_name_or_path` (a converted model, see "
             "convert_to_coconut.py); only 'arrow_chase' trains the tiny model from scratch."
         )
+    if model_args.model_name_or_path is not None:  # a typo or a plain InternVL, before any data is built
+        require_coconut_checkpoint(model_args.model_name_or_path, revision=model_args.model_revision)
 
 
 def check_lengths(train, processor, training_args: CoconutSFTConfig, skip_invalid: bool):
@@ -349,7 +363,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Model
     if model_args.model_name_or_path is None:
         model, processor = tiny_model_and_processor(task, training_args.seed, script_args.tiny_embedding_std)
-        base_model = "from scratch (tiny InternVL-shaped model)"
+        base_model = None  # trained from scratch
     else:
         if Path(model_args.model_name_or_path).is_dir():
             check_weight_files(model_args.model_name_or_path)  # a truncated file, named
@@ -383,6 +397,8 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Test: the final model on the bundled task's held-out test split (questions in no training or validation split)
     test = evaluate_held_out_test(trainer, task, script_args) if task is not None and task.test_size > 0 else None
     record, training_text, rows = describe_training(trainer, script_args, task, test)
+    example = (validation if validation is not None else train)[0]  # the card's quick start asks its question
+    validation_split = "validation" if task is not None else script_args.eval_split
     card = build_model_card(
         repo_id=training_args.hub_model_id or str(output_dir),
         base_model=base_model,
@@ -391,16 +407,19 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         num_latent_thoughts=record["num_latent_thoughts"],
         training=training_text,
         evaluation=rows,
+        eval_results=run_results(script_args.dataset, validation_split, trainer.eval_results.results, test),
+        example=example,
     )
     if model_args.use_peft:
         card.save(output_dir / "README.md")
+        save_example_images(output_dir, example)
         write_training_record(output_dir, record)
         if script_args.merge_adapter:
             merged = trainer.model.merge_and_unload()
-            save_repository(merged, processor, output_dir / "merged", card)
+            save_repository(merged, processor, output_dir / "merged", card, example)
             write_training_record(output_dir / "merged", record)
     else:
-        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card)
+        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card, example)
         write_training_record(output_dir, record)
 
     # Evaluate: the table of the evaluations after each stage (those before a resume included), then the test split
@@ -422,8 +441,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
 
 if __name__ == "__main__":
     parser = TrlParser((ScriptArguments, CoconutSFTConfig, ModelConfig))
-    args = sys.argv[1:] or DEMO_ARGS
-    trainer = main(*parser.parse_args_and_config(args=args))
+    trainer = main(*parser.parse_args_and_config(args=with_demo_defaults(sys.argv[1:], DEMO_ARGS)))
     # Every rank waits until the main process has saved and scored the model, then all destroy the process group
     # together: a rank that tears down gloo while its peer is still connected aborts ("terminate called without an
     # active exception"), and so does one that leaves gloo threads running at interpreter shutdown.

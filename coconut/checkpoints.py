@@ -5,6 +5,11 @@
 - [`check_weight_files`]: every `*.safetensors` file of a folder has a whole header and all its data; a truncated
   download or an interrupted save is an error naming the file, not a deserialisation error without one.
 - [`check_writable`]: the output folder can be created and written before any training time is spent.
+- [`check_output_file`]: an output file's path is not a folder, and its folder can be written.
+- [`check_resume_files`]: the optimizer, scheduler, scaler and RNG files a resumed run loads are whole.
+- [`check_loaded_weights`]: no weight of a loaded model is NaN, infinite or absurdly large (a damaged file).
+- [`looks_like_local_path`]: whether a model or dataset name is meant as a local path, so that a typo in it is
+  "no such folder" rather than a Hub look-up.
 - [`settings_differences`]: the settings a resumed or re-run training must share with the saved one.
 - `coconut_training.json` ([`TRAINING_RECORD`]) beside a trained model: its curriculum, the stage it reached, the
   thoughts it is evaluated with, its dataset and (for the bundled task) the task's settings, which `evaluate.py` uses
@@ -16,8 +21,10 @@ import logging
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -87,8 +94,9 @@ def check_weight_files(folder: str | Path) -> None:
             ) from error
 
 
-def check_writable(folder: str | Path) -> None:
-    """Create `folder` if needed and write a scratch file in it; a `ValueError` names the folder if that fails."""
+def check_writable(folder: str | Path, argument: str = "output_dir") -> None:
+    """Create `folder` if needed and write a scratch file in it; a `ValueError` names the folder (as the script's
+    `argument`) if that fails, e.g. when the path is a file."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,9 +104,92 @@ def check_writable(folder: str | Path) -> None:
             pass
     except OSError as error:
         raise ValueError(
-            f"`output_dir`={str(folder)!r} cannot be written ({type(error).__name__}: {error}); the run would train "
-            "and then fail to save. Pass an `--output_dir` you can write to, or fix its permissions."
+            f"`{argument}`={str(folder)!r} cannot be written ({type(error).__name__}: {error}); the run would do its "
+            f"work and then fail to save. Pass an `--{argument}` folder you can write to, or fix its permissions."
         ) from error
+
+
+def check_output_file(path: str | Path, argument: str) -> None:
+    """Raise a `ValueError` (naming the script's `argument`) when the file `path` could not be written at the end of
+    a run: it is a folder, or its folder cannot be created or written. Nothing is created but that folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"`{argument}`={str(path)!r} is a folder; the run would do its work and then fail to write the file. "
+            f"Pass a file path, e.g. `--{argument} {path / 'out.json'}`."
+        )
+    check_writable(path.parent, argument)
+
+
+# The torch files `Trainer` loads when it resumes, besides the weights (`rng_state_<rank>.pth` with several processes).
+RESUME_FILE_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def check_resume_files(checkpoint: str | Path) -> None:
+    """Raise a `ValueError` naming the first torch file of `checkpoint` that `Trainer` would load on resume and that
+    is damaged: cut short (not a whole zip archive) or with data that fails its CRC-32 (torch writes one per entry,
+    and `torch.load` does not check it, so a flipped bit would load silently). Reading costs one pass over the
+    files, no unpickling."""
+    checkpoint = Path(checkpoint)
+    for pattern in RESUME_FILE_PATTERNS:
+        for path in sorted(checkpoint.glob(pattern)):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad_entry = archive.testzip()
+                problem = f"entry {bad_entry!r} fails its checksum" if bad_entry is not None else None
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                problem = f"not a whole torch file ({type(error).__name__}: {error})"
+            if problem is not None:
+                raise ValueError(
+                    f"Checkpoint file {str(path)!r} is damaged: {problem}. Delete the checkpoint {str(checkpoint)!r} "
+                    "to resume from the one before it (or `--overwrite_output_dir` to start again)."
+                )
+
+
+# No trained weight comes near this: a larger one is a damaged file (a flipped exponent bit gives values like 1e36).
+ABSURD_WEIGHT = 1e4
+
+
+def check_loaded_weights(model, source: str) -> None:
+    """Raise a `ValueError` naming the first parameter of `model` (loaded from `source`) holding NaN or infinity,
+    and warn about parameters whose largest magnitude exceeds [`ABSURD_WEIGHT`]."""
+    absurd = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.numel() == 0:
+                continue
+            if not torch.isfinite(parameter).all():
+                bad = int((~torch.isfinite(parameter)).sum())
+                raise ValueError(
+                    f"The weights loaded from {source!r} are damaged: `{name}` holds {bad} NaN or infinite values. "
+                    "Download or save the model again, or use an earlier checkpoint."
+                )
+            largest = float(parameter.abs().max())
+            if largest > ABSURD_WEIGHT:
+                absurd.append(f"`{name}` (max |w| {largest:.3g})")
+    if absurd:
+        logger.warning(
+            "The weights loaded from %r look damaged: %d tensor(s) hold values above %g, e.g. %s. A flipped bit in a "
+            "weight file gives such values; download or save the model again if you did not expect them.",
+            source,
+            len(absurd),
+            ABSURD_WEIGHT,
+            ", ".join(absurd[:3]),
+        )
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` is meant as a local path rather than a Hub id (`name` or `namespace/name`): it exists, starts
+    with `.`, `/` or `~`, has more than one `/`, ends in a data file suffix, or is `folder/name` beside an existing
+    `folder` (e.g. `outputs/demoo`)."""
+    path = Path(name).expanduser()
+    return (
+        path.exists()
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or path.suffix in (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".safetensors")
+        or (name.count("/") == 1 and path.parent.is_dir())
+    )
 
 
 def settings_differences(saved: dict, current: dict) -> list[str]:
@@ -160,11 +251,15 @@ def remove_checkpoints(folder: str | Path) -> list[str]:
 
 __all__ = [
     "TRAINING_RECORD",
+    "check_loaded_weights",
+    "check_output_file",
+    "check_resume_files",
     "check_weight_files",
     "check_writable",
     "checkpoints",
     "is_complete",
     "last_complete_checkpoint",
+    "looks_like_local_path",
     "read_training_record",
     "remove_checkpoints",
     "saved_run_settings",

@@ -16,6 +16,8 @@ transformers ties them for that checkpoint, and the saved config says so.
 import dataclasses
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,9 +34,11 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
+from coconut.checkpoints import looks_like_local_path
+from coconut.model_card import save_example_images
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
+from processing_coconut_internvl import LATENT_TOKENS, VIDEO_PLACEHOLDER, CoconutInternVLProcessor
 
 
 logger = logging.get_logger(__name__)
@@ -271,20 +275,75 @@ def load_base_tokenizer(folder: Path):
 
     Original-layout tokenizers have the tokens but do not name them. Naming adds no vocabulary: a token that is
     missing is an error, and nothing else (no `<video>`) is added, so the Coconut tokens come right after the base
-    vocabulary.
+    vocabulary. A `-hf` tokenizer that declares `video_token` (as newer conversions write it) holds `<video>` as an
+    added token after the vocabulary; it is dropped ([`_without_video_token`]), so that a base model gives the same
+    Coconut ids (151674-151676 for InternVL3) whatever its format.
     """
     # `trust_remote_code=False`: AutoTokenizer reads the model config, and an original one names OpenGVLab's code.
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    unnamed = {name: token for name, token in IMAGE_TOKENS.items() if getattr(tokenizer, name, None) is None}
-    if not unnamed:
-        return tokenizer
-    missing = [token for token in unnamed.values() if token not in tokenizer.get_vocab()]
-    if missing:
+    with tempfile.TemporaryDirectory() as scratch:
+        if VIDEO_PLACEHOLDER in tokenizer.get_vocab():
+            folder = _without_video_token(folder, tokenizer, Path(scratch))
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        unnamed = {name: token for name, token in IMAGE_TOKENS.items() if getattr(tokenizer, name, None) is None}
+        if not unnamed:
+            return tokenizer
+        missing = [token for token in unnamed.values() if token not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"The tokenizer in {folder} has no {missing} token(s), which InternVL's image prompts are made of "
+                "(`<img>` + `<IMG_CONTEXT>` per image token + `</img>`); is it an InternVL checkpoint?"
+            )
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, extra_special_tokens=unnamed)
+
+
+# The files a tokenizer is saved in; those present are copied (and edited) when `<video>` is dropped.
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def _without_video_token(folder: Path, tokenizer, scratch: Path) -> Path:
+    """A copy of `folder`'s tokenizer files in `scratch` without the `<video>` token: `<video>` is a placeholder the
+    processor expands into frames of image tokens, never an embedded token, and the original-layout tokenizers have
+    none. Only a `<video>` that is the last id can be dropped without moving other tokens."""
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PLACEHOLDER)
+    if video_id != len(tokenizer) - 1:
         raise ValueError(
-            f"The tokenizer in {folder} has no {missing} token(s), which InternVL's image prompts are made of "
-            "(`<img>` + `<IMG_CONTEXT>` per image token + `</img>`); is it an InternVL checkpoint?"
+            f"The tokenizer in {folder} holds {VIDEO_PLACEHOLDER} at id {video_id}, inside its vocabulary of "
+            f"{len(tokenizer)} tokens, not after it; this layout is not supported (the Coconut ids would differ from "
+            "the original checkpoint's)."
         )
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, extra_special_tokens=unnamed)
+    for name in _TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, scratch / name)
+
+    def edit(name: str, change) -> None:
+        path = scratch / name
+        if path.is_file():
+            path.write_text(json.dumps(change(json.loads(path.read_text())), indent=2, ensure_ascii=False))
+
+    def drop(value):
+        """`value` without `<video>`, in the shapes tokenizer files hold it: a list, a dict, an added-token entry."""
+        if isinstance(value, list):
+            return [drop(item) for item in value if item != VIDEO_PLACEHOLDER and not _is_video_entry(item)]
+        if isinstance(value, dict):
+            return {
+                key: drop(item)
+                for key, item in value.items()
+                if key != "video_token" and item != VIDEO_PLACEHOLDER and not _is_video_entry(item)
+            }
+        return value
+
+    edit("tokenizer.json", lambda data: {**data, "added_tokens": drop(data["added_tokens"])})
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        edit(name, drop)
+    return scratch
+
+
+def _is_video_entry(item) -> bool:
+    return isinstance(item, dict) and item.get("content") == VIDEO_PLACEHOLDER
 
 
 def _from_pretrained(source: Path | None, config: CoconutInternVLConfig, **kwargs):
@@ -418,8 +477,21 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
     """Raise a `ValueError` unless `model_name_or_path` holds a Coconut-InternVL config.
 
     Reads only its `config.json` (no remote code runs, no weights are loaded), so a plain InternVL is refused with
-    what to do before anything else can fail on it.
+    what to do before anything else can fail on it. A name meant as a local path that is no folder is "no such
+    folder", not a Hub look-up.
     """
+    path = Path(model_name_or_path).expanduser()
+    if looks_like_local_path(model_name_or_path) and not path.is_dir():
+        raise ValueError(
+            f"{model_name_or_path!r}: no such folder{' (it is a file)' if path.exists() else ''}. Pass the folder "
+            "convert_to_coconut.py (`--output`) or train_sft.py (`--output_dir`) saved the model in, or a Hub id "
+            "`namespace/name`."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{model_name_or_path!r} has no config.json: pass the folder convert_to_coconut.py (`--output`) or "
+            "train_sft.py (`--output_dir`) saved the model in."
+        )
     config_dict, _ = PreTrainedConfig.get_config_dict(model_name_or_path, revision=revision)
     model_type = config_dict.get("model_type")
     if model_type != CoconutInternVLConfig.model_type:
@@ -431,14 +503,19 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
         )
 
 
-def save_repository(model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard) -> Path:
+def save_repository(
+    model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard, example: dict | None = None
+) -> Path:
     """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
-    config and `README.md` into `output`."""
+    config and `README.md` into `output`, and the images of the card's `example` record (its quick start loads
+    them)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
     model_card.save(output / "README.md")
+    if example is not None:
+        save_example_images(output, example)
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes

@@ -14,9 +14,11 @@ Every loader returns a `datasets.Dataset` with [`RECORD_FEATURES`]:
 Loaders refuse what they cannot read faithfully, with a `ValueError` naming the file (and line) or the record (index
 and id) and the field: a file that is not JSON, a dataset without records, a `column_mapping` naming a missing column,
 a record that is not an object, an `answer` or a step that is not a string, `steps` given as one string, an empty
-step. Validation (run by every loader, or by [`validate_dataset`]) then checks the content: no steps where needed, no
-answer, an answer holding the marker `### `, a missing or unreadable image, more `<image>` placeholders than images,
-or an example longer than `max_length`. `skip_invalid=True` drops such records instead and logs how many.
+step. Validation (run by every loader, or by [`validate_dataset`]) then checks the content: a blank question, no steps
+where needed, no answer, an answer holding the marker `### `, a control-token string in the text ([`CONTROL_STRINGS`]:
+refused, never escaped), a missing or unreadable image, more `<image>` placeholders than images, or an example longer
+than `max_length`. `skip_invalid=True` drops such records instead and logs how many. A single JSON/JSONL file holds one
+split ([`load_split`]); images are read as a viewer shows them ([`to_rgb`]).
 """
 
 import io
@@ -26,13 +28,23 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from urllib.request import urlopen
 
+import numpy as np
 from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
-from transformers.image_utils import load_image
+from PIL import ImageOps
+from transformers.image_transforms import convert_to_rgb
 
+from coconut.checkpoints import looks_like_local_path
 from coconut.curriculum import CurriculumConfig, max_example_length
-from processing_coconut_internvl import ANSWER_MARKER, IMAGE_PLACEHOLDER, user_content
+from processing_coconut_internvl import (
+    ANSWER_MARKER,
+    IMAGE_PLACEHOLDER,
+    LATENT_TOKENS,
+    VIDEO_PLACEHOLDER,
+    user_content,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -52,6 +64,14 @@ RECORD_FIELDS = tuple(RECORD_FEATURES)
 # While records are built and checked, images stay as {"bytes", "path"} dicts: nothing is decoded.
 _STORED_FEATURES = Features({**RECORD_FEATURES, "images": List(Image(decode=False))})
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Strings the tokenizer or the processor reads as control tokens, not text: in a record they would end a turn, open a
+# latent block or stand for an image. Records are refused rather than escaped, so that no text changes silently.
+CONTROL_STRINGS = (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", VIDEO_PLACEHOLDER,
+    *LATENT_TOKENS,
+)  # fmt: skip
+# Pillow modes of 16-bit grey images (a 16-bit PNG opens as `I;16`; older Pillow versions gave `I`).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def records_to_dataset(
@@ -80,7 +100,7 @@ def records_to_dataset(
 
 
 def load_record_images(record: dict, index: int | None = None) -> list[PILImage.Image]:
-    """The images of `record` as RGB `PIL.Image`s (through `transformers.image_utils.load_image`).
+    """The images of `record` as 8-bit RGB `PIL.Image`s, converted by [`to_rgb`].
 
     A path that is not a file is an error naming the record: records point at images that must exist.
     """
@@ -88,7 +108,12 @@ def load_record_images(record: dict, index: int | None = None) -> list[PILImage.
     for image in record.get("images") or []:
         if isinstance(image, dict):  # an undecoded `datasets.Image`: {"bytes", "path"}
             image = PILImage.open(io.BytesIO(image["bytes"])) if image.get("bytes") else image.get("path")
-        if isinstance(image, (str, Path)) and not str(image).startswith(("http://", "https://")):
+        if isinstance(image, Path):
+            image = str(image)
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            with urlopen(image) as response:  # noqa: S310 (records name http(s) URLs only)
+                image = PILImage.open(io.BytesIO(response.read()))
+        elif isinstance(image, str):
             if not Path(image).is_file():
                 name = (
                     f"Record {index} (id {record.get('id')!r})"
@@ -96,12 +121,30 @@ def load_record_images(record: dict, index: int | None = None) -> list[PILImage.
                     else f"Record {record.get('id')!r}"
                 )
                 raise ValueError(
-                    f"{name}: image file {str(image)!r} does not exist. Render or download the dataset's images "
+                    f"{name}: image file {image!r} does not exist. Render or download the dataset's images "
                     "first, or fix the record's `images` paths."
                 )
-            image = str(image)
-        images.append(load_image(image))
+            image = PILImage.open(image)
+        images.append(to_rgb(image))
     return images
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """`image` as the 8-bit RGB image a viewer shows: upright, 16-bit values scaled, transparency on white.
+
+    - The EXIF orientation is applied (as `transformers.image_utils.load_image` does).
+    - 16-bit grey images (Pillow modes `I;16*` and `I`, e.g. a 16-bit PNG) are scaled to 8 bits (value / 257), not
+      clipped: Pillow's own `convert("RGB")` clips every value above 255, which turns such an image almost white.
+    - An image with transparency (RGBA, LA, a palette with a transparent colour) is composited onto white, as
+      `transformers.image_transforms.convert_to_rgb` (the image processors' `do_convert_rgb`) does: Pillow's
+      `convert("RGB")`, which `load_image` uses, drops the alpha channel, so a transparent background (stored as
+      black) turns black.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)  # (H, W), 0 to 65535
+        image = PILImage.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))
+    return PILImage.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 def validate_dataset(
@@ -162,16 +205,15 @@ def validate_dataset(
 
 
 def image_token_counter(processor) -> Callable[[dict], int]:
-    """For the length check: the tokens an InternVL processor puts in place of a stored image (`{"bytes", "path"}`),
-    `<img>` + `image_seq_length` x tiles + `</img>`, with the tile count its image processor gives the image's size
-    (only the image header is read)."""
+    """For the length check: the tokens `processor` puts in place of a stored image (`{"bytes", "path"}`), counted
+    by the processor itself (`_get_num_multimodal_tokens`, with the tiling settings its calls use, e.g. InternVL's
+    `crop_to_patches=True`) from the image's size; only the image header is read."""
 
     def count(image: dict) -> int:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
         with PILImage.open(source) as opened:
             width, height = opened.size
-        tiles = processor.image_processor.get_number_of_image_patches(height, width, {})
-        return 2 + processor.image_seq_length * tiles
+        return processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
 
     return count
 
@@ -481,8 +523,8 @@ def _value(value, limit: int = 40) -> str:
 def _record_problem(
     record, require_steps, check_images, tokenizer, max_length, curriculum, image_token_count
 ) -> str | None:
-    if not record["question"]:
-        return "no question: `question` is empty."
+    if not record["question"] or not record["question"].strip():
+        return "no question: `question` is empty or only whitespace."
     if record["answer"] is None or not record["answer"].strip():
         return "no answer: `answer` is missing or empty."
     if ANSWER_MARKER in record["answer"]:
@@ -492,6 +534,9 @@ def _record_problem(
         )
     if require_steps and not record["steps"]:
         return "no steps: `steps` is empty, and CoT/Coconut training needs reasoning steps."
+    problem = _control_string_problem(record, tokenizer)
+    if problem is not None:
+        return problem
     images = record["images"]
     num_placeholders = record["question"].count(IMAGE_PLACEHOLDER)
     if num_placeholders > len(images):
@@ -515,6 +560,27 @@ def _record_problem(
             return (
                 f"too long: its longest curriculum example has up to {length} tokens, more than "
                 f"max_length={max_length}."
+            )
+    return None
+
+
+def _control_string_problem(record: dict, tokenizer) -> str | None:
+    """The first text field holding a control string ([`CONTROL_STRINGS`], `<image>` outside the question, and with a
+    tokenizer its special tokens), or `None`."""
+    controls = set(CONTROL_STRINGS)
+    if tokenizer is not None:
+        controls |= {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    fields = [("question", record["question"]), ("answer", record["answer"])]
+    for name in ("steps", "choices", "direct_answers"):
+        fields += [(f"{name}[{position}]", text) for position, text in enumerate(record[name] or [])]
+    for name, text in fields:
+        allowed = {IMAGE_PLACEHOLDER} if name == "question" else set()
+        found = sorted(token for token in (controls | {IMAGE_PLACEHOLDER}) - allowed if token in text)
+        if found:
+            return (
+                f"control token in text: `{name}` holds {found[0]!r}, which the tokenizer or processor reads as a "
+                "control token (ending a turn, opening a latent block or standing for an image), not as text. "
+                "Remove or rewrite it."
             )
     return None
 
@@ -544,18 +610,21 @@ def _undecode_images(dataset: Dataset) -> Dataset:
     return dataset
 
 
-__all__ = [
-    "RECORD_FEATURES",
-    "RECORD_FIELDS",
-    "aokvqa_to_record",
-    "image_token_counter",
-    "load_aokvqa",
-    "load_coconut_json",
-    "load_record_images",
-    "load_records",
-    "records_to_dataset",
-    "validate_dataset",
-]
+# Split names as they end data file names (`prosqa_valid.json`), each with the split it means.
+_SPLIT_WORDS = {
+    "train": "train", "training": "train", "valid": "validation", "validation": "validation", "val": "validation",
+    "dev": "validation", "eval": "validation", "test": "test", "testing": "test",
+}  # fmt: skip
+
+
+def _split_words(name: str) -> set[str]:
+    """The splits named by the words of a file stem or split name (`prosqa_valid_slice` -> `{"validation"}`)."""
+    return {_SPLIT_WORDS[word] for word in re.split(r"[_\-.\s]+", name.lower()) if word in _SPLIT_WORDS}
+
+
+def is_single_file(dataset: str) -> bool:
+    """Whether `dataset` names one local JSON/JSONL file, which holds a single split."""
+    return Path(dataset).suffix in (".json", ".jsonl")
 
 
 def load_split(
@@ -566,9 +635,13 @@ def load_split(
     Args:
         dataset (`str`): a folder of Coconut JSON files `<name>_<split>.json`, a Coconut JSON file, a Hub id of
             A-OKVQA (its own loader), or any local JSON/JSONL file or Hub dataset (the generic loader).
-        split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`.
+        split (`str`): the split; in a folder, the one file whose name ends in `<split>.json`. A single file holds
+            one split: one whose name names another split (`train.json` for `split="test"`) is an error.
         aokvqa_target (`str`): `"multiple_choice"` or `"direct"`, for A-OKVQA.
         skip_invalid (`bool`): drop invalid records (and log how many) instead of raising.
+
+    A name meant as a local path (see [`coconut.checkpoints.looks_like_local_path`]) that does not exist is an
+    error saying so, not a Hub look-up.
     """
     path = Path(dataset)
     if path.is_dir():
@@ -580,8 +653,59 @@ def load_split(
                 "pass a split that names exactly one, or the file itself."
             )
         return load_coconut_json(matches[0], skip_invalid=skip_invalid)
+    if looks_like_local_path(dataset) and not path.exists():
+        parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
+        raise ValueError(
+            f"`dataset` {dataset!r}: no such file or folder (the nearest existing folder is {str(parent)!r}). Fix the "
+            "path; a Hub dataset id has the form `namespace/name`."
+        )
+    if is_single_file(dataset):
+        named, asked = _split_words(path.stem), _split_words(split)
+        if named and asked and not named & asked:
+            raise ValueError(
+                f"`dataset` {dataset!r} is one file, and its name says it is the {sorted(named)[0]!r} split, not the "
+                f"{split!r} split asked for. Pass the {split} file (or a folder of `<name>_<split>.json` files), or "
+                f"ask for the split this file holds."
+            )
     if path.suffix == ".json" and path.is_file():
         return load_coconut_json(path, skip_invalid=skip_invalid)
     if "a-okvqa" in dataset.lower():
         return load_aokvqa(dataset, split=split, target=aokvqa_target, skip_invalid=skip_invalid)
     return load_records(dataset, split=split, skip_invalid=skip_invalid)
+
+
+def load_train_and_eval_splits(
+    dataset: str, train_split: str, eval_split: str | None, skip_invalid: bool = False
+) -> tuple[Dataset, Dataset | None]:
+    """The training records and the records evaluated after each stage (`None` when `eval_split` is empty).
+
+    A single JSON/JSONL file holds one split: evaluating "its validation split" would score the training records
+    and report training ids as validation, so that is an error asking for a folder of split files or no evaluation.
+    """
+    if eval_split and is_single_file(dataset):
+        raise ValueError(
+            f"`--dataset` {dataset!r} is one file, which holds a single split: evaluating `--eval_split` "
+            f"{eval_split!r} would score the training records and report them as validation. Pass a folder holding "
+            f"`<name>_{train_split}.json` and `<name>_{eval_split}.json`, or `--eval_split ''` to train without "
+            "evaluating after each stage."
+        )
+    validation = load_split(dataset, eval_split, skip_invalid=skip_invalid) if eval_split else None
+    return load_split(dataset, train_split, skip_invalid=skip_invalid), validation
+
+
+__all__ = [
+    "CONTROL_STRINGS",
+    "RECORD_FEATURES",
+    "RECORD_FIELDS",
+    "aokvqa_to_record",
+    "image_token_counter",
+    "load_aokvqa",
+    "load_coconut_json",
+    "load_record_images",
+    "load_records",
+    "load_split",
+    "load_train_and_eval_splits",
+    "records_to_dataset",
+    "to_rgb",
+    "validate_dataset",
+]

@@ -8,16 +8,19 @@ over seeds). Records follow the data layer's schema: `id`, `question`, `steps`, 
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import fmean
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from coconut.curriculum import CurriculumConfig, build_eval_prompt, question_prompt
+from coconut.checkpoints import check_loaded_weights
+from coconut.curriculum import CurriculumConfig, build_eval_prompt, build_training_example, question_prompt
 from coconut.data import load_record_images
 from coconut.metrics import (
     correct_choice_index,
@@ -56,7 +59,14 @@ class CoconutEvalConfig:
         metadata={"help": "A fixed number of `<|latent|>` tokens for every record; overrides `stage`."},
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Generation length limit per record."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Generation length limit per record. Default: the longest target of the records at the stage "
+            "evaluated (the steps left to write, the answer marker, the answer and the end of turn, in tokens) "
+            "x 1.5, so that no reference answer is cut. Generations that end without EOS are counted and warned about."
+        },
+    )
     direct_answer_subset_average: bool = field(
         default=False,
         metadata={
@@ -72,12 +82,42 @@ class CoconutEvalConfig:
     def validate_eval_config(self):
         """Raise a `ValueError` naming the field for a setting that cannot be evaluated."""
         for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}`={getattr(self, name)} must be at least 1.")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"`{name}`={value} must be at least 1"
+                    + (" (leave it out to follow the longest target)." if name == "max_new_tokens" else ".")
+                )
         for name in ("stage", "num_latent_thoughts"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"`{name}`={value} must be 0 or more.")
+
+
+def check_eval_settings(curriculum: CurriculumConfig, config: CoconutEvalConfig) -> None:
+    """Refuse a latent count the method's prompts cannot hold: `cot`, `no_cot` and `no_thought` prompts have no
+    latent block, so `num_latent_thoughts` > 0 would silently evaluate with none."""
+    if config.num_latent_thoughts and not curriculum.uses_markers:
+        raise ValueError(
+            f"`num_latent_thoughts`={config.num_latent_thoughts} with `method`={curriculum.method!r}: its prompts have "
+            "no latent block, so the model would be evaluated with 0 thoughts. Drop `--num_latent_thoughts`, or "
+            "evaluate a model trained with `--method coconut` (or `pause_as_thought`) with that method."
+        )
+
+
+def default_max_new_tokens(records: Sequence[dict], tokenizer, curriculum: CurriculumConfig, stage: int | None) -> int:
+    """The generation budget that follows the split: its longest target (at `stage`; the whole chain of thought when
+    the stage is unknown) in tokens, x 1.5 rounded up, for a model that writes a little more than the reference."""
+    layout = replace(curriculum, uniform_prob=0.0)
+    longest = max(
+        len(
+            tokenizer(
+                build_training_example(record, stage or 0, tokenizer, layout)["completion"], add_special_tokens=False
+            )["input_ids"]
+        )
+        for record in records
+    )
+    return math.ceil(1.5 * longest)
 
 
 def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> dict:
@@ -100,15 +140,29 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     return build_eval_prompt(record, stage, processing_class, curriculum)
 
 
+class Generation(NamedTuple):
+    """One record's generation: its text (up to its end of turn), token count, thoughts, and whether it ended with
+    EOS (`False`: it ran to `max_new_tokens` and may be cut)."""
+
+    text: str
+    generated_tokens: int
+    num_latent_thoughts: int | None
+    ended: bool = True
+
+
 @dataclass
 class Prediction:
-    """One record's generation and its scores; `answer` is the text after the marker (`None` without one)."""
+    """One record's generation and its scores; `answer` is the text after the marker (`None` without one), `target`
+    the reference answer beside it, and `truncated` says the generation ran out of tokens before its EOS (`None` in
+    results saved before it was recorded)."""
 
     id: str
     num_latent_thoughts: int
     generation: str
     answer: str | None
+    target: str | None
     generated_tokens: int
+    truncated: bool | None
     scores: dict[str, float]
 
 
@@ -126,7 +180,7 @@ class StageResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "StageResult":
-        predictions = [Prediction(**prediction) for prediction in data["predictions"]]
+        predictions = [Prediction(**{"target": None, "truncated": None, **p}) for p in data["predictions"]]
         return cls(data["stage"], data["label"], dict(data["metrics"]), predictions)
 
 
@@ -149,7 +203,7 @@ def generate_predictions(
     records: Sequence[dict],
     curriculum: CurriculumConfig,
     config: CoconutEvalConfig,
-) -> tuple[dict[str, tuple[str, int, int]], dict[str, float]]:
+) -> tuple[dict[str, Generation], dict[str, float]]:
     """Greedy generations of `records`, keyed by record id, and the timing of the whole run.
 
     Prompts are sorted by length so each batch pads little; every generation goes back to its record by id.
@@ -163,11 +217,15 @@ def generate_predictions(
         config (`CoconutEvalConfig`): the stage or latent count, batch size and generation length.
 
     Returns:
-        `(generations, timing)`: `{id: (text, generated_tokens, num_latent_thoughts)}` and `{"seconds",
+        `(generations, timing)`: `{id: Generation}` and `{"seconds", "max_new_tokens",
         "samples_per_second", "latency_seconds_per_batch"}` (generation time only, without prompt building).
     """
     ids = _check_ids(records)
+    check_eval_settings(curriculum, config)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(records, tokenizer, curriculum, config.stage)
     prompts = [eval_prompt(processing_class, record, curriculum, config) for record in records]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]["prompt"]))
 
@@ -180,7 +238,7 @@ def generate_predictions(
     generate_kwargs = dict(
         do_sample=False,
         num_beams=1,
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_token_id,
     )
@@ -201,9 +259,11 @@ def generate_predictions(
         for i, tokens in zip(batch, new_tokens, strict=True):
             count = count_generated_tokens(tokens, eos_ids, pad_token_id)
             text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
-            generations[ids[i]] = (text, count, prompts[i]["num_latents"])
+            ended = count > 0 and tokens[count - 1] in eos_ids
+            generations[ids[i]] = Generation(text, count, prompts[i]["num_latents"], ended)
     seconds = sum(batch_seconds)
     timing = {
+        "max_new_tokens": max_new_tokens,
         "seconds": seconds,
         "samples_per_second": len(records) / seconds if seconds > 0 else float("inf"),
         "latency_seconds_per_batch": fmean(batch_seconds),
@@ -213,13 +273,14 @@ def generate_predictions(
 
 def score_generations(
     records: Sequence[dict],
-    generations: dict[str, tuple[str, int, int]],
+    generations: dict[str, Generation | tuple],
     direct_answer_subset_average: bool = False,
 ) -> tuple[dict[str, float], list[Prediction]]:
     """Metrics over `records` from their generations (looked up by id), and the per-record predictions.
 
     Every record gets `accuracy` (exact match after the marker); records with `choices` add `multiple_choice_accuracy`
-    and those with `direct_answers` add `direct_answer_score`, each averaged over the records that have them.
+    and those with `direct_answers` add `direct_answer_score`, each averaged over the records that have them;
+    `num_truncated` counts the generations that ran out of tokens before their EOS.
     """
     ids = _check_ids(records)
     missing = [record_id for record_id in ids if record_id not in generations]
@@ -227,7 +288,7 @@ def score_generations(
         raise ValueError(f"{len(missing)} records have no generation, e.g. id {missing[0]!r}.")
     predictions, per_metric = [], {"accuracy": [], "multiple_choice_accuracy": [], "direct_answer_score": []}
     for record_id, record in zip(ids, records, strict=True):
-        text, count, k = generations[record_id]
+        text, count, k, ended = Generation(*generations[record_id])
         answer = extract_answer(text)
         scores = {"accuracy": exact_match(answer, record["answer"])}
         if record.get("choices"):
@@ -239,7 +300,7 @@ def score_generations(
             )
         for name, value in scores.items():
             per_metric[name].append(value)
-        predictions.append(Prediction(record_id, k, text, answer, count, scores))
+        predictions.append(Prediction(record_id, k, text, answer, record["answer"], count, not ended, scores))
     metrics = {name: fmean(values) for name, values in per_metric.items() if values}
     metrics["mean_generated_tokens"] = fmean([prediction.generated_tokens for prediction in predictions])
     thoughts = [
@@ -247,6 +308,7 @@ def score_generations(
     ]
     if thoughts:
         metrics["max_latent_thoughts"] = max(thoughts)
+    metrics["num_truncated"] = sum(prediction.truncated for prediction in predictions)
     metrics["num_samples"] = len(predictions)
     return metrics, predictions
 
@@ -281,6 +343,16 @@ def evaluate_stage(
     metrics, predictions = score_generations(records, generations, config.direct_answer_subset_average)
     metrics.update(timing)
     logger.info("Evaluation %s stage %s: %s", label, config.stage, json.dumps(metrics))
+    if metrics["num_truncated"]:
+        logger.warning(
+            "%d of %d generations%s ran to max_new_tokens=%d without ending (no EOS): their answers may be cut off "
+            "and score 0. Raise max_new_tokens (`--max_new_tokens`, `--eval_max_new_tokens`), or leave it out to "
+            "follow the longest target.",
+            metrics["num_truncated"],
+            metrics["num_samples"],
+            f" ({label})" if label else "",
+            metrics["max_new_tokens"],
+        )
     return StageResult(config.stage, label, metrics, predictions)
 
 
@@ -317,6 +389,9 @@ class EvalResults:
         optional = [name for name in ("multiple_choice_accuracy", "direct_answer_score") if self._any(name)]
         header = ["Model" if self._labelled() else "Stage", "Accuracy", *_metric_titles(optional)]
         header += ["Generated tokens", "Thoughts (max)", "Samples/s", "Samples"]
+        truncated = any(r.metrics.get("num_truncated") for r in self.results)
+        if truncated:
+            header.append("Cut at max tokens")
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in self.results:
             m = r.metrics
@@ -324,6 +399,8 @@ class EvalResults:
             cells += [f"{100 * m[name]:.1f}" if name in m else "-" for name in optional]
             cells += [f"{m['mean_generated_tokens']:.1f}", str(m.get("max_latent_thoughts", "-"))]
             cells += [f"{m['samples_per_second']:.2f}", str(m["num_samples"])]
+            if truncated:
+                cells.append(str(m.get("num_truncated", "-")))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -404,10 +481,12 @@ def write_table_into_card(card_path: str | Path, table: str, heading: str = "## 
 
 
 def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.dtype = "auto", device=None):
-    """`AutoModelForImageTextToText` and `AutoProcessor` (or the tokenizer, for text-only repositories), remote code on."""
+    """`AutoModelForImageTextToText` and `AutoProcessor` (or the tokenizer, for text-only repositories), remote code on;
+    weights holding NaN or infinity are refused, absurdly large ones warned about ([`check_loaded_weights`])."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, trust_remote_code=True, dtype=torch_dtype)
+    check_loaded_weights(model, model_name_or_path)  # NaN or absurd values: a damaged file that still loads
     processing_class = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
     if device is not None:
         model.to(device)
@@ -417,8 +496,11 @@ def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.d
 __all__ = [
     "CoconutEvalConfig",
     "EvalResults",
+    "Generation",
     "Prediction",
     "StageResult",
+    "check_eval_settings",
+    "default_max_new_tokens",
     "evaluate_stage",
     "generate_predictions",
     "eval_prompt",

@@ -41,23 +41,33 @@ def normalize_answer(text: str | None) -> str:
 
     The same rules as SQuAD's and VQA's evaluations (NFKC, lower case, punctuation removed, articles `a an the`
     removed, `two` -> `2`), except that a decimal point and a thousands separator inside a number are kept apart from
-    punctuation: `"3.5"` stays `"3.5"` (not `"35"`) and `"1,000"` becomes `"1000"`. `None` normalises to `""`.
+    punctuation: `"3.5"` stays `"3.5"` (not `"35"`) and `"1,000"` becomes `"1000"`.
+
+    A rule never empties a text that has something in it: an answer that is only articles (the option letter `"A"`,
+    `"The"`) keeps its words, and one that is only punctuation (`"?"`, `"..."`) keeps its characters. Otherwise an
+    empty generation would match the letter answers of a multiple-choice set. `None` and blank text normalise to `""`.
     """
     if text is None:
         return ""
     text = unicodedata.normalize("NFKC", text).lower()
     text = _THOUSANDS_SEPARATOR.sub("", text)
     text = _DECIMAL_POINT.sub("\0", text)  # protect "3.5" from the punctuation pass
-    text = _PUNCTUATION.sub(" ", text).replace("\0", ".")
-    words = [_NUMBER_WORDS.get(word, word) for word in text.split() if word not in _ARTICLES]
-    return " ".join(words)
+    words = _PUNCTUATION.sub(" ", text).replace("\0", ".").split()
+    if not words:  # only punctuation (or blank): the characters are the answer
+        return " ".join(text.replace("\0", ".").split())
+    kept = [word for word in words if word not in _ARTICLES] or words  # only articles: the words are the answer
+    return " ".join(_NUMBER_WORDS.get(word, word) for word in kept)
 
 
 def exact_match(prediction: str | None, answer: str) -> float:
-    """1.0 when the normalised prediction equals the normalised reference answer, else 0.0; `None` scores 0."""
-    if prediction is None:
+    """1.0 when the normalised prediction equals the normalised reference answer, else 0.0.
+
+    `None` and a prediction that normalises to `""` (empty or blank) score 0, whatever the reference.
+    """
+    normalized = normalize_answer(prediction)
+    if not normalized:
         return 0.0
-    return float(normalize_answer(prediction) == normalize_answer(answer))
+    return float(normalized == normalize_answer(answer))
 
 
 def parse_choice(prediction: str | None, choices: Sequence[str]) -> int | None:
@@ -71,10 +81,10 @@ def parse_choice(prediction: str | None, choices: Sequence[str]) -> int | None:
         prediction (`str`, *optional*): the answer text (after the marker).
         choices (`Sequence[str]`): the options, in the order the question lists them.
     """
-    if prediction is None:
+    normalized = normalize_answer(prediction)
+    if not normalized:
         return None
     normalized_choices = [normalize_answer(choice) for choice in choices]
-    normalized = normalize_answer(prediction)
     if normalized in normalized_choices:
         return normalized_choices.index(normalized)
     letter = _LETTER_OPTION.match(prediction.strip().lower())
@@ -122,9 +132,9 @@ def direct_answer_score(prediction: str | None, direct_answers: Sequence[str], s
     """
     if not direct_answers:
         raise ValueError("`direct_answers` is empty: the direct-answer score needs the annotators' answers.")
-    if prediction is None:
-        return 0.0
     normalized = normalize_answer(prediction)
+    if not normalized:
+        return 0.0
     matches = [normalize_answer(answer) == normalized for answer in direct_answers]
     if not subset_average:
         return min(sum(matches) / 3, 1.0)

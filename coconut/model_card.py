@@ -1,7 +1,12 @@
-"""The `README.md` of a saved Coconut-InternVL repository, as a `huggingface_hub.ModelCard`: YAML metadata, quick start,
-training, evaluation table, limitations, citations."""
+"""The `README.md` of a saved Coconut-InternVL repository, as a `huggingface_hub.ModelCard`: YAML metadata (with the
+results as `model-index`, which the Hub shows), a quick start on the task's own kind of input, training, evaluation
+table, limitations, citations."""
 
-from huggingface_hub import ModelCard, ModelCardData
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from coconut.data import load_record_images
 
 
 TAGS = ["coconut", "latent-reasoning", "internvl"]
@@ -13,7 +18,7 @@ TEMPLATE = """---
 
 # {{ model_name }}
 
-[InternVL](https://huggingface.co/{{ base_model }}) with Coconut latent reasoning (Chain of Continuous Thought, Hao et al.
+{% if base_model %}[InternVL](https://huggingface.co/{{ base_model }}){% else %}An InternVL-shaped model trained from scratch{% endif %} with Coconut latent reasoning (Chain of Continuous Thought, Hao et al.
 2024): between `<|start-latent|>` and `<|end-latent|>`, the input embedding of each `<|latent|>` token is the model's own
 last hidden state at the position before it, so the model reasons in continuous space instead of writing every step.
 The answer follows the marker `### `.
@@ -25,16 +30,30 @@ repository (`trust_remote_code=True`).
 
 ```python
 import torch
+{%- if not example_text_only %}
 from PIL import Image
+{%- endif %}
 from transformers import AutoModel, AutoProcessor
+{%- if example_images %}
+from transformers.utils import cached_file
+{%- endif %}
 
 repo = "{{ repo_id }}"
 model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
-
-image = Image.new("RGB", (448, 448), "white")  # your image here
-prompt = processor.build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts={{ num_latent_thoughts }})
-inputs = processor(images=[image], text=prompt, return_tensors="pt")
+{% if example_images %}
+# A question of the training task, with its image(s), saved in the repository
+images = [Image.open(cached_file(repo, name)) for name in {{ example_images }}]
+question = {{ question }}
+{%- elif example_text_only %}
+question = {{ question }}  # a question of the training task (text only)
+images = []
+{%- else %}
+images = [Image.new("RGB", (448, 448), "white")]  # your image here
+question = {{ question }}
+{%- endif %}
+prompt = processor.build_prompt(question, num_images=len(images), num_latent_thoughts={{ num_latent_thoughts }})
+inputs = processor(images=images or None, text=prompt, return_tensors="pt")
 with torch.no_grad():
     output_ids = model.generate(**inputs, max_new_tokens=64, do_sample=False)
 completion = processor.decode(output_ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
@@ -87,29 +106,39 @@ CONVERTED_ONLY = (
 
 def build_model_card(
     repo_id: str,
-    base_model: str,
+    base_model: str | None,
     license: str,
     datasets: list[str] | None = None,
     num_latent_thoughts: int = 0,
     training: str = "",
     evaluation: list[dict] | None = None,
+    eval_results: list[EvalResult] | None = None,
+    example: dict | None = None,
 ) -> ModelCard:
     """The card of one repository; `card.save(folder / "README.md")` writes it.
 
     Args:
         repo_id (`str`): the Hub id (or local path) the quick start loads.
-        base_model (`str`): the InternVL checkpoint it came from (Hub id), for the metadata and the links.
+        base_model (`str`, *optional*): the InternVL checkpoint it came from (Hub id), for the metadata and the links;
+            `None` for a model trained from scratch (the metadata then has no `base_model`).
         license (`str`): the licence identifier, e.g. `"mit"` (`coconut.convert.base_model_license` reads the base's).
         datasets (`list[str]`, *optional*): datasets for the metadata.
         num_latent_thoughts (`int`): the thoughts the quick start asks for (the trained setting).
         training (`str`): how the model was trained; a converted, untrained model says so when left empty.
         evaluation (`list[dict]`, *optional*): one dict per table row, the same keys in each, e.g.
             `[{"dataset": "ProsQA test", "thoughts": 6, "accuracy": 0.97}]`.
+        eval_results (`list[EvalResult]`, *optional*): the results for the `model-index` metadata (see
+            [`accuracy_results`]).
+        example (`dict`, *optional*): a record of the training task; the quick start asks its question, with its
+            images (saved beside the card by [`save_example_images`]) or none for a text-only record. Without it,
+            the quick start asks about a blank image.
     """
     if not repo_id:
         raise ValueError("`repo_id` is empty: give the Hub id (or local path) the quick start should load.")
     if num_latent_thoughts < 0:
         raise ValueError(f"`num_latent_thoughts`={num_latent_thoughts} must be 0 or more.")
+    if not training and not base_model:
+        raise ValueError("A card without `training` describes a converted model: give its `base_model`.")
     evaluation = evaluation or []
     columns = {tuple(row) for row in evaluation}
     if len(columns) > 1:
@@ -117,11 +146,15 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        base_model=base_model,
+        base_model=base_model or None,
         license=license,
         tags=TAGS,
         datasets=datasets or None,
+        model_name=repo_id.split("/")[-1] if eval_results else None,
+        eval_results=eval_results or None,
     )
+    images = example_image_names(example) if example is not None else []
+    question = example["question"] if example is not None else "What is shown in the image?"
     return ModelCard.from_template(
         card_data,
         template_str=TEMPLATE,
@@ -131,7 +164,46 @@ def build_model_card(
         num_latent_thoughts=num_latent_thoughts,
         training=training or CONVERTED_ONLY.format(base_model=base_model),
         evaluation_table=_markdown_table(evaluation) if evaluation else "",
+        example_images=images,
+        example_text_only=example is not None and not images,
+        question=repr(question),
     )
+
+
+def accuracy_results(dataset: str, results: list[tuple[str, float]]) -> list[EvalResult]:
+    """`model-index` entries of exact-match accuracies: `results` holds `(split, accuracy)` pairs (0 to 1)."""
+    return [
+        EvalResult(
+            task_type="image-text-to-text",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type="accuracy",
+            metric_name="Exact-match accuracy",
+            metric_value=round(accuracy, 4),
+        )
+        for split, accuracy in results
+    ]
+
+
+def run_results(dataset: str, validation_split: str, stage_results: list, test=None) -> list[EvalResult]:
+    """`model-index` entries of a training run: the last evaluation after a stage (the saved model's) on
+    `validation_split`, and the held-out `test` result if there is one (both [`coconut.evaluation.StageResult`])."""
+    pairs = [(validation_split, stage_results[-1].metrics["accuracy"])] if stage_results else []
+    if test is not None:
+        pairs.append(("test", test.metrics["accuracy"]))
+    return accuracy_results(dataset, pairs)
+
+
+def example_image_names(record: dict) -> list[str]:
+    """The file names the images of the quick start's example record have in the repository."""
+    return [f"example_{index}.png" for index in range(len(record.get("images") or []))]
+
+
+def save_example_images(folder: str | Path, record: dict) -> None:
+    """Save the images of the quick start's example record into the repository `folder`."""
+    for image, name in zip(load_record_images(record), example_image_names(record), strict=True):
+        image.save(Path(folder) / name)
 
 
 def _markdown_table(rows: list[dict]) -> str:
@@ -143,4 +215,4 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["build_model_card"]
+__all__ = ["accuracy_results", "build_model_card", "example_image_names", "run_results", "save_example_images"]

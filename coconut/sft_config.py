@@ -35,9 +35,10 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             Curriculum epochs spent in each stage.
         reset_optimizer (`bool`, *optional*, defaults to `True`):
             Start every stage with a fresh optimizer state and learning-rate schedule.
-        eval_max_new_tokens (`int`, *optional*, defaults to `64`):
+        eval_max_new_tokens (`int`, *optional*):
             Tokens generated per validation question in the greedy exact-match evaluation after each stage
-            ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`).
+            ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`). Default: the longest
+            target of the validation records at that stage x 1.5 ([`coconut.evaluation.default_max_new_tokens`]).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Train from scratch into an `output_dir` that holds checkpoints or a trained model: its `checkpoint-*`
             folders are deleted first. Without it a run resumes from the last complete checkpoint, and refuses to
@@ -59,9 +60,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         default=True,
         metadata={"help": "Start every stage with a fresh optimizer state and learning-rate schedule."},
     )
-    eval_max_new_tokens: int = field(
-        default=64,
-        metadata={"help": "Tokens generated per validation question in the evaluation after each stage."},
+    eval_max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens generated per validation question in the evaluation after each stage. Default: the "
+            "longest target of the validation records at that stage x 1.5."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -136,6 +140,13 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
                 f"`start_stage`={self.start_stage}: method {self.method!r} has no stages (its examples never change); "
                 "leave `start_stage` at 0."
             )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "eval_max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"`{name}`={value} must be at least 1"
+                    + ("; leave it out to follow the longest target." if name == "eval_max_new_tokens" else ".")
+                )
         if self.train_sampling_strategy != "sequential":
             raise ValueError(
                 f"`train_sampling_strategy`={self.train_sampling_strategy!r}: the trainer orders the data itself "

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from coconut.checkpoints import (
     TRAINING_RECORD,
+    check_resume_files,
     check_weight_files,
     is_complete,
     last_complete_checkpoint,
@@ -261,6 +262,11 @@ class CoconutSFTTrainer(SFTTrainer):
         self.sync_latent_passes = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self.stage_lr_scheduler = None
 
+    def _send_telemetry(self):
+        """TRL's trainers ping the Hub when built (trainer class, model type, data source, device; unless
+        `HF_HUB_DISABLE_TELEMETRY=1` or `HF_HUB_OFFLINE=1`). This trainer does not: a training run talks to the Hub
+        only when asked to (a Hub model or dataset, `--push_to_hub`)."""
+
     @property
     def run_record(self) -> RunRecord:
         # Looked up each time: `restore_callback_states_from_checkpoint` replaces the callback by a new instance.
@@ -352,6 +358,7 @@ class CoconutSFTTrainer(SFTTrainer):
                     "Pass `--resume_with_fresh_optimizer` to accept that, or resume from a checkpoint that has them."
                 )
         check_weight_files(checkpoint)
+        check_resume_files(checkpoint)
         saved = saved_run_settings(checkpoint, RunRecord.__name__)
         self.refuse_other_settings(saved, f"Checkpoint {str(checkpoint)!r}")
 

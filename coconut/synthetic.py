@@ -28,7 +28,9 @@ path step by step needs the search done before the first step, while a continuou
 """
 
 import hashlib
+import os
 import random
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,25 @@ class SyntheticTaskConfig:
                 "leave a share for training (their sum below 1)."
             )
 
+    def check_split_fits(self, split: str, num_records: int | None = None) -> None:
+        """Raise a `ValueError` when `num_records` (default: the split's size) distinct validation or test questions
+        cannot be drawn from the split's share of the question space (more than 90 % of it: drawing would stall)."""
+        num_records = self.split_size(split) if num_records is None else num_records
+        available = self.num_questions * self.share(split)
+        if split != "train" and num_records > 0.9 * available:
+            raise ValueError(
+                f"{num_records} distinct {split} questions (`{split}_size`, `--synthetic_{split}_size` in "
+                f"train_sft.py) do not fit in the {split} share of the question space: {self.num_questions} "
+                f"questions ({self.grid_size} x {self.grid_size} board, {self.min_hops} to {self.max_hops} arrows) x "
+                f"`{split}_share`={self.share(split)} is about {available:.0f}. Ask for at most "
+                f"{int(0.9 * available)}, raise `{split}_share`, or use a larger board or more arrows."
+            )
+
+    def check_split_sizes(self) -> None:
+        """[`check_split_fits`] for every split, before any is drawn (the test split is drawn after training)."""
+        for split in SPLITS:
+            self.check_split_fits(split)
+
     def split_size(self, split: str) -> int:
         if split not in SPLITS:
             raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
@@ -113,6 +134,18 @@ class SyntheticTaskConfig:
         if split == "train":
             return 1.0 - self.validation_share - self.test_share
         return getattr(self, f"{split}_share")
+
+    @property
+    def folder_name(self) -> str:
+        """The folder of this task's images under a rendering directory: every setting that changes a board or its
+        image is in the name (split sizes are not: the first n records of a split do not depend on its size)."""
+        name = (
+            f"{self.variant}_{self.grid_size}x{self.grid_size}_{self.min_hops}-{self.max_hops}hops_"
+            f"{self.image_size}px_seed{self.seed}"
+        )
+        if (self.validation_share, self.test_share) != (0.1, 0.3):
+            name += f"_shares{self.validation_share:g}-{self.test_share:g}"
+        return name
 
     @property
     def num_questions(self) -> int:
@@ -222,14 +255,7 @@ def generate_puzzles(split: str, config: SyntheticTaskConfig, num_records: int |
     on how many are asked for.
     """
     num_records = config.split_size(split) if num_records is None else num_records
-    available = config.num_questions * config.share(split)
-    if split != "train" and num_records > 0.9 * available:
-        raise ValueError(
-            f"{num_records} distinct {split} questions do not fit in the {split} share of the question space: "
-            f"{config.num_questions} questions ({config.grid_size} x {config.grid_size} board, {config.min_hops} to "
-            f"{config.max_hops} arrows) x `{split}_share`={config.share(split)} is about {available:.0f}. Ask for "
-            f"fewer, raise `{split}_share`, or use a larger board or more arrows."
-        )
+    config.check_split_fits(split, num_records)
     rng = random.Random(f"arrow-chase-{config.seed}-{split}")
     puzzles, seen = [], set()
     max_draws = 10_000 + int(50 * num_records / config.share(split))
@@ -304,7 +330,12 @@ def question_text(start: tuple[int, int], hops: int, targets=()) -> str:
 def build_synthetic_split(
     output_dir: str | Path, split: str, config: SyntheticTaskConfig | None = None, num_records: int | None = None
 ) -> Dataset:
-    """Render `split` into `output_dir/<split>/` (PNG per record, overwritten) and return its records.
+    """Render `split` into `output_dir/<config.folder_name>/<split>/` (a PNG per record) and return its records.
+
+    Runs with different task settings (a seed sweep, another board) may share `output_dir`: each task renders into
+    its own folder, so no run rewrites another's images (records read them lazily, when a batch is built). Runs with
+    the same settings write the same bytes, each file through a temporary file renamed into place, so a reader never
+    sees a half-written one.
 
     Args:
         output_dir (`str` or `Path`): where images go, e.g. `outputs/data/arrow_chase`; created if needed.
@@ -314,13 +345,15 @@ def build_synthetic_split(
             (the same puzzles as the full split's first ones).
     """
     config = config or SyntheticTaskConfig()
-    folder = Path(output_dir) / split
+    folder = Path(output_dir) / config.folder_name / split
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for index, puzzle in enumerate(generate_puzzles(split, config, num_records)):
         record_id = f"{split}-{index:05d}"
         path = folder / f"{record_id}.png"
-        render_board(puzzle.board, config.image_size).save(path)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{record_id}-", suffix=".png", delete=False) as file:
+            render_board(puzzle.board, config.image_size).save(file, format="PNG")
+        os.replace(file.name, path)
         records.append(puzzle_record(puzzle, record_id, str(path)))
     # Images were just written; checking them again would only re-read them.
     return validate_dataset(records_to_dataset(records), check_images=False)

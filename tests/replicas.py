@@ -181,6 +181,7 @@ HF_IMAGE_TOKEN_NAMES = {
     "end_image_token": "</img>",
     "context_image_token": "<IMG_CONTEXT>",
 }
+VIDEO_TOKEN = "<video>"
 # Reduced width and depth (the vocabulary stays real): 56 px tiles of 4 x 4 patches, 4 tokens per tile.
 REPLICA_IMAGE_SIZE, REPLICA_TOKENS_PER_TILE = 56, 4
 _REDUCED_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=56)
@@ -320,7 +321,12 @@ def write_original_replica(folder: Path, seed: int = 0) -> dict[str, torch.Tenso
 
 
 def write_hf_replica(
-    folder: Path, text_model_type: str = "qwen2", tie_word_embeddings: bool = False, write_tie_key: bool = True, seed=1
+    folder: Path,
+    text_model_type: str = "qwen2",
+    tie_word_embeddings: bool = False,
+    write_tie_key: bool = True,
+    video_token: bool = False,
+    seed=1,
 ) -> InternVLForConditionalGeneration:
     """The `-hf` form of the replica, written by transformers: a native `InternVLForConditionalGeneration` with the
     official conversion's config values at the reduced size, saved with `save_pretrained` (which writes the legacy
@@ -328,10 +334,14 @@ def write_hf_replica(
     them. Returns the model, whose logits are the ground truth.
 
     `text_model_type="qwen3"` gives the InternVL3.5 kind of text model. `write_tie_key=False` removes the top-level
-    `tie_word_embeddings` from config.json, as transformers 4.x wrote InternVL configs.
+    `tie_word_embeddings` from config.json, as transformers 4.x wrote InternVL configs. `video_token=True` declares
+    `video_token: <video>` as well, as newer conversions name it: the tokenizer then adds `<video>` after the
+    vocabulary (id 151674, a row the model's embeddings do not have, since the processor expands `<video>` in the
+    text and the model never sees it).
     """
     write_replica_tokenizer(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=HF_IMAGE_TOKEN_NAMES)
+    names = {**HF_IMAGE_TOKEN_NAMES, **({"video_token": VIDEO_TOKEN} if video_token else {})}
+    tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens=names)
     tokenizer.chat_template = OFFICIAL_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     text_config = dict(

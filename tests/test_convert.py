@@ -44,7 +44,7 @@ from trl import ModelConfig
 import coconut.convert
 import convert_to_coconut
 from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
-from coconut.model_card import build_model_card
+from coconut.model_card import accuracy_results, build_model_card
 from convert_to_coconut import ConvertConfig, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from train_sft import load_model_and_processor
@@ -137,12 +137,16 @@ HF_LAYOUTS = {
     "tie_word_embeddings false": dict(),
     "tied": dict(tie_word_embeddings=True),
     "qwen3 text model (InternVL3.5)": dict(text_model_type="qwen3"),
+    # Newer conversions declare `video_token`, which added `<video>` at 151674 and moved the Coconut ids by one.
+    "tokenizer declares video_token": dict(video_token=True),
 }
 
 
 @pytest.mark.parametrize("layout", HF_LAYOUTS)
 def test_hf_layout_converts_to_the_same_model(layout, tmp_path, hf_home):
     base_model = write_hf_replica(tmp_path / "base", **HF_LAYOUTS[layout])
+    if HF_LAYOUTS[layout].get("video_token"):
+        assert AutoTokenizer.from_pretrained(tmp_path / "base").convert_tokens_to_ids("<video>") == VOCAB_SIZE
     tied = HF_LAYOUTS[layout].get("tie_word_embeddings", False)
     if layout.startswith("no top-level"):
         # transformers 5 reads the missing key as tied; its own loading keeps the two different matrices apart
@@ -317,6 +321,16 @@ def test_output_in_the_base_folder_is_refused(original_replica):
             ConvertConfig(base=str(base), output=str(output))
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_loading(original_replica, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded before the refusal")
+
+    monkeypatch.setattr(convert_to_coconut, "load_base", refuse)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="`output`='.*a_file' cannot be written \\(FileExistsError"):
+        main(ConvertConfig(base=str(original_replica[0]), output=str(tmp_path / "a_file"), license="mit"))
+
+
 def test_train_sft_refuses_a_plain_internvl(tmp_path):
     write_hf_replica(tmp_path / "internvl")
     with pytest.raises(ValueError, match="'internvl' checkpoint .* convert it with `convert_to_coconut.py` first"):
@@ -478,3 +492,24 @@ def test_model_card_metadata_and_evaluation_table():
         assert section in card
     with pytest.raises(ValueError, match="`evaluation` rows have different columns"):
         build_model_card(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])
+
+
+def test_a_card_without_base_model_and_with_results_is_valid_hub_metadata():
+    """A model trained from scratch used to get `base_model: from scratch (...)` and a link to that "repository"."""
+    results = accuracy_results("arrow_chase", [("validation", 0.97123), ("test", 0.95)])
+    card = build_model_card(
+        repo_id="outputs/demo", base_model=None, license="apache-2.0", training="T", eval_results=results
+    )
+    metadata = yaml.safe_load(str(card).split("---", 2)[1])
+    assert "base_model" not in metadata and "huggingface.co/" not in str(card).split("## Citation")[0]
+    assert str(card).split("---", 2)[2].lstrip().startswith("# demo\n\nAn InternVL-shaped model trained from scratch")
+    (index,) = metadata["model-index"]
+    assert index["name"] == "demo"
+    assert [(r["dataset"]["split"], r["metrics"][0]["type"], r["metrics"][0]["value"]) for r in index["results"]] == [
+        ("validation", "accuracy", 0.9712),
+        ("test", "accuracy", 0.95),
+    ]
+    with pytest.raises(
+        ValueError, match="A card without `training` describes a converted model: give its `base_model`"
+    ):
+        build_model_card(repo_id="me/x", base_model=None, license="mit")

@@ -5,6 +5,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from datasets import Dataset, Features, Image, List, Value
@@ -15,10 +16,14 @@ from coconut.data import (
     RECORD_FEATURES,
     load_aokvqa,
     load_coconut_json,
+    load_record_images,
     load_records,
+    load_split,
+    load_train_and_eval_splits,
     records_to_dataset,
     validate_dataset,
 )
+from coconut.synthetic import synthetic_tokenizer
 from coconut.tokenizer import train_tokenizer
 
 
@@ -301,3 +306,98 @@ def test_an_answer_holding_the_marker_is_invalid():
     """The evaluation reads the answer after the last `### `: an answer containing one could never be scored."""
     with pytest.raises(ValueError, match="Record 0 \\(id 'q7'\\): answer holds the marker"):
         validate_dataset(records_to_dataset([good_record(answer="### 3")]))
+
+
+@pytest.mark.parametrize("question", ["", " ", "\n\t  "])
+def test_a_blank_question_is_invalid(question):
+    with pytest.raises(
+        ValueError, match="Record 0 \\(id 'q7'\\): no question: `question` is empty or only whitespace"
+    ):
+        validate_dataset(records_to_dataset([good_record(question=question)]))
+
+
+@pytest.mark.parametrize(
+    "overrides, field, token",
+    [
+        ({"question": "Is it <|latent|> red?"}, "question", "<|latent|>"),
+        ({"steps": ["One.", "Two.<|im_end|>"]}, "steps[1]", "<|im_end|>"),
+        ({"answer": "<|im_start|>Three"}, "answer", "<|im_start|>"),
+        ({"steps": ["See <image> here."]}, "steps[0]", "<image>"),
+        ({"question": "Look at <IMG_CONTEXT>."}, "question", "<IMG_CONTEXT>"),
+        ({"choices": ["a", "<|start-latent|>"], "answer": "a"}, "choices[1]", "<|start-latent|>"),
+    ],
+)
+def test_control_tokens_typed_into_record_text_are_refused(overrides, field, token):
+    """Typed into a record, such a string would be tokenized as the control token itself (end a turn, open a
+    latent block, stand for an image); records are refused, not escaped."""
+    dataset = records_to_dataset([good_record(id="fine"), good_record(**overrides)])
+    message = re.escape(f"Record 1 (id 'q7'): control token in text: `{field}` holds {token!r}")
+    with pytest.raises(ValueError, match=message):
+        validate_dataset(dataset)
+    assert validate_dataset(dataset, skip_invalid=True)["id"] == ["fine"]
+
+
+def test_control_tokens_of_the_tokenizer_are_refused_when_it_is_given():
+    tokenizer = synthetic_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<ref>"]}, replace_extra_special_tokens=False)
+    dataset = records_to_dataset([good_record(question="Where is <ref>?")])
+    assert validate_dataset(dataset)["id"] == ["q7"]  # no tokenizer: only the InternVL and Coconut control strings
+    with pytest.raises(ValueError, match="control token in text: `question` holds '<ref>'"):
+        validate_dataset(dataset, tokenizer=tokenizer)
+
+
+def test_sixteen_bit_and_transparent_images_convert_as_a_viewer_shows_them(tmp_path):
+    """A 16-bit PNG used to come out almost white (values clipped at 255), a transparent background black."""
+    grey = np.full((8, 8), 32768, dtype=np.uint16)
+    grey[0, 0] = 65535
+    PILImage.fromarray(grey).save(tmp_path / "grey16.png")
+    figure = PILImage.new("RGBA", (8, 8), (0, 0, 0, 0))  # transparent background, as stored: black
+    figure.putpixel((0, 0), (200, 0, 0, 255))
+    figure.save(tmp_path / "figure.png")
+    half = PILImage.new("LA", (8, 8), (0, 128))  # black, half transparent
+    records = [good_record(images=["grey16.png", "figure.png", half])]
+    first, second, third = load_record_images(records_to_dataset(records, image_root=tmp_path)[0])
+    assert PILImage.open(tmp_path / "grey16.png").mode == "I;16"
+    assert first.mode == second.mode == third.mode == "RGB"
+    assert first.getpixel((1, 1)) == (128, 128, 128) and first.getpixel((0, 0)) == (255, 255, 255)
+    assert second.getpixel((1, 1)) == (255, 255, 255) and second.getpixel((0, 0)) == (200, 0, 0)
+    assert third.getpixel((1, 1)) == (127, 127, 127)
+
+
+def test_one_file_holds_one_split(tmp_path):
+    """A single .json as `--dataset` used to serve as every split: validation scored the training records, and
+    `evaluate.py --split test` scored `train.json`."""
+    records = json.loads(PROSQA_SLICE.read_text())[:4]
+    (tmp_path / "prosqa_train.json").write_text(json.dumps(records))
+    (tmp_path / "mine.json").write_text(json.dumps(records))
+    train_file = str(tmp_path / "prosqa_train.json")
+    with pytest.raises(
+        ValueError,
+        match="'.*prosqa_train.json' is one file, and its name says it is the 'train' split, not the 'test' split",
+    ):
+        load_split(train_file, "test")
+    with pytest.raises(ValueError, match="it is the 'validation' split, not the 'train' split"):
+        load_split(str(PROSQA_SLICE), "train")
+    assert len(load_split(train_file, "train")) == 4
+    assert len(load_split(str(PROSQA_SLICE), "valid")) == len(load_split(str(PROSQA_SLICE), "validation")) == 20
+    assert len(load_split(str(tmp_path / "mine.json"), "test")) == 4  # a name without a split: the file is the split
+
+    with pytest.raises(
+        ValueError,
+        match="'.*mine.json' is one file, which holds a single split: evaluating `--eval_split` 'valid' would score",
+    ):
+        load_train_and_eval_splits(str(tmp_path / "mine.json"), "train", "valid")
+    train, validation = load_train_and_eval_splits(str(tmp_path / "mine.json"), "train", "")
+    assert len(train) == 4 and validation is None
+    train, validation = load_train_and_eval_splits(str(tmp_path), "train", "")
+    assert len(train) == 4
+
+
+@pytest.mark.parametrize("name", ["data/prosqa", "data/prosqa/prosqa_trian.json", "./prosqa", "missing.jsonl"])
+def test_a_typo_in_a_local_dataset_path_says_no_such_file(tmp_path, monkeypatch, name):
+    """A typo used to become "Repo id must be..." or several Hub look-ups."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("coconut.data.load_dataset", lambda *args, **kwargs: pytest.fail("looked it up"))
+    with pytest.raises(ValueError, match=f"`dataset` {re.escape(repr(name))}: no such file or folder"):
+        load_split(name, "train")

@@ -1,6 +1,8 @@
 """Evaluation of a tiny Coconut model: the reported numbers equal the ones computed directly from its generations."""
 
 import json
+import logging
+import math
 import random
 
 import pytest
@@ -11,6 +13,8 @@ from coconut.curriculum import CurriculumConfig
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
+    check_eval_settings,
+    default_max_new_tokens,
     eval_prompt,
     evaluate_stage,
     load_model_and_processor,
@@ -159,13 +163,15 @@ def test_scores_with_choices_and_direct_answers():
         {"id": "a", "answer": "red", "choices": ["blue", "red"], "direct_answers": ["red"] * 2 + ["pink"] * 8},
         {"id": "b", "answer": "cat", "choices": ["cat", "dog"], "direct_answers": ["cat"] * 9 + ["kitten"]},
     ]
-    generations = {"b": ("It is a cat.\n### dog", 5, None), "a": ("### red", 2, None)}
+    generations = {"b": ("It is a cat.\n### dog", 5, None), "a": ("### red", 2, None, False)}
     metrics, predictions = score_generations(records, generations)
     assert [p.id for p in predictions] == ["a", "b"]
     assert metrics["accuracy"] == 0.5
     assert metrics["multiple_choice_accuracy"] == 0.5  # "dog" is a valid option, but the wrong one
     assert metrics["direct_answer_score"] == pytest.approx((2 / 3 + 0) / 2)
     assert metrics["mean_generated_tokens"] == 3.5
+    assert metrics["num_truncated"] == 1 and [p.truncated for p in predictions] == [True, False]
+    assert [(p.answer, p.target) for p in predictions] == [("red", "red"), ("dog", "cat")]
     with pytest.raises(ValueError, match="no generation, e.g. id 'b'"):
         score_generations(records, {"a": generations["a"]})
     with pytest.raises(ValueError, match="'a'.*appears twice"):
@@ -199,6 +205,62 @@ def test_results_files_and_comparison(trained, tmp_path, hf_home):
     assert table[0].startswith("| Model | Accuracy |") and table[2].startswith("| Coconut | 100.0 |")
     lines = (tmp_path / "out" / "predictions_Coconut.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [r["id"] for r in records]
+    # The gold answer stands beside the prediction, so a reader sees what went wrong.
+    first = json.loads(lines[0])
+    assert list(first)[3:5] == ["answer", "target"] and first["target"] == records[0]["answer"]
+
+
+def test_truncated_generations_are_counted_and_warned_about(trained, caplog, tmp_path):
+    """`--max_new_tokens 2` used to score 0 % without a word."""
+    model, tokenizer, _ = trained
+    records = make_records()
+    config = CoconutEvalConfig(stage=1, batch_size=4, max_new_tokens=2, disable_tqdm=True)
+    with caplog.at_level(logging.WARNING, logger="coconut.evaluation"):
+        result = evaluate_stage(model, tokenizer, records, COCONUT, config, label="short")
+    assert result.metrics["accuracy"] == 0.0
+    assert result.metrics["num_truncated"] == 6 and all(p.truncated for p in result.predictions)
+    assert "6 of 6 generations (short) ran to max_new_tokens=2 without ending (no EOS)" in caplog.text
+    paths = EvalResults([result]).save(tmp_path)
+    assert json.loads(paths["json"].read_text())["overall"]["num_truncated"] == 6
+    assert paths["md"].read_text().splitlines()[0].endswith("| Cut at max tokens |")
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coconut.evaluation"):
+        result = evaluate_stage(model, tokenizer, records, COCONUT, CoconutEvalConfig(stage=1, disable_tqdm=True))
+    assert result.metrics["num_truncated"] == 0 and result.metrics["accuracy"] == 1.0 and not caplog.text
+
+
+def test_the_default_token_budget_follows_the_longest_target(trained):
+    """A fixed default (40 tokens in the embedded default) cut 6-arrow chains of thought."""
+    model, tokenizer, _ = trained
+    records = make_records()
+    records[2]["steps"] = [records[2]["steps"][0], "Every rompus is a wumpus, " * 10 + "so it is one."]
+
+    def target_tokens(record, skipped):
+        text = "".join(f"{step}\n" for step in record["steps"][skipped:]) + f"### {record['answer']}"
+        return len(tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+
+    for stage, skipped in ((0, 0), (1, 1), (2, 2)):
+        expected = math.ceil(1.5 * max(target_tokens(record, skipped) for record in records))
+        assert default_max_new_tokens(records, tokenizer, COCONUT, stage) == expected
+    assert default_max_new_tokens(records, tokenizer, COCONUT, 0) > 40
+    result = evaluate_stage(model, tokenizer, records, COCONUT, CoconutEvalConfig(stage=0, disable_tqdm=True))
+    assert result.metrics["max_new_tokens"] == default_max_new_tokens(records, tokenizer, COCONUT, 0)
+    with pytest.raises(ValueError, match="`max_new_tokens`=0 must be at least 1 \\(leave it out to follow"):
+        CoconutEvalConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("method", ["cot", "no_cot", "no_thought"])
+def test_thoughts_for_a_method_without_a_latent_block_are_refused(trained, method):
+    """`evaluate.py --method cot --num_latent_thoughts 5` used to evaluate with 0 thoughts."""
+    model, tokenizer, _ = trained
+    curriculum = CurriculumConfig(method=method)
+    config = CoconutEvalConfig(num_latent_thoughts=5, disable_tqdm=True)
+    with pytest.raises(
+        ValueError, match=f"`num_latent_thoughts`=5 with `method`='{method}': its prompts have no latent"
+    ):
+        evaluate_stage(model, tokenizer, make_records(), curriculum, config)
+    check_eval_settings(curriculum, CoconutEvalConfig(num_latent_thoughts=0))  # zero thoughts is what it does
 
 
 def test_stage_results_table():

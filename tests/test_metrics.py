@@ -40,6 +40,12 @@ def test_extract_answer(generation, answer):
         ("3.5.", "3.5"),
         ("don't", "don t"),
         (None, ""),
+        ("A", "a"),  # an option letter is not an article to remove
+        ("The", "the"),
+        ("(A)", "a"),
+        ("?", "?"),  # only punctuation: kept as it is
+        ("...", "..."),
+        ("  ", ""),
     ],
 )
 def test_normalize_answer(text, normalized):
@@ -53,6 +59,24 @@ def test_exact_match():
     assert exact_match("35", "3.5") == 0.0  # a decimal point is not punctuation
     assert exact_match("1,000", "1000") == 1.0
     assert exact_match(None, "x") == 0.0
+
+
+@pytest.mark.parametrize("gold", ["A", "B", "C", "D", "The", "?", "...", "a", "(a)"])
+def test_an_empty_or_different_prediction_never_matches_a_short_answer(gold):
+    """Letter answers, articles and punctuation: an empty generation used to match "A" (both normalised to "")."""
+    assert normalize_answer(gold) != ""
+    for prediction in ("", "   ", None):
+        assert exact_match(prediction, gold) == 0.0
+        assert direct_answer_score(prediction, [gold] * 10) == 0.0
+        assert parse_choice(prediction, ["A", "B", "C", "D"]) is None
+    assert exact_match("The", "A") == exact_match("A", "The") == 0.0
+    assert exact_match(gold, gold) == exact_match(gold.lower(), gold) == 1.0
+
+
+def test_a_model_answering_nothing_scores_zero_on_letter_answers():
+    answers = ["A", "B", "C", "D", "A"]
+    assert sum(exact_match("", answer) for answer in answers) == 0.0
+    assert sum(exact_match(answer, answer) for answer in answers) == 5.0
 
 
 CHOICES = ["red", "dark red", "blue", "a green car"]

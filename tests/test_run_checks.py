@@ -8,12 +8,13 @@ import shutil
 
 import pytest
 from datasets import Image, List
+from PIL import Image as PILImage
 from trl import ModelConfig, TrlParser
 
 import evaluate
 import train_sft
 from coconut.curriculum import CurriculumConfig, max_example_length
-from coconut.data import image_token_counter
+from coconut.data import image_token_counter, records_to_dataset, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, evaluate_stage
 from coconut.sft_config import CoconutSFTConfig
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
@@ -149,6 +150,37 @@ def test_records_longer_than_max_length_are_refused_or_skipped(tmp_path, caplog)
     assert len(trainer.records) == 8 - len(too_long)
 
 
+def test_the_length_check_counts_image_tokens_as_the_processor_makes_them(tmp_path):
+    """A non-square image is tiled by the processor (`crop_to_patches`): the check counted 6 image tokens where the
+    processor made 30, so a record passed the check, then failed in the collator, and `--skip_invalid` could not
+    drop it."""
+    _, processor = train_sft.tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
+    count = image_token_counter(processor)
+    sizes = [(56, 56), (336, 56), (56, 336), (200, 90)]
+    records = []
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"{index}.png"
+        PILImage.new("RGB", size, "white").save(path)
+        records.append({"id": f"r{index}", "question": "Where?", "steps": ["Here."], "answer": "A1", "images": [path]})
+        prompt = processor.build_prompt("Where?", num_images=1)
+        input_ids = processor(images=[PILImage.open(path)], text=prompt, return_tensors="pt")["input_ids"][0]
+        made = int((input_ids == processor.image_token_id).sum()) + 2  # + <img> and </img>
+        assert count({"path": str(path), "bytes": None}) == made
+    assert made == 38  # 9 tiles of 4 tokens, not the single tile of a square image
+    dataset = records_to_dataset(records)
+    curriculum = CurriculumConfig(max_latent_stage=1)
+    text = max_example_length(dataset[0], processor.tokenizer, curriculum)
+    kept = validate_dataset(
+        dataset,
+        skip_invalid=True,
+        tokenizer=processor.tokenizer,
+        max_length=text + 6,
+        curriculum=curriculum,
+        image_token_count=count,
+    )
+    assert kept["id"] == ["r0"]
+
+
 def test_dataset_is_required_outside_the_demo(tmp_path):
     """Item 6: `--model_name_or_path` without `--dataset` used to train on the synthetic task."""
     without_dataset = [flag for flag in SMALL_RUN if flag not in ("--dataset", "arrow_chase")]
@@ -199,7 +231,7 @@ def test_evaluate_defaults_to_the_recorded_task_and_curriculum(trained, tmp_path
         assert [p.generation for p in result.predictions] == [p.generation for p in direct.predictions]
         assert [p.num_latent_thoughts for p in result.predictions] == [4] * 4  # stage 2 x c_thought 2
     for index in range(4):  # the boards evaluate.py rendered are those of the recorded task (2 x 2, seed 3)
-        name = f"test/test-{index:05d}.png"
+        name = f"{task.folder_name}/test/test-{index:05d}.png"
         assert (tmp_path / "data" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
 
 

@@ -397,6 +397,22 @@ def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
         make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
 
 
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "bit flipped"])
+def test_a_damaged_optimizer_or_rng_file_names_the_file_and_the_checkpoint(tmp_path, tokenizer, name, damage):
+    """A damaged torch file used to fail with a bare EOFError or Errno 22, or (a flipped bit) to load silently."""
+    stopped_run(tmp_path, tokenizer, 2)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    data = bytearray((checkpoint / name).read_bytes())
+    if damage == "bit flipped":
+        data[len(data) // 3] ^= 0x10
+    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "bit flipped": data}[damage]
+    (checkpoint / name).write_bytes(bytes(damaged))
+    message = f"Checkpoint file '{checkpoint / name}' is damaged: .* Delete the checkpoint '{checkpoint}'"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
+
+
 class CorruptWeightAfter(TrainerCallback):
     """Writes a NaN into the LM head after `step` steps, as a corrupt weight file would."""
 
@@ -482,3 +498,18 @@ def test_collator_never_cuts_an_example(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=f"Record 5 \\(id 'toy-5'\\) at stage 0 is {length} tokens long"):
         trainer.data_collator([row])
     assert trainer.data_collator([{**row, "stage": 3}])["input_ids"].shape[1] < length  # shorter stages still fit
+
+
+def test_building_the_trainer_sends_no_telemetry(tmp_path, tokenizer, monkeypatch):
+    """TRL's trainers ping the Hub when built; the comment in train_sft.py says the trainer never talks to the Hub."""
+    from trl import SFTTrainer
+    from trl.trainer import base_trainer
+
+    pings = []
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(base_trainer, "send_telemetry", lambda *args, **kwargs: pings.append(kwargs))
+    SFTTrainer._send_telemetry(make_trainer(tmp_path, tokenizer))  # TRL's own method still pings through it
+    assert len(pings) == 1 and pings[0]["library_name"] == "trl"
+    make_trainer(tmp_path, tokenizer)
+    assert len(pings) == 1
