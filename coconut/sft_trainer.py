@@ -1,10 +1,12 @@
 """`CoconutSFTTrainer`: TRL's `SFTTrainer` running Coconut's staged curriculum through the model's own forward."""
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
+import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -14,11 +16,12 @@ import pyarrow.compute as pc
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import SchedulerType, Trainer, TrainerCallback, get_scheduler
+from transformers import SchedulerType, TrainerCallback, get_scheduler
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
 
 from coconut.checkpoints import (
     TRAINING_RECORD,
@@ -183,13 +186,51 @@ class RunRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks[type(self).__name__] = self.state()
 
 
+def add_latent_fused_lm_head(model) -> None:
+    """TRL's fused-LM-head call, `model(..., labels=labels, fused_lm_head=True)`, answered from the model's own forward.
+
+    [`~trl.SFTTrainer`] computes its loss and metrics (entropy, token accuracy) from the per-token fields of a
+    [`~trl.trainer.utils.FusedCausalLMOutput`], which TRL's `add_fused_lm_head` computes on the inner backbone: that
+    would skip the latent passes. Here the fields come from the logits of the model's own forward, which runs them.
+    Call it after TRL's `add_fused_lm_head` (in `SFTTrainer.__init__`): other calls go on to TRL's forward unchanged.
+    """
+    forward = model.forward  # TRL's: without `fused_lm_head`, the model's own forward
+
+    @functools.wraps(type(model).forward)
+    def latent_fused_forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return forward(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError(
+                "`shift_labels` (context or sequence parallelism) split the sequence, which the latent passes must "
+                "see whole; train without context or sequence parallelism."
+            )
+        logits = forward(*args, **kwargs).logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
+        labels = labels[:, 1:].to(logits.device)  # (B, T - 1)
+        label_mask = labels != -100
+        log_probs, entropy = selective_log_softmax_and_entropy(
+            logits, labels.masked_fill(~label_mask, 0), entropy_requires_grad=False, row_mask=label_mask
+        )
+        num_tokens = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / num_tokens,
+            log_probs=log_probs,
+            entropy=entropy,
+            is_top1=(logits.argmax(dim=-1) == labels) & label_mask,
+            label_mask=label_mask,
+        )
+
+    model.forward = types.MethodType(latent_fused_forward, model)
+
+
 class CoconutSFTTrainer(SFTTrainer):
     r"""
     [`~trl.SFTTrainer`] for Coconut's staged curriculum (Hao et al. 2024, arXiv 2412.06769).
 
-    The loss is the model's own forward loss, which runs the sequential latent passes: TRL's default `compute_loss`
-    calls a fused LM head on the inner backbone, which would skip them. Under FSDP and DeepSpeed every rank runs the
-    same number of language-model passes (`sync_latent_passes=True`).
+    The loss, and TRL's training metrics (`entropy`, `mean_token_accuracy`, `num_tokens`), are `SFTTrainer`'s, computed
+    from the model's own forward, which runs the sequential latent passes ([`add_latent_fused_lm_head`]): TRL's fused
+    LM head alone runs the inner backbone, which would skip them. Under FSDP and DeepSpeed every rank runs the same
+    number of language-model passes (`sync_latent_passes=True`).
 
     Training visits `args.num_train_epochs` curriculum epochs as one pass over a [`CurriculumSchedule`]; the trainer's
     own `args.num_train_epochs` is therefore 1 (on a copy of `args`). The collator builds each sample for its stage
@@ -254,6 +295,8 @@ class CoconutSFTTrainer(SFTTrainer):
             callbacks=[*own_callbacks, *(kwargs.pop("callbacks", None) or [])],
             **kwargs,
         )
+        # SFTTrainer's fused LM head runs the inner backbone, without the latent passes: score the model's own logits.
+        add_latent_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if args.method == "pause_as_thought":
             # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
             self.model.config.latent_token_id = None
@@ -369,11 +412,10 @@ class CoconutSFTTrainer(SFTTrainer):
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's own forward loss (`Trainer.compute_loss`), which runs the latent passes."""
-        inputs = {**inputs, "use_cache": False}
+        """`SFTTrainer.compute_loss` (loss and metrics) through the latent passes; watches for a non-finite loss."""
         if self.sync_latent_passes:
-            inputs["sync_latent_passes"] = True
-        result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            inputs = {**inputs, "sync_latent_passes": True}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             loss = result[0] if return_outputs else result
             self.finite_loss.observe(loss.detach(), self.state.global_step + 1)
@@ -560,4 +602,11 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
         )
 
 
-__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback", "FiniteLossCallback", "RunRecord"]
+__all__ = [
+    "CoconutSFTTrainer",
+    "CurriculumCallback",
+    "CurriculumSchedule",
+    "FiniteLossCallback",
+    "RunRecord",
+    "add_latent_fused_lm_head",
+]

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
@@ -105,9 +105,39 @@ def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
     reference = reference_sum / count
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
-    # TRL's own compute_loss runs the fused LM head on the backbone: no latent passes, another loss.
-    plain = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    # TRL's own fused LM head runs the inner backbone: no latent passes, another loss.
+    plain_model = text_model(tokenizer)  # the same weights
+    add_fused_lm_head(plain_model)
+    plain = plain_model(**batch, fused_lm_head=True).loss
     assert abs(plain.item() - reference.item()) > 1e-3, (plain.item(), reference.item())
+
+
+def test_sft_trainer_metrics_are_logged(tmp_path, tokenizer):
+    """SFTTrainer's own metrics, computed over the latent passes: token count, entropy and next-token accuracy."""
+    trainer = make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=2, start_stage=1)  # 2 x 2 steps
+    batches = [trainer.data_collator(trainer.schedule.rows[step * 4 : step * 4 + 4]) for step in range(4)]
+    assert (batches[0]["input_ids"] == trainer.model.config.latent_token_id).any()
+    with torch.no_grad():  # peaked predictions: the fed-back thoughts then change the entropy by about 1 %
+        trainer.model.lm_head.weight.mul_(30)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    tokens = torch.cumsum(torch.tensor([int(batch["attention_mask"].sum()) for batch in batches]), 0).tolist()
+    assert [entry["num_tokens"] for entry in logs] == tokens
+    for entry in logs:
+        assert 0 <= entry["mean_token_accuracy"] <= 1 and entry["entropy"] > 0, entry
+
+    # The first step's metrics, from the batch and the initial weights: the latent forward's next-token predictions.
+    model = text_model(tokenizer).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+        logits = model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits[:, :-1]
+    labels = batches[0]["labels"][:, 1:]
+    mask = labels != -100
+    accuracy = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()
+    entropy = torch.distributions.Categorical(logits=logits[mask]).entropy().mean()
+    assert logs[0]["mean_token_accuracy"] == pytest.approx(accuracy.item(), abs=1e-6)
+    assert logs[0]["entropy"] == pytest.approx(entropy.item(), rel=1e-4)
 
 
 def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
@@ -225,27 +255,46 @@ def test_pause_as_thought_keeps_the_layout_without_thought_feedback(tmp_path, to
 
 
 def test_config_defaults_and_checks(tmp_path):
-    assert not sft_config(tmp_path).activation_checkpointing  # SFTConfig's default is on
+    config = sft_config(tmp_path, dataset_kwargs={"num_proc": 2})
+    assert not config.activation_checkpointing  # SFTConfig's default is on
+    # What the trainer needs, set by the config: its own data order, the schedule columns kept and not tokenized.
+    assert (config.train_sampling_strategy, config.remove_unused_columns) == ("sequential", False)
+    assert config.dataset_kwargs == {"num_proc": 2, "skip_prepare_dataset": True}
     with pytest.raises(ValueError, match="uniform_prob"):
         sft_config(tmp_path, uniform_prob=1.5)
     with pytest.raises(ValueError, match="method"):
         sft_config(tmp_path, method="latent")
-    with pytest.raises(ValueError, match="train_sampling_strategy"):
-        sft_config(tmp_path, train_sampling_strategy="random")
+    with pytest.raises(ValueError, match="`train_sampling_strategy`='group_by_length': the trainer orders the data"):
+        sft_config(tmp_path, train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match="TRL must not tokenize the schedule"):
+        sft_config(tmp_path, dataset_kwargs={"skip_prepare_dataset": False})
     with pytest.raises(ValueError, match="reentrant checkpointing cuts the gradient"):
         sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
-    reentrant_off = {"use_reentrant": False}
-    assert sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=reentrant_off)
 
 
-def test_gradient_checkpointing_keeps_the_training_loss(tmp_path, tokenizer):
+def test_gradient_checkpointing_keeps_the_training_loss_and_gradients(tmp_path, tokenizer):
+    """Non-reentrant checkpointing (the setting the config accepts) gives the plain loss and gradients, including
+    those that flow from later thoughts into earlier keys and values."""
     plain = make_trainer(tmp_path / "plain", tokenizer)
-    checkpointed = make_trainer(tmp_path / "ckpt", tokenizer, activation_checkpointing=True)
+    kwargs = {"use_reentrant": False}
+    checkpointed = make_trainer(
+        tmp_path / "ckpt", tokenizer, activation_checkpointing=True, activation_checkpointing_kwargs=kwargs
+    )
     batch = plain.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
     checkpointed.model.train()
-    checkpointed.model.gradient_checkpointing_enable()  # what Trainer.train does with the setting
+    # What Trainer.train does with the settings.
+    checkpointed.model.activation_checkpointing_enable(checkpointed.args.activation_checkpointing_kwargs)
+    assert checkpointed.model.is_activation_checkpointing
     loss = checkpointed.compute_loss(checkpointed.model, dict(batch))
-    torch.testing.assert_close(loss, plain.compute_loss(plain.model.train(), dict(batch)), rtol=1e-5, atol=1e-6)
+    expected = plain.compute_loss(plain.model.train(), dict(batch))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    for (name, parameter), reference in zip(
+        checkpointed.model.named_parameters(), plain.model.parameters(), strict=True
+    ):
+        if reference.grad is not None:
+            torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 class RecordOptimizer(TrainerCallback):
@@ -448,7 +497,7 @@ def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
         make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=3)
     assert (
         "too short for its curriculum: `num_train_epochs`=2 ends in stage 1, but `max_latent_stage`=3 needs "
-        "(max_latent_stage + 1) x epochs_per_stage (1) = 4 epochs"
+        "(max_latent_stage + 1 - start_stage) x epochs_per_stage (1) = 4 epochs"
     ) in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
