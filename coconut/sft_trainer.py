@@ -344,16 +344,23 @@ class CoconutSFTTrainer(SFTTrainer):
         return step == state.max_steps or self.schedule.stage_of_step(step) != self.schedule.stage_of_step(step - 1)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`~transformers.Trainer.train`], after the checks that keep a resumed run the run it continues.
+        """[`~transformers.Trainer.train`], resuming as the run's settings say, after the checks that keep a resumed
+        run the run it continues.
 
-        `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir` (newer incomplete ones
-        are skipped with a warning). The checkpoint must be complete, hold its optimizer and scheduler state (unless
-        `resume_with_fresh_optimizer`) and readable weights, and have been saved with this run's [`RESUME_SETTINGS`]
-        and training records; without a checkpoint, an `output_dir` holding a model trained with other settings is
-        refused as well. `overwrite_output_dir` skips these checks and deletes the folder's checkpoints.
+        The resume policy of the repository, in one place: `resume_from_checkpoint` (or, when not passed,
+        `args.resume_from_checkpoint`) names the checkpoint; `True`, or neither set, takes the newest complete
+        checkpoint of `output_dir` (newer incomplete ones are skipped with a warning; without one, `True` is an error
+        and an unset value trains from scratch); `False` trains from scratch. `overwrite_output_dir` trains from
+        scratch and deletes the folder's checkpoints first.
+
+        The checkpoint must be complete, hold its optimizer and scheduler state (unless `resume_with_fresh_optimizer`)
+        and readable weights, and have been saved with this run's [`RESUME_SETTINGS`] and training records; without
+        a checkpoint, an `output_dir` holding a model trained with other settings is refused as well.
         """
         if self.lr_scheduler is not None and self.lr_scheduler is self.stage_lr_scheduler:
             self.lr_scheduler = None  # built for one `train()` call, as Trainer rebuilds its own
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
         output_dir = self.args.output_dir
         if self.args.overwrite_output_dir:
             if resume_from_checkpoint:
@@ -365,11 +372,13 @@ class CoconutSFTTrainer(SFTTrainer):
                 remove_checkpoints(output_dir)
             self.accelerator.wait_for_everyone()
             return super().train(**kwargs)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(output_dir)
-            if resume_from_checkpoint is None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is True:
+            newest = last_complete_checkpoint(output_dir)
+            if newest is None and resume_from_checkpoint is True:
                 raise ValueError(f"`resume_from_checkpoint`=True, but {output_dir!r} has no complete checkpoint.")
+            resume_from_checkpoint = newest
         if resume_from_checkpoint:
+            logger.info(f"Resuming from {resume_from_checkpoint}")
             self.check_checkpoint(resume_from_checkpoint)
         else:
             record = Path(output_dir) / TRAINING_RECORD

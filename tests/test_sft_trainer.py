@@ -422,6 +422,36 @@ def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplo
     assert_same_weights(resumed.model, full.model)
 
 
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_train_resumes_as_the_settings_say(tmp_path, tokenizer):
+    """`train()` without an argument resumes from the newest complete checkpoint of output_dir, or from the one that
+    `resume_from_checkpoint` in the settings names; `train(False)` starts from scratch."""
+    full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
+    full.train()
+    stopped_run(tmp_path / "run", tokenizer, 3)
+
+    def run(resume=None, **overrides) -> int:
+        trainer = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED, **overrides)
+        counter = CountSteps()
+        trainer.add_callback(counter)
+        trainer.train(resume)
+        assert trainer.state.global_step == 6
+        if resume is not False:
+            assert_same_weights(trainer.model, full.model)
+        return counter.steps
+
+    assert run() == 3
+    assert run(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2")) == 4
+    assert run(False) == 6
+
+
 def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer):
     """Item 8: no silent fresh optimizer."""
     stopped_run(tmp_path, tokenizer, 3)
