@@ -362,7 +362,7 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
-# Issue 11: what a stopped, resumed, re-run or diverging training does. Three stages of two steps each.
+# What a stopped, resumed, re-run or diverging training does. Three stages of two steps each.
 CHECKPOINTED = dict(per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
 
 
@@ -381,7 +381,7 @@ def assert_same_weights(model, expected_model):
 
 
 def test_stage_results_survive_a_resume(tmp_path, tokenizer):
-    """Item 4: stopped in stage 2 and resumed, the run still reports stages 0 and 1, predictions included."""
+    """Stopped in stage 2 and resumed, the run still reports stages 0 and 1, predictions included."""
     evaluation = dict(eval_dataset=RECORDS[:3], eval_max_new_tokens=3, per_device_eval_batch_size=2)
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED, **evaluation)
     full.train()
@@ -405,7 +405,7 @@ def test_stage_results_survive_a_resume(tmp_path, tokenizer):
 
 
 def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplog):
-    """Item 7: a checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
+    """A checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
     full.train()
     stopped_run(tmp_path / "run", tokenizer, 4)
@@ -453,7 +453,7 @@ def test_train_resumes_as_the_settings_say(tmp_path, tokenizer):
 
 
 def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer):
-    """Item 8: no silent fresh optimizer."""
+    """A checkpoint without optimizer state is refused unless a fresh optimizer is asked for."""
     stopped_run(tmp_path, tokenizer, 3)
     (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").unlink()
     with pytest.raises(ValueError, match="checkpoint-3' has no optimizer.pt .* `--resume_with_fresh_optimizer`"):
@@ -468,7 +468,7 @@ def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer
 
 
 def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
-    """Item 9: a weight file cut short is an error naming it, not a deserialisation error."""
+    """A weight file cut short is an error naming it, not a deserialisation error."""
     stopped_run(tmp_path, tokenizer, 2)
     weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -489,7 +489,7 @@ class CorruptWeightAfter(TrainerCallback):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
-    """Item 9: NaN weights train to a NaN loss: the run stops with the first bad step, and saves nothing after it."""
+    """NaN weights train to a NaN loss: the run stops with the first bad step, and saves nothing after it."""
     trainer = make_trainer(tmp_path, tokenizer, **CHECKPOINTED)
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("nan")
@@ -504,7 +504,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
 
 
 def test_resume_refuses_other_settings(tmp_path, tokenizer):
-    """Item 1: the same output_dir with other training or curriculum settings is refused, naming the fields."""
+    """The same output_dir with other training or curriculum settings is refused, naming the fields."""
     stopped_run(tmp_path, tokenizer, 2)
     with pytest.raises(ValueError, match="c_thought: 1 -> 2; learning_rate: 0.01 -> 0.02\\. .*--overwrite_output_dir"):
         make_trainer(tmp_path, tokenizer, c_thought=2, learning_rate=2e-2, **CHECKPOINTED).train(True)
@@ -522,7 +522,7 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
 
 
 def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
-    """Item 3: warnings with the numbers; the stage reached and the thoughts used describe the saved model."""
+    """Warnings with the numbers; the stage reached and the thoughts used describe the saved model."""
     with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
         make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=3)
     assert (
@@ -554,7 +554,7 @@ def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
 
 
 def test_collator_never_cuts_an_example(tmp_path, tokenizer):
-    """Item 5: an example longer than max_length is an error naming its record, never trained on cut."""
+    """An example longer than max_length is an error naming its record, never trained on cut."""
     row = {"epoch": 0, "sample": 5, "stage": 0}
     length = make_trainer(tmp_path, tokenizer, max_length=None).data_collator([row])["input_ids"].shape[1]
     trainer = make_trainer(tmp_path, tokenizer, max_length=length - 1)
