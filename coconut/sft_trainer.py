@@ -121,7 +121,9 @@ class CurriculumCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.stage_ends(state) and self.trainer.eval_records is not None:
+            should_log = control.should_log  # the evaluation's log clears it, and the step's loss would go unlogged
             self.trainer.evaluate_curriculum_stage(self.trainer.schedule.stage_of_step(state.global_step - 1))
+            control.should_log = should_log
 
 
 class FiniteLossCallback(TrainerCallback):
@@ -497,10 +499,13 @@ class CoconutSFTTrainer(SFTTrainer):
             disable_tqdm=True,
         )
         model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()  # also for the log: SFTTrainer keeps its training metrics for the next training log
         result = evaluate_stage(model, self.processing_class, self.eval_records, self.args.curriculum, config)
         self.run_record.stage_results.append(result.to_dict())
         metrics = {f"eval_{name}": value for name, value in result.metrics.items()}
         self.log({"stage": stage, **metrics})
+        model.train(was_training)
         return result
 
 

@@ -114,7 +114,10 @@ def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
 
 def test_sft_trainer_metrics_are_logged(tmp_path, tokenizer):
     """SFTTrainer's own metrics, computed over the latent passes: token count, entropy and next-token accuracy."""
-    trainer = make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=2, start_stage=1)  # 2 x 2 steps
+    trainer = make_trainer(
+        tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=2, start_stage=1,  # 2 stages x 2 steps
+        eval_dataset=RECORDS[:2], eval_max_new_tokens=2, per_device_eval_batch_size=2,
+    )  # fmt: skip
     batches = [trainer.data_collator(trainer.schedule.rows[step * 4 : step * 4 + 4]) for step in range(4)]
     assert (batches[0]["input_ids"] == trainer.model.config.latent_token_id).any()
     with torch.no_grad():  # peaked predictions: the fed-back thoughts then change the entropy by about 1 %
@@ -122,6 +125,9 @@ def test_sft_trainer_metrics_are_logged(tmp_path, tokenizer):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4
+    evaluations = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert [entry["stage"] for entry in evaluations] == [1, 2]
+    assert not any("entropy" in entry for entry in evaluations)  # the training metrics stay in the training logs
     tokens = torch.cumsum(torch.tensor([int(batch["attention_mask"].sum()) for batch in batches]), 0).tolist()
     assert [entry["num_tokens"] for entry in logs] == tokens
     for entry in logs:
