@@ -204,8 +204,8 @@ def add_latent_fused_lm_head(model) -> None:
             return forward(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         if kwargs.get("shift_labels") is not None:
             raise ValueError(
-                "`shift_labels` (context or sequence parallelism) split the sequence, which the latent passes must "
-                "see whole; train without context or sequence parallelism."
+                "`shift_labels` is passed under context or sequence parallelism, which splits the sequence; the "
+                "latent passes need it whole. Train without context or sequence parallelism."
             )
         logits = forward(*args, **kwargs).logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
         labels = labels[:, 1:].to(logits.device)  # (B, T - 1)
