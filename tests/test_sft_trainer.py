@@ -278,6 +278,20 @@ def test_config_defaults_and_checks(tmp_path):
         sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
 
 
+def test_label_smoothing_goes_through_trls_loss(tmp_path, tokenizer):
+    """With `label_smoothing_factor`, SFTTrainer's label smoother scores the logits of the latent forward."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer = make_trainer(tmp_path, tokenizer, label_smoothing_factor=0.1)
+    batch = trainer.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+    expected = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True)
+    torch.testing.assert_close(loss, expected)
+    assert abs(loss.item() - model(**batch).loss.item()) > 1e-3  # not the unsmoothed loss
+
+
 def test_gradient_checkpointing_keeps_the_training_loss_and_gradients(tmp_path, tokenizer):
     """Non-reentrant checkpointing (the setting the config accepts) gives the plain loss and gradients, including
     those that flow from later thoughts into earlier keys and values."""
