@@ -40,13 +40,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, GotOcr2ImageProcessorPil
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from coconut.checkpoints import (
-    check_loaded_weights,
-    check_weight_files,
-    check_writable,
-    last_complete_checkpoint,
-    write_training_record,
-)
+from coconut.checkpoints import check_loaded_weights, check_weight_files, check_writable, write_training_record
 from coconut.convert import build_generation_config, push_folder, require_coconut_checkpoint, save_repository
 from coconut.data import image_token_counter, load_train_and_eval_splits, validate_dataset
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
@@ -285,13 +279,6 @@ def check_lengths(train, processor, training_args: CoconutSFTConfig, skip_invali
     )
 
 
-def checkpoint_to_resume(training_args: CoconutSFTConfig) -> str | None:
-    """`--resume_from_checkpoint`, else the newest complete checkpoint of `--output_dir` (none when overwriting)."""
-    if training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
-        return training_args.resume_from_checkpoint
-    return last_complete_checkpoint(training_args.output_dir)
-
-
 def describe_training(
     trainer: CoconutSFTTrainer, script_args: ScriptArguments, task, test: StageResult | None = None
 ) -> tuple[dict, str, list[dict]]:
@@ -383,10 +370,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         processing_class=processor,
         peft_config=coconut_peft_config(model_args, model),
     )
-    checkpoint = checkpoint_to_resume(training_args)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.train()  # resumes from --resume_from_checkpoint or the newest complete checkpoint of --output_dir
     logger.info("Trained %d steps on %d processes", trainer.state.global_step, trainer.accelerator.num_processes)
 
     # Save + model card

@@ -18,7 +18,6 @@
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 import zipfile
@@ -26,29 +25,19 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import sort_checkpoints
 
 
 logger = logging.getLogger(__name__)
 
 TRAINING_RECORD = "coconut_training.json"
-TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-def checkpoints(folder: str | Path) -> list[Path]:
-    """The `checkpoint-N` folders of `folder`, oldest (smallest N) first."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [path for path in folder.iterdir() if path.is_dir() and _CHECKPOINT.match(path.name)]
-    return sorted(found, key=lambda path: int(_CHECKPOINT.match(path.name).group(1)))
 
 
 def is_complete(checkpoint: str | Path) -> bool:
     """Whether `Trainer` finished saving `checkpoint`: its last file, `trainer_state.json`, is there and parses."""
     try:
-        json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
     except (OSError, ValueError):
         return False
     return True
@@ -57,15 +46,16 @@ def is_complete(checkpoint: str | Path) -> bool:
 def last_complete_checkpoint(folder: str | Path) -> str | None:
     """The newest complete checkpoint in `folder` (`None` without one); newer incomplete ones are skipped, with a
     warning that names them (a run killed while saving leaves one behind)."""
+    # Not `get_last_checkpoint`: it returns the newest `checkpoint-N` folder even when its save never finished.
     skipped = []
-    for checkpoint in reversed(checkpoints(folder)):
+    for checkpoint in reversed(sort_checkpoints(str(folder))):
         if is_complete(checkpoint):
             if skipped:
                 logger.warning(
                     "Skipping incomplete checkpoint(s) %s (no readable %s: the run stopped while saving them); "
                     "resuming from %s. Delete the incomplete folders to silence this warning.",
                     ", ".join(map(str, skipped)),
-                    TRAINER_STATE,
+                    TRAINER_STATE_NAME,
                     checkpoint,
                 )
             return str(checkpoint)
@@ -76,7 +66,7 @@ def last_complete_checkpoint(folder: str | Path) -> str | None:
             "starts from the beginning.",
             folder,
             ", ".join(map(str, skipped)),
-            TRAINER_STATE,
+            TRAINER_STATE_NAME,
         )
     return None
 
@@ -233,7 +223,7 @@ def read_training_record(model: str | Path) -> dict | None:
 
 def saved_run_settings(checkpoint: str | Path, callback_name: str) -> dict | None:
     """The settings a callback named `callback_name` stored in `checkpoint`'s trainer state (`None` without them)."""
-    state = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
     saved = (state.get("stateful_callbacks") or {}).get(callback_name)
     return (saved or {}).get("args", {}).get("settings")
 
@@ -241,9 +231,9 @@ def saved_run_settings(checkpoint: str | Path, callback_name: str) -> dict | Non
 def remove_checkpoints(folder: str | Path) -> list[str]:
     """Delete the `checkpoint-N` folders of `folder` (for `--overwrite_output_dir`); returns their names."""
     removed = []
-    for checkpoint in checkpoints(folder):
+    for checkpoint in sort_checkpoints(str(folder)):
         shutil.rmtree(checkpoint)
-        removed.append(checkpoint.name)
+        removed.append(Path(checkpoint).name)
     if removed:
         logger.warning("`overwrite_output_dir`: removed %s from %s.", ", ".join(removed), folder)
     return removed
@@ -256,7 +246,6 @@ __all__ = [
     "check_resume_files",
     "check_weight_files",
     "check_writable",
-    "checkpoints",
     "is_complete",
     "last_complete_checkpoint",
     "looks_like_local_path",

@@ -1,7 +1,6 @@
 """Training configuration of the Coconut curriculum: TRL's `SFTConfig` plus the curriculum fields."""
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 from trl import SFTConfig
 
@@ -24,10 +23,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
     - `gradient_checkpointing` / `activation_checkpointing` is off. It works with continuous thoughts (the checkpointed
       layers keep the KV cache, and each pass's backward replay sees the cache the pass saw: the same loss and
       gradients, fewer activations kept, more compute), so turn it on when memory is short.
-    - `train_sampling_strategy` is `"sequential"`: the trainer orders the data itself (one seeded permutation per
-      curriculum epoch), so that a resumed run sees the same batches.
-    - `remove_unused_columns` is `False` and `dataset_kwargs={"skip_prepare_dataset": True}`: the collator builds
-      each sample for its stage from the records, so TRL must neither drop nor tokenize the schedule columns.
+
+    Set by the config itself, whatever is passed: `train_sampling_strategy="sequential"` (the trainer orders the data
+    itself, one seeded permutation per curriculum epoch, so that a resumed run sees the same batches),
+    `remove_unused_columns=False` and `dataset_kwargs["skip_prepare_dataset"]=True` (the collator builds each sample
+    for its stage from the records, so TRL must neither drop nor tokenize the schedule columns). A value that asks for
+    something else (`group_by_length`, `skip_prepare_dataset=False`) is an error.
 
     Parameters (besides those of [`~coconut.curriculum.CurriculumConfig`]: `method`, `c_thought`,
     `max_latent_stage`, `pad_latent_to_max`, `uniform_prob`):
@@ -99,25 +100,16 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             "const": True,
         },
     )
-    train_sampling_strategy: str = field(
-        default="sequential",
-        metadata={
-            "help": "Must stay 'sequential': the trainer shuffles the data itself, one seeded permutation per epoch.",
-            "choices": ["sequential"],
-        },
-    )
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Must stay False: the collator reads the schedule columns."}
-    )
-    dataset_kwargs: dict[str, Any] | None = field(
-        default_factory=lambda: {"skip_prepare_dataset": True},
-        metadata={"help": "Must keep skip_prepare_dataset=True: the collator tokenizes each sample for its stage."},
-    )
 
     def __post_init__(self):
         super().__post_init__()  # SFTConfig's
         self.validate_curriculum()  # CurriculumConfig's: method, c_thought, max_latent_stage, uniform_prob
         self.validate_schedule()
+        # The trainer orders the data itself (one seeded permutation per curriculum epoch, the same on resume).
+        self.train_sampling_strategy = "sequential"
+        # The collator builds each sample for its stage from the schedule columns: TRL must keep them as they are.
+        self.remove_unused_columns = False
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}
 
     def validate_schedule(self):
         """Raise a `ValueError` naming the field, its value and the fix for settings the schedule cannot run."""
@@ -147,30 +139,21 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
                     f"`{name}`={value} must be at least 1"
                     + ("; leave it out to follow the longest target." if name == "eval_max_new_tokens" else ".")
                 )
-        if self.train_sampling_strategy != "sequential":
+        if self.train_sampling_strategy not in ("random", "sequential"):
             raise ValueError(
                 f"`train_sampling_strategy`={self.train_sampling_strategy!r}: the trainer orders the data itself "
-                "(one seeded permutation per curriculum epoch); leave it at 'sequential'."
+                "(one seeded permutation per curriculum epoch); leave the setting out."
             )
-        if self.remove_unused_columns:
-            raise ValueError(
-                "`remove_unused_columns`=True would drop the schedule columns the collator reads; set it to False."
-            )
-        if not (self.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        if (self.dataset_kwargs or {}).get("skip_prepare_dataset", True) is not True:
             raise ValueError(
                 f"`dataset_kwargs`={self.dataset_kwargs}: TRL must not tokenize the schedule, the collator builds each "
-                'sample for its stage. Use `dataset_kwargs={"skip_prepare_dataset": True}`.'
+                "sample for its stage. Leave `skip_prepare_dataset` out."
             )
         if self.activation_checkpointing and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 f"`activation_checkpointing_kwargs`={self.activation_checkpointing_kwargs}: reentrant checkpointing "
                 "cuts the gradient that flows from later thoughts into earlier keys and values. Use "
                 "`{'use_reentrant': False}` (the transformers default) or leave the kwargs out."
-            )
-        if self.label_smoothing_factor > 0:
-            raise ValueError(
-                f"`label_smoothing_factor`={self.label_smoothing_factor}: the loss is the model's own forward loss, "
-                "which has no label smoothing. Set it to 0."
             )
 
     @property

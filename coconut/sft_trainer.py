@@ -1,10 +1,12 @@
 """`CoconutSFTTrainer`: TRL's `SFTTrainer` running Coconut's staged curriculum through the model's own forward."""
 
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
+import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -14,11 +16,12 @@ import pyarrow.compute as pc
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import SchedulerType, Trainer, TrainerCallback, get_scheduler
+from transformers import SchedulerType, TrainerCallback, get_scheduler
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
+from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
 
 from coconut.checkpoints import (
     TRAINING_RECORD,
@@ -119,7 +122,9 @@ class CurriculumCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer.stage_ends(state) and self.trainer.eval_records is not None:
+            should_log = control.should_log  # the evaluation's log clears it, and the step's loss would go unlogged
             self.trainer.evaluate_curriculum_stage(self.trainer.schedule.stage_of_step(state.global_step - 1))
+            control.should_log = should_log
 
 
 class FiniteLossCallback(TrainerCallback):
@@ -184,13 +189,51 @@ class RunRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks[type(self).__name__] = self.state()
 
 
+def add_latent_fused_lm_head(model) -> None:
+    """TRL's fused-LM-head call, `model(..., labels=labels, fused_lm_head=True)`, answered from the model's own forward.
+
+    [`~trl.SFTTrainer`] computes its loss and metrics (entropy, token accuracy) from the per-token fields of a
+    [`~trl.trainer.utils.FusedCausalLMOutput`], which TRL's `add_fused_lm_head` computes on the inner backbone: that
+    would skip the latent passes. Here the fields come from the logits of the model's own forward, which runs them.
+    Call it after TRL's `add_fused_lm_head` (in `SFTTrainer.__init__`): other calls go on to TRL's forward unchanged.
+    """
+    forward = model.forward  # TRL's: without `fused_lm_head`, the model's own forward
+
+    @functools.wraps(type(model).forward)
+    def latent_fused_forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return forward(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError(
+                "`shift_labels` is passed under context or sequence parallelism, which splits the sequence; the "
+                "latent passes need it whole. Train without context or sequence parallelism."
+            )
+        logits = forward(*args, **kwargs).logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
+        labels = labels[:, 1:].to(logits.device)  # (B, T - 1)
+        label_mask = labels != -100
+        log_probs, entropy = selective_log_softmax_and_entropy(
+            logits, labels.masked_fill(~label_mask, 0), entropy_requires_grad=False, row_mask=label_mask
+        )
+        num_tokens = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / num_tokens,
+            log_probs=log_probs,
+            entropy=entropy,
+            is_top1=(logits.argmax(dim=-1) == labels) & label_mask,
+            label_mask=label_mask,
+        )
+
+    model.forward = types.MethodType(latent_fused_forward, model)
+
+
 class CoconutSFTTrainer(SFTTrainer):
     r"""
     [`~trl.SFTTrainer`] for Coconut's staged curriculum (Hao et al. 2024, arXiv 2412.06769).
 
-    The loss is the model's own forward loss, which runs the sequential latent passes: TRL's default `compute_loss`
-    calls a fused LM head on the inner backbone, which would skip them. Under FSDP and DeepSpeed every rank runs the
-    same number of language-model passes (`sync_latent_passes=True`).
+    The loss, and TRL's training metrics (`entropy`, `mean_token_accuracy`, `num_tokens`), are `SFTTrainer`'s, computed
+    from the model's own forward, which runs the sequential latent passes ([`add_latent_fused_lm_head`]): TRL's fused
+    LM head alone runs the inner backbone, which would skip them. Under FSDP and DeepSpeed every rank runs the same
+    number of language-model passes (`sync_latent_passes=True`).
 
     Training visits `args.num_train_epochs` curriculum epochs as one pass over a [`CurriculumSchedule`]; the trainer's
     own `args.num_train_epochs` is therefore 1 (on a copy of `args`). The collator builds each sample for its stage
@@ -255,6 +298,8 @@ class CoconutSFTTrainer(SFTTrainer):
             callbacks=[*own_callbacks, *(kwargs.pop("callbacks", None) or [])],
             **kwargs,
         )
+        # SFTTrainer's fused LM head runs the inner backbone, without the latent passes: score the model's own logits.
+        add_latent_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
         if args.method == "pause_as_thought":
             # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
             self.model.config.latent_token_id = None
@@ -307,16 +352,23 @@ class CoconutSFTTrainer(SFTTrainer):
         return step == state.max_steps or self.schedule.stage_of_step(step) != self.schedule.stage_of_step(step - 1)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`~transformers.Trainer.train`], after the checks that keep a resumed run the run it continues.
+        """[`~transformers.Trainer.train`], resuming as the run's settings say, after the checks that keep a resumed
+        run the run it continues.
 
-        `resume_from_checkpoint=True` takes the newest complete checkpoint of `output_dir` (newer incomplete ones
-        are skipped with a warning). The checkpoint must be complete, hold its optimizer and scheduler state (unless
-        `resume_with_fresh_optimizer`) and readable weights, and have been saved with this run's [`RESUME_SETTINGS`]
-        and training records; without a checkpoint, an `output_dir` holding a model trained with other settings is
-        refused as well. `overwrite_output_dir` skips these checks and deletes the folder's checkpoints.
+        The resume policy of the repository, in one place: `resume_from_checkpoint` (or, when not passed,
+        `args.resume_from_checkpoint`) names the checkpoint; `True`, or neither set, takes the newest complete
+        checkpoint of `output_dir` (newer incomplete ones are skipped with a warning; without one, `True` is an error
+        and an unset value trains from scratch); `False` trains from scratch. `overwrite_output_dir` trains from
+        scratch and deletes the folder's checkpoints first.
+
+        The checkpoint must be complete, hold its optimizer and scheduler state (unless `resume_with_fresh_optimizer`)
+        and readable weights, and have been saved with this run's [`RESUME_SETTINGS`] and training records; without
+        a checkpoint, an `output_dir` holding a model trained with other settings is refused as well.
         """
         if self.lr_scheduler is not None and self.lr_scheduler is self.stage_lr_scheduler:
             self.lr_scheduler = None  # built for one `train()` call, as Trainer rebuilds its own
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
         output_dir = self.args.output_dir
         if self.args.overwrite_output_dir:
             if resume_from_checkpoint:
@@ -328,11 +380,13 @@ class CoconutSFTTrainer(SFTTrainer):
                 remove_checkpoints(output_dir)
             self.accelerator.wait_for_everyone()
             return super().train(**kwargs)
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(output_dir)
-            if resume_from_checkpoint is None:
+        if resume_from_checkpoint is None or resume_from_checkpoint is True:
+            newest = last_complete_checkpoint(output_dir)
+            if newest is None and resume_from_checkpoint is True:
                 raise ValueError(f"`resume_from_checkpoint`=True, but {output_dir!r} has no complete checkpoint.")
+            resume_from_checkpoint = newest
         if resume_from_checkpoint:
+            logger.info(f"Resuming from {resume_from_checkpoint}")
             self.check_checkpoint(resume_from_checkpoint)
         else:
             record = Path(output_dir) / TRAINING_RECORD
@@ -376,11 +430,10 @@ class CoconutSFTTrainer(SFTTrainer):
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The model's own forward loss (`Trainer.compute_loss`), which runs the latent passes."""
-        inputs = {**inputs, "use_cache": False}
+        """`SFTTrainer.compute_loss` (loss and metrics) through the latent passes; watches for a non-finite loss."""
         if self.sync_latent_passes:
-            inputs["sync_latent_passes"] = True
-        result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            inputs = {**inputs, "sync_latent_passes": True}
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
             loss = result[0] if return_outputs else result
             self.finite_loss.observe(loss.detach(), self.state.global_step + 1)
@@ -453,10 +506,13 @@ class CoconutSFTTrainer(SFTTrainer):
             disable_tqdm=True,
         )
         model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()  # also for the log: SFTTrainer keeps its training metrics for the next training log
         result = evaluate_stage(model, self.processing_class, self.eval_records, self.args.curriculum, config)
         self.run_record.stage_results.append(result.to_dict())
         metrics = {f"eval_{name}": value for name, value in result.metrics.items()}
         self.log({"stage": stage, **metrics})
+        model.train(was_training)
         return result
 
 
@@ -567,4 +623,11 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
         )
 
 
-__all__ = ["CoconutSFTTrainer", "CurriculumSchedule", "CurriculumCallback", "FiniteLossCallback", "RunRecord"]
+__all__ = [
+    "CoconutSFTTrainer",
+    "CurriculumCallback",
+    "CurriculumSchedule",
+    "FiniteLossCallback",
+    "RunRecord",
+    "add_latent_fused_lm_head",
+]

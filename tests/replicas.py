@@ -10,7 +10,7 @@ mapping in it cannot pass its own test.
 - `INTERNVL3_1B_CONFIG`: the original `config.json`, full size, as printed.
 - `write_replica_tokenizer`: the real special tokens at their real ids (151643-151673), 151674 tokens in all.
 - `replica_config` / `replica_state_dict` / `write_original_replica`: the original layout at reduced width and depth,
-  with the real key names and the real vocabulary.
+  with the real key names and the real vocabulary; `replica_shapes`: those keys' shapes at any size.
 - `write_hf_replica`: the `-hf` form, written by transformers itself.
 - `reference_logits`: the original `InternVLChatModel` forward computed by hand (InternViT, pixel shuffle `v2`,
   `mlp1`) around transformers' `Qwen2ForCausalLM`, which is what the original model runs as its `language_model`.
@@ -242,8 +242,8 @@ def replica_config() -> dict:
     return config
 
 
-def replica_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under the real key names and shapes of the printed module tree (float32, N(0, 0.2))."""
+def replica_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The real key names of the printed module tree, with their shapes under `config`."""
     vision, llm = config["vision_config"], config["llm_config"]
     c, i_v, patch = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
     positions = (vision["image_size"] // patch) ** 2 + 1
@@ -303,8 +303,13 @@ def replica_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
                 prefix + "post_attention_layernorm.weight": (h,),
             }
         )
+    return dict(sorted(shapes.items()))
+
+
+def replica_state_dict(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights under the real key names and shapes of the printed module tree (float32, N(0, 0.2))."""
     generator = torch.Generator().manual_seed(seed)
-    return {key: torch.randn(shape, generator=generator) * 0.2 for key, shape in sorted(shapes.items())}
+    return {key: torch.randn(shape, generator=generator) * 0.2 for key, shape in replica_shapes(config).items()}
 
 
 def write_original_replica(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -16,13 +16,10 @@ import yaml
 from conftest import subprocess_env
 from PIL import Image
 from replicas import (
-    FIRST_SPECIAL_ID,
-    IM_END_ID,
     IMAGE_CONTEXT_ID,
     INTERNVL3_1B_CONFIG,
     REPLICA_IMAGE_SIZE,
     REPLICA_TOKENS_PER_TILE,
-    SPECIAL_TOKENS,
     VOCAB_SIZE,
     reference_logits,
     replica_config,
@@ -106,14 +103,6 @@ def converted_original(original_replica, tmp_path_factory):
     output = tmp_path_factory.mktemp("coconut") / "repo"
     main(ConvertConfig(base=str(original_replica[0]), output=str(output), datasets=["prosqa"], num_latent_thoughts=2))
     return output
-
-
-def test_replica_tokenizer_has_the_real_special_ids(tmp_path):
-    write_replica_tokenizer(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    assert len(tokenizer) == VOCAB_SIZE
-    assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(FIRST_SPECIAL_ID, VOCAB_SIZE))
-    assert tokenizer.eos_token_id == IM_END_ID and tokenizer.pad_token_id == FIRST_SPECIAL_ID
 
 
 def test_original_layout_converts_to_the_same_model(original_replica, converted_original, hf_home):

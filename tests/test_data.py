@@ -228,7 +228,7 @@ def test_any_json_file_with_a_column_mapping(tmp_path):
     ],
 )
 def test_wrong_shapes_are_refused_naming_record_and_field(tmp_path, item, problem):
-    """Issue 11 item 10: nothing is coerced (no `str(42)`, no step per character), and the error names the field."""
+    """Nothing is coerced (no `str(42)`, no step per character), and the error names the field."""
     record = {name: value for name, value in good_record().items() if name != "id"}  # ids come from the file
     path = tmp_path / "gsm_valid.json"
     path.write_text(json.dumps([record, {**record, **item}]))
@@ -260,7 +260,7 @@ def test_records_that_are_not_objects_are_refused(tmp_path, item, kind):
 
 
 def test_files_that_are_not_json_name_the_file_and_line(tmp_path):
-    """Issue 11 item 11: a bare JSONDecodeError becomes an error with the file, line and column."""
+    """A bare JSONDecodeError becomes an error with the file, line and column."""
     broken = tmp_path / "prosqa_train.json"
     broken.write_text('[\n  {"question": "a", "steps": ["b"], "answer": "c"},\n  {"question": "d" "steps": []}\n]')
     with pytest.raises(ValueError, match="prosqa_train.json', line 3 column 20: not valid JSON"):
@@ -289,7 +289,7 @@ def test_empty_datasets_say_no_records(tmp_path):
 
 
 def test_a_mapping_to_a_missing_column_names_it_and_the_columns(tmp_path):
-    """Issue 11 item 11: a mapped `steps` or `images` column that is not there was read as "no steps" / no images."""
+    """A mapped `steps` or `images` column that is not there was read as "no steps" / no images."""
     save_png(tmp_path / "one.png")
     path = tmp_path / "mine.jsonl"
     path.write_text(json.dumps({"query": "Which?", "rationale": "Look.", "label": "red", "pic": "one.png"}))

@@ -1,12 +1,14 @@
 """Saving and loading through the Auto classes with `trust_remote_code`, as a Hub user would."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
+from replicas import FIRST_SPECIAL_ID, INTERNVL3_1B_CONFIG, SPECIAL_TOKENS, replica_shapes
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
@@ -68,33 +70,35 @@ def test_fresh_process_loads_identical_model_offline(tmp_path, hf_home):
 
 
 def test_root_config_is_coconut_internvl3_1b(hf_home):
+    """The root config.json loads as Coconut-InternVL3-1B: the sizes of the original's public description, its
+    vocabulary plus the three Coconut tokens right after it, its `<IMG_CONTEXT>` id and tokens per tile."""
     config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)
     assert type(config).__name__ == "CoconutInternVLConfig"
-    text, vision = config.text_config, config.vision_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
-        896,
-        24,
-        14,
-        2,
-    )
-    assert (text.intermediate_size, text.vocab_size) == (4864, 151677)
-    assert (vision.image_size, vision.patch_size, vision.hidden_size, vision.num_hidden_layers) == (
-        [448, 448],
-        [14, 14],
-        1024,
-        24,
-    )
-    assert vision.num_attention_heads == 16
-    assert (config.downsample_ratio, config.image_seq_length, config.image_token_id) == (0.5, 256, 151667)
-    assert (config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id) == (
-        151674,
-        151675,
-        151676,
-    )
+    llm, vit = INTERNVL3_1B_CONFIG["llm_config"], INTERNVL3_1B_CONFIG["vision_config"]
+    for name in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
+        assert getattr(config.text_config, name) == llm[name], name
+    for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert getattr(config.vision_config, name) == vit[name], name
+    assert config.vision_config.image_size == [vit["image_size"]] * 2
+    assert config.vision_config.patch_size == [vit["patch_size"]] * 2
+    downsample = INTERNVL3_1B_CONFIG["downsample_ratio"]
+    assert config.downsample_ratio == downsample
+    assert config.image_seq_length == (vit["image_size"] // vit["patch_size"] * downsample) ** 2
+    assert config.image_token_id == FIRST_SPECIAL_ID + SPECIAL_TOKENS.index("<IMG_CONTEXT>")
+    assert config.text_config.vocab_size == llm["vocab_size"] + 3
+    latent_ids = [config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id]
+    assert latent_ids == [llm["vocab_size"], llm["vocab_size"] + 1, llm["vocab_size"] + 2]
 
 
 def test_root_config_builds_the_full_size_model(hf_home):
-    """Shapes only: built on the `meta` device, so no memory is allocated and no weight is initialised."""
+    """Shapes only: built on the `meta` device, so no memory is allocated and no weight is initialised. Every weight
+    of the original InternVL3-1B (its printed module tree), plus the three new tokens' embedding and output rows."""
     from transformers import AutoModel
 
     config = AutoConfig.from_pretrained(ROOT, trust_remote_code=True)
@@ -102,9 +106,11 @@ def test_root_config_builds_the_full_size_model(hf_home):
         model = AutoModel.from_config(config, trust_remote_code=True, dtype=torch.bfloat16)
     assert model.device.type == "meta"
     assert type(model).__name__ == "CoconutInternVLForConditionalGeneration"
-    assert model.get_input_embeddings().weight.shape == (151677, 896)
-    assert model.lm_head.weight.shape == (151677, 896)
-    assert 0.9e9 < sum(p.numel() for p in model.parameters()) < 1.0e9
+    llm = INTERNVL3_1B_CONFIG["llm_config"]
+    rows = (llm["vocab_size"] + 3, llm["hidden_size"])
+    assert model.get_input_embeddings().weight.shape == rows and model.lm_head.weight.shape == rows
+    original = sum(math.prod(shape) for shape in replica_shapes(INTERNVL3_1B_CONFIG).values())
+    assert sum(p.numel() for p in model.parameters()) == original + 2 * 3 * llm["hidden_size"]
 
 
 def test_legacy_internvl_checkpoint_keys_load_into_the_coconut_class(tmp_path):

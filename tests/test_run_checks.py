@@ -1,4 +1,4 @@
-"""train_sft.py and evaluate.py fed bad input (issue 11): re-runs with other flags, unwritable folders, short runs,
+"""train_sft.py and evaluate.py fed bad input: re-runs with other flags, unwritable folders, short runs,
 too long records, a missing `--dataset`, damaged weights, missing models, and the settings a saved model records."""
 
 import json
@@ -42,7 +42,7 @@ def train(tmp_path, *flags: str, output: str = "out"):
 
 
 def test_rerun_with_other_flags_is_refused(tmp_path):
-    """Item 1: the same command plus `--c_thought 2` used to resume, train 0 steps and rewrite the card."""
+    """The same command plus `--c_thought 2` used to resume, train 0 steps and rewrite the card."""
     output = tmp_path / "out"
     train(tmp_path, "--save_strategy", "steps", "--save_steps", "2")
     card = (output / "README.md").read_text()
@@ -66,7 +66,7 @@ def test_rerun_with_other_flags_is_refused(tmp_path):
 
 
 def test_output_dir_that_cannot_be_written_fails_before_training(tmp_path):
-    """Item 2: the check runs first: no data is rendered, no step trained."""
+    """The check runs first: no data is rendered, no step trained."""
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="`output_dir`='.*a_file/out' cannot be written \\(NotADirectoryError"):
         train(tmp_path, "--output_dir", str(tmp_path / "a_file" / "out"))
@@ -90,7 +90,7 @@ def test_existing_unwritable_output_dir_fails_before_training(tmp_path):
 
 
 def test_short_run_card_and_results_describe_the_saved_model(tmp_path, caplog):
-    """Item 3: stopped by `--max_steps` in stage 1, the card, record and results say stage 1 with 1 thought."""
+    """Stopped by `--max_steps` in stage 1, the card, record and results say stage 1 with 1 thought."""
     with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
         train(tmp_path, "--max_steps", "3")
     assert "`max_steps`=3 of 6 steps ends in stage 1, but `max_latent_stage`=2 needs" in caplog.text
@@ -106,8 +106,8 @@ def test_short_run_card_and_results_describe_the_saved_model(tmp_path, caplog):
 
 
 def test_killed_run_keeps_every_stage_in_its_results(tmp_path):
-    """Item 4 through the script: a run killed after step 3 (stage 0 evaluated, checkpoint-3 saved) and started
-    again writes the same results and predictions for every stage as a run that was never killed."""
+    """Through the script: a run killed after step 3 (stage 0 evaluated, checkpoint-3 saved) and started again
+    writes the same results and predictions for every stage as a run that was never killed."""
     output = tmp_path / "out"
     train(tmp_path, "--save_strategy", "steps", "--save_steps", "1")
     finished = {path.name: path.read_text() for path in output.glob("predictions_stage_*.jsonl")}
@@ -127,7 +127,7 @@ def test_killed_run_keeps_every_stage_in_its_results(tmp_path):
 
 
 def test_records_longer_than_max_length_are_refused_or_skipped(tmp_path, caplog):
-    """Item 5: the length check runs in train_sft, counting image tokens; `--skip_invalid` drops and counts."""
+    """The length check runs in train_sft, counting image tokens; `--skip_invalid` drops and counts."""
     task = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=8)
     records = build_synthetic_split(tmp_path / "data", "train", task)
     _, processor = train_sft.tiny_model_and_processor(task, seed=0)
@@ -182,7 +182,7 @@ def test_the_length_check_counts_image_tokens_as_the_processor_makes_them(tmp_pa
 
 
 def test_dataset_is_required_outside_the_demo(tmp_path):
-    """Item 6: `--model_name_or_path` without `--dataset` used to train on the synthetic task."""
+    """`--model_name_or_path` without `--dataset` used to train on the synthetic task."""
     without_dataset = [flag for flag in SMALL_RUN if flag not in ("--dataset", "arrow_chase")]
     for extra in (["--model_name_or_path", str(tmp_path / "model")], []):
         with pytest.raises(ValueError, match="`--dataset` is missing: pass `--dataset arrow_chase`"):
@@ -191,7 +191,7 @@ def test_dataset_is_required_outside_the_demo(tmp_path):
 
 
 def test_truncated_model_weights_are_named(tmp_path):
-    """Item 9: `--model_name_or_path` with a weight file cut short."""
+    """`--model_name_or_path` with a weight file cut short."""
     model, processor = train_sft.tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
     model.save_pretrained(tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
@@ -209,7 +209,7 @@ def trained(tmp_path_factory):
 
 
 def test_evaluate_defaults_to_the_recorded_task_and_curriculum(trained, tmp_path):
-    """Item 19: `evaluate.py --model <trained>` evaluates on the model's own task, curriculum and stage."""
+    """`evaluate.py --model <trained>` evaluates on the model's own task, curriculum and stage."""
     record = json.loads((trained / "coconut_training.json").read_text())
     assert (record["task"]["grid_size"], record["task"]["max_hops"], record["task"]["seed"]) == (2, 2, 3)
     assert (record["stage"], record["curriculum"]["c_thought"], record["dataset"]) == (2, 2, "arrow_chase")
@@ -236,7 +236,7 @@ def test_evaluate_defaults_to_the_recorded_task_and_curriculum(trained, tmp_path
 
 
 def test_evaluate_checks_the_model_before_rendering_data(tmp_path):
-    """Item 18: a model path that does not exist fails at once, before 200 images are rendered."""
+    """A model path that does not exist fails at once, before 200 images are rendered."""
     parser = TrlParser((evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig))
     data = ["--dataset", "arrow_chase", "--data_dir", str(tmp_path / "data")]
     with pytest.raises(ValueError, match="`--model` '.*outputs/demoo' does not exist"):

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from transformers import TrainerCallback
-from trl import SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
@@ -105,9 +105,45 @@ def test_training_loss_is_the_latent_forward_loss(tmp_path, tokenizer):
     reference = reference_sum / count
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
-    # TRL's own compute_loss runs the fused LM head on the backbone: no latent passes, another loss.
-    plain = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    # TRL's own fused LM head runs the inner backbone: no latent passes, another loss.
+    plain_model = text_model(tokenizer)  # the same weights
+    add_fused_lm_head(plain_model)
+    plain = plain_model(**batch, fused_lm_head=True).loss
     assert abs(plain.item() - reference.item()) > 1e-3, (plain.item(), reference.item())
+
+
+def test_sft_trainer_metrics_are_logged(tmp_path, tokenizer):
+    """SFTTrainer's own metrics, computed over the latent passes: token count, entropy and next-token accuracy."""
+    trainer = make_trainer(
+        tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=2, start_stage=1,  # 2 stages x 2 steps
+        eval_dataset=RECORDS[:2], eval_max_new_tokens=2, per_device_eval_batch_size=2,
+    )  # fmt: skip
+    batches = [trainer.data_collator(trainer.schedule.rows[step * 4 : step * 4 + 4]) for step in range(4)]
+    assert (batches[0]["input_ids"] == trainer.model.config.latent_token_id).any()
+    with torch.no_grad():  # peaked predictions: the fed-back thoughts then change the entropy by about 1 %
+        trainer.model.lm_head.weight.mul_(30)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    evaluations = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    assert [entry["stage"] for entry in evaluations] == [1, 2]
+    assert not any("entropy" in entry for entry in evaluations)  # the training metrics stay in the training logs
+    tokens = torch.cumsum(torch.tensor([int(batch["attention_mask"].sum()) for batch in batches]), 0).tolist()
+    assert [entry["num_tokens"] for entry in logs] == tokens
+    for entry in logs:
+        assert 0 <= entry["mean_token_accuracy"] <= 1 and entry["entropy"] > 0, entry
+
+    # The first step's metrics, from the batch and the initial weights: the latent forward's next-token predictions.
+    model = text_model(tokenizer).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+        logits = model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits[:, :-1]
+    labels = batches[0]["labels"][:, 1:]
+    mask = labels != -100
+    accuracy = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()
+    entropy = torch.distributions.Categorical(logits=logits[mask]).entropy().mean()
+    assert logs[0]["mean_token_accuracy"] == pytest.approx(accuracy.item(), abs=1e-6)
+    assert logs[0]["entropy"] == pytest.approx(entropy.item(), rel=1e-4)
 
 
 def test_collator_labels_only_steps_answer_and_end_of_turn(tmp_path, tokenizer):
@@ -225,27 +261,60 @@ def test_pause_as_thought_keeps_the_layout_without_thought_feedback(tmp_path, to
 
 
 def test_config_defaults_and_checks(tmp_path):
-    assert not sft_config(tmp_path).activation_checkpointing  # SFTConfig's default is on
+    config = sft_config(tmp_path, dataset_kwargs={"num_proc": 2})
+    assert not config.activation_checkpointing  # SFTConfig's default is on
+    # What the trainer needs, set by the config: its own data order, the schedule columns kept and not tokenized.
+    assert (config.train_sampling_strategy, config.remove_unused_columns) == ("sequential", False)
+    assert config.dataset_kwargs == {"num_proc": 2, "skip_prepare_dataset": True}
     with pytest.raises(ValueError, match="uniform_prob"):
         sft_config(tmp_path, uniform_prob=1.5)
     with pytest.raises(ValueError, match="method"):
         sft_config(tmp_path, method="latent")
-    with pytest.raises(ValueError, match="train_sampling_strategy"):
-        sft_config(tmp_path, train_sampling_strategy="random")
+    with pytest.raises(ValueError, match="`train_sampling_strategy`='group_by_length': the trainer orders the data"):
+        sft_config(tmp_path, train_sampling_strategy="group_by_length")
+    with pytest.raises(ValueError, match="TRL must not tokenize the schedule"):
+        sft_config(tmp_path, dataset_kwargs={"skip_prepare_dataset": False})
     with pytest.raises(ValueError, match="reentrant checkpointing cuts the gradient"):
         sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
-    reentrant_off = {"use_reentrant": False}
-    assert sft_config(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=reentrant_off)
 
 
-def test_gradient_checkpointing_keeps_the_training_loss(tmp_path, tokenizer):
+def test_label_smoothing_goes_through_trls_loss(tmp_path, tokenizer):
+    """With `label_smoothing_factor`, SFTTrainer's label smoother scores the logits of the latent forward."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    trainer = make_trainer(tmp_path, tokenizer, label_smoothing_factor=0.1)
+    batch = trainer.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
+    model = trainer.model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+    expected = LabelSmoother(epsilon=0.1)(outputs, batch["labels"], shift_labels=True)
+    torch.testing.assert_close(loss, expected)
+    assert abs(loss.item() - model(**batch).loss.item()) > 1e-3  # not the unsmoothed loss
+
+
+def test_gradient_checkpointing_keeps_the_training_loss_and_gradients(tmp_path, tokenizer):
+    """Non-reentrant checkpointing (the setting the config accepts) gives the plain loss and gradients, including
+    those that flow from later thoughts into earlier keys and values."""
     plain = make_trainer(tmp_path / "plain", tokenizer)
-    checkpointed = make_trainer(tmp_path / "ckpt", tokenizer, activation_checkpointing=True)
+    kwargs = {"use_reentrant": False}
+    checkpointed = make_trainer(
+        tmp_path / "ckpt", tokenizer, activation_checkpointing=True, activation_checkpointing_kwargs=kwargs
+    )
     batch = plain.data_collator([{"epoch": 0, "sample": i, "stage": 2} for i in range(4)])
     checkpointed.model.train()
-    checkpointed.model.gradient_checkpointing_enable()  # what Trainer.train does with the setting
+    # What Trainer.train does with the settings.
+    checkpointed.model.activation_checkpointing_enable(checkpointed.args.activation_checkpointing_kwargs)
+    assert checkpointed.model.is_activation_checkpointing
     loss = checkpointed.compute_loss(checkpointed.model, dict(batch))
-    torch.testing.assert_close(loss, plain.compute_loss(plain.model.train(), dict(batch)), rtol=1e-5, atol=1e-6)
+    expected = plain.compute_loss(plain.model.train(), dict(batch))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    for (name, parameter), reference in zip(
+        checkpointed.model.named_parameters(), plain.model.parameters(), strict=True
+    ):
+        if reference.grad is not None:
+            torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 class RecordOptimizer(TrainerCallback):
@@ -313,7 +382,7 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
-# Issue 11: what a stopped, resumed, re-run or diverging training does. Three stages of two steps each.
+# What a stopped, resumed, re-run or diverging training does. Three stages of two steps each.
 CHECKPOINTED = dict(per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
 
 
@@ -332,7 +401,7 @@ def assert_same_weights(model, expected_model):
 
 
 def test_stage_results_survive_a_resume(tmp_path, tokenizer):
-    """Item 4: stopped in stage 2 and resumed, the run still reports stages 0 and 1, predictions included."""
+    """Stopped in stage 2 and resumed, the run still reports stages 0 and 1, predictions included."""
     evaluation = dict(eval_dataset=RECORDS[:3], eval_max_new_tokens=3, per_device_eval_batch_size=2)
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED, **evaluation)
     full.train()
@@ -356,7 +425,7 @@ def test_stage_results_survive_a_resume(tmp_path, tokenizer):
 
 
 def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplog):
-    """Item 7: a checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
+    """A checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
     full.train()
     stopped_run(tmp_path / "run", tokenizer, 4)
@@ -373,8 +442,38 @@ def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplo
     assert_same_weights(resumed.model, full.model)
 
 
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_train_resumes_as_the_settings_say(tmp_path, tokenizer):
+    """`train()` without an argument resumes from the newest complete checkpoint of output_dir, or from the one that
+    `resume_from_checkpoint` in the settings names; `train(False)` starts from scratch."""
+    full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
+    full.train()
+    stopped_run(tmp_path / "run", tokenizer, 3)
+
+    def run(resume=None, **overrides) -> int:
+        trainer = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED, **overrides)
+        counter = CountSteps()
+        trainer.add_callback(counter)
+        trainer.train(resume)
+        assert trainer.state.global_step == 6
+        if resume is not False:
+            assert_same_weights(trainer.model, full.model)
+        return counter.steps
+
+    assert run() == 3
+    assert run(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2")) == 4
+    assert run(False) == 6
+
+
 def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer):
-    """Item 8: no silent fresh optimizer."""
+    """A checkpoint without optimizer state is refused unless a fresh optimizer is asked for."""
     stopped_run(tmp_path, tokenizer, 3)
     (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").unlink()
     with pytest.raises(ValueError, match="checkpoint-3' has no optimizer.pt .* `--resume_with_fresh_optimizer`"):
@@ -389,7 +488,7 @@ def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer
 
 
 def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
-    """Item 9: a weight file cut short is an error naming it, not a deserialisation error."""
+    """A weight file cut short is an error naming it, not a deserialisation error."""
     stopped_run(tmp_path, tokenizer, 2)
     weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -426,7 +525,7 @@ class CorruptWeightAfter(TrainerCallback):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
-    """Item 9: NaN weights train to a NaN loss: the run stops with the first bad step, and saves nothing after it."""
+    """NaN weights train to a NaN loss: the run stops with the first bad step, and saves nothing after it."""
     trainer = make_trainer(tmp_path, tokenizer, **CHECKPOINTED)
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("nan")
@@ -441,7 +540,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
 
 
 def test_resume_refuses_other_settings(tmp_path, tokenizer):
-    """Item 1: the same output_dir with other training or curriculum settings is refused, naming the fields."""
+    """The same output_dir with other training or curriculum settings is refused, naming the fields."""
     stopped_run(tmp_path, tokenizer, 2)
     with pytest.raises(ValueError, match="c_thought: 1 -> 2; learning_rate: 0.01 -> 0.02\\. .*--overwrite_output_dir"):
         make_trainer(tmp_path, tokenizer, c_thought=2, learning_rate=2e-2, **CHECKPOINTED).train(True)
@@ -459,12 +558,12 @@ def test_resume_refuses_other_settings(tmp_path, tokenizer):
 
 
 def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
-    """Item 3: warnings with the numbers; the stage reached and the thoughts used describe the saved model."""
+    """Warnings with the numbers; the stage reached and the thoughts used describe the saved model."""
     with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
         make_trainer(tmp_path, tokenizer, num_train_epochs=2, max_latent_stage=3)
     assert (
         "too short for its curriculum: `num_train_epochs`=2 ends in stage 1, but `max_latent_stage`=3 needs "
-        "(max_latent_stage + 1) x epochs_per_stage (1) = 4 epochs"
+        "(max_latent_stage + 1 - start_stage) x epochs_per_stage (1) = 4 epochs"
     ) in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
@@ -491,7 +590,7 @@ def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):
 
 
 def test_collator_never_cuts_an_example(tmp_path, tokenizer):
-    """Item 5: an example longer than max_length is an error naming its record, never trained on cut."""
+    """An example longer than max_length is an error naming its record, never trained on cut."""
     row = {"epoch": 0, "sample": 5, "stage": 0}
     length = make_trainer(tmp_path, tokenizer, max_length=None).data_collator([row])["input_ids"].shape[1]
     trainer = make_trainer(tmp_path, tokenizer, max_length=length - 1)

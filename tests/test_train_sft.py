@@ -120,7 +120,7 @@ def _fsdp2_steps(rank: int, world_size: int, port: int, tokenizer_dir: str, resu
 
 
 def test_fsdp2_on_two_cpu_processes_gives_the_single_process_loss(tmp_path, tokenizer):  # noqa: F811
-    """Issue 11 item 20: a real sharded run (`fully_shard`, gloo) whose processes hold different thought counts
+    """A real sharded run (`fully_shard`, gloo) whose processes hold different thought counts
     finishes, and its loss at every step equals one process training on both processes' rows.
 
     `accelerate`'s FSDP plugin cannot be used on CPU: `AcceleratorState` keeps it only for multi-accelerator runs, and
