@@ -27,7 +27,7 @@ from coconut.metrics import (
     extract_answer,
     multiple_choice_score,
 )
-from processing_coconut_internvl import latent_block
+from processing_coconut_internvl import latent_block, thought_count
 
 
 logger = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ class CoconutEvalConfig:
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}`={getattr(self, name)} must be at least 1.")
-        for name in ("stage", "num_latent_thoughts"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"`{name}`={value} must be 0 or more.")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError(f"`stage`={self.stage} must be 0 or more.")
+        if self.num_latent_thoughts is not None:
+            self.num_latent_thoughts = thought_count(self.num_latent_thoughts)
 
 
 def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> dict:

@@ -3,6 +3,8 @@ training, evaluation table, limitations, citations."""
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from processing_coconut_internvl import thought_count
+
 
 TAGS = ["coconut", "latent-reasoning", "internvl"]
 
@@ -90,7 +92,7 @@ def build_model_card(
     base_model: str,
     license: str,
     datasets: list[str] | None = None,
-    num_latent_thoughts: int = 0,
+    num_latent_thoughts: int | None = 0,
     training: str = "",
     evaluation: list[dict] | None = None,
 ) -> ModelCard:
@@ -101,15 +103,16 @@ def build_model_card(
         base_model (`str`): the InternVL checkpoint it came from (Hub id), for the metadata and the links.
         license (`str`): the licence identifier, e.g. `"mit"` (`coconut.convert.base_model_license` reads the base's).
         datasets (`list[str]`, *optional*): datasets for the metadata.
-        num_latent_thoughts (`int`): the thoughts the quick start asks for (the trained setting).
+        num_latent_thoughts (`int`, *optional*): the thoughts the quick start asks for (the trained setting); `None`
+            for a model trained without latent blocks (CoT, no-CoT, w/o thought), whose prompt has none.
         training (`str`): how the model was trained; a converted, untrained model says so when left empty.
         evaluation (`list[dict]`, *optional*): one dict per table row, the same keys in each, e.g.
             `[{"dataset": "ProsQA test", "thoughts": 6, "accuracy": 0.97}]`.
     """
     if not repo_id:
         raise ValueError("`repo_id` is empty: give the Hub id (or local path) the quick start should load.")
-    if num_latent_thoughts < 0:
-        raise ValueError(f"`num_latent_thoughts`={num_latent_thoughts} must be 0 or more.")
+    if num_latent_thoughts is not None:
+        thought_count(num_latent_thoughts)
     evaluation = evaluation or []
     columns = {tuple(row) for row in evaluation}
     if len(columns) > 1:
