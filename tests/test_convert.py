@@ -261,7 +261,7 @@ def test_root_config_json_is_what_the_converter_writes_for_internvl3_1b(tmp_path
     assert written == root, f"fields that differ: {differing_fields(written, root) + differing_fields(root, written)}"
 
 
-def test_a_bad_latent_id_in_config_is_refused_when_the_processor_loads(converted_original, tmp_path, hf_home):
+def test_a_bad_latent_id_in_config_is_refused_when_the_model_or_processor_loads(converted_original, tmp_path, hf_home):
     folder = tmp_path / "repo"
     shutil.copytree(converted_original, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -269,6 +269,8 @@ def test_a_bad_latent_id_in_config_is_refused_when_the_processor_loads(converted
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"`latent_token_id`=100 but the tokenizer's <\|latent\|> is 151676"):
         AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"`latent_token_id`=100 but the tokenizer in .*'s <\|latent\|> is 151676"):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)  # the model alone reads the tokenizer beside it
     processor = AutoProcessor.from_pretrained(converted_original, trust_remote_code=True)  # the right ids pass
     with pytest.raises(ValueError, match="`start_latent_token_id`=None but"):
         processor.check_latent_token_ids(InternVLConfig())
