@@ -384,10 +384,14 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Token ids. Positions holding `config.latent_token_id` are continuous thoughts. Latents are found in
-            `input_ids` only: with `inputs_embeds` alone the model is the plain InternVL.
+            `input_ids` only; `inputs_embeds` may come with them, and without them must not hold the `<|latent|>`
+            embedding (a `ValueError`: the thoughts could not be found).
         attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding (left or right). With latents and no `position_ids`, positions
             are counted from it (`cumsum - 1`), so a padded row computes what the row computes alone.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(1, sequence_length)`, *optional*):
+            Used as given, and moved with their rows. Without an attention mask, positions that restart inside a row
+            mark packed sequences (TRL's `padding_free`), which attend only to themselves.
         sync_latent_passes (`bool`, *optional*, defaults to `False`):
             Make every rank of the process group run the same number of language-model passes (all-reduce of the
             pass count). Needed under FSDP and DeepSpeed ZeRO-3, where each forward call gathers parameters.
@@ -396,10 +400,11 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
         With latents, rows whose thoughts start at different columns are moved inside the batch (their padding moves,
         see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
-        (most thoughts in a row + 1) language-model passes however it is padded. Rows stay in place, and every column
-        holding a latent in any row starts a pass, where moving is not possible: a cache that already holds tokens, a
-        non-dynamic cache, a prepared 4D attention mask, explicit `position_ids`, or sliding-window layers. Logits at
-        padding columns (`attention_mask` 0) are not meaningful; give them the label -100.
+        (most thoughts in a row + 1) language-model passes however it is padded, with or without `position_ids`. Rows
+        stay in place, and every column holding a latent in any row starts a pass, where moving is not possible: a
+        cache that already holds tokens, a non-dynamic cache, a prepared 4D attention mask, 3D `position_ids`, packed
+        sequences, or sliding-window layers. Logits at padding columns (`attention_mask` 0) are not meaningful; give
+        them the label -100.
 
         Returns `InternVLCausalLMOutputWithPast` with logits for every position (or the last `logits_to_keep`), the
         filled cache and the loss.
@@ -805,7 +810,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 Left-padded prompt ids (or pass `input_ids=`). Prompts may already hold latent blocks.
             num_latent_thoughts (`int` or `list[int]`, *optional*):
                 Append `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>` to every prompt (see
-                [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]).
+                [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]); 0 appends the two markers alone,
+                `None` nothing.
             synced_gpus (`bool`, *optional*):
                 As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
                 passes, whatever its prompts' thoughts.
@@ -821,6 +827,17 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         _check_pixel_values(kwargs.get("pixel_values"))
+        input_ids = self._prompt_with_thoughts(input_ids, num_latent_thoughts, generation_config, kwargs)
+        if synced_gpus is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
+        if synced_gpus:
+            kwargs["sync_latent_passes"] = True
+        return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
+
+    def _prompt_with_thoughts(self, input_ids, num_latent_thoughts, generation_config, kwargs) -> torch.LongTensor:
+        """The prompts with their latent blocks (appended for `num_latent_thoughts`, updating `kwargs`'s attention
+        mask), checked before any pass: blocks that read as blocks by the config's ids, left padding."""
         if num_latent_thoughts is not None:
             if input_ids is None or kwargs.get("inputs_embeds") is not None:
                 given = "none" if input_ids is None else "`inputs_embeds` too, which would have no block"
@@ -836,13 +853,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             _check_latent_blocks(input_ids, kwargs.get("attention_mask"), self.config)
             if kwargs.get("attention_mask") is not None:
                 _check_left_padded(kwargs["attention_mask"])
-
-        if synced_gpus is None:
-            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
-        if synced_gpus:
-            kwargs["sync_latent_passes"] = True
-        return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
+        return input_ids
 
     def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
         """[`GenerationMixin.prepare_inputs_for_generation`], except that a first step from `inputs_embeds` keeps the

@@ -22,8 +22,8 @@ The answer follows the marker `### `.
 
 ## Quick start
 
-Needs `transformers>=5.24,<5.25`, `torch` and `pillow`; the model, configuration and processor code ship with the
-repository (`trust_remote_code=True`).
+Needs `transformers>=5.24.0` (tested on 5.24.0 to 5.25.0), `torch` and `pillow`; the model, configuration and
+processor code ship with the repository (`trust_remote_code=True`).
 
 ```python
 import torch
