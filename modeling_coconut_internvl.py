@@ -18,19 +18,12 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.versions import require_version
-
-
-try:
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # older transformers: `logits_to_keep` is an int or 1D positions, as the parent then took it
-
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        return hidden_states[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
 
 
 try:  # imported as part of a package: the Hub's remote code, or a repository checkout used as one
