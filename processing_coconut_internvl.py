@@ -132,13 +132,10 @@ def extract_answer(text: str, answer_marker: str = ANSWER_MARKER) -> str | None:
 
 def _repository_file(pretrained_model_name_or_path, filename: str, **hub_kwargs) -> str | None:
     """The local path of `filename` in a folder or Hub repository, or `None` where it has none (or is unreachable)."""
-    return cached_file(
-        pretrained_model_name_or_path,
-        filename,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
+    try:
+        return cached_file(pretrained_model_name_or_path, filename, **hub_kwargs)
+    except OSError:  # transformers' one error for a missing file, repository or connection
+        return None
 
 
 def tokenizer_latent_ids(pretrained_model_name_or_path, **hub_kwargs) -> dict[str, int | None] | None:
