@@ -133,40 +133,58 @@ def agree_on_pass_count(num_passes: int, device: torch.device) -> int:
 
 @dataclass
 class LatentRowPlacement:
-    """Rows moved inside a batch: column `t` of row `b` goes to column `columns[b, t]` of a batch `width` wide.
+    """Tokens moved inside a batch: token `(b, t)` goes to row `rows[b, t]`, column `columns[b, t]` of a batch of
+    `num_rows` rows `width` wide.
 
     Each row is rotated as a whole (`columns[b] = (arange(T) + shift[b]) % width`), so its real tokens keep their order
-    and neighbours and its padding wraps around to the other end. Positions come from the attention mask, so a moved
+    and neighbours and its padding wraps around to the other end. Sequences packed into one row (restarting
+    `position_ids`, no attention mask) each get a row of their own first. Positions come with the tokens, so a moved
     row computes exactly what it computed in place.
     """
 
+    rows: torch.LongTensor  # (B, T)
     columns: torch.LongTensor  # (B, T)
+    num_rows: int
     width: int
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`(B, T, ...)` in the caller's layout -> `(B, width, ...)`; columns no caller column moved to hold zeros."""
-        placed = tensor.new_zeros((tensor.shape[0], self.width, *tensor.shape[2:]))
-        return placed.scatter(1, self._index(tensor.shape, dim=1), tensor)
+        """`(B, T, ...)` in the caller's layout -> `(num_rows, width, ...)`; places no token moved to hold zeros."""
+        placed = tensor.new_zeros((self.num_rows, self.width, *tensor.shape[2:]))
+        return placed.index_put((self.rows, self.columns), tensor)
 
     def restore(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Back to the caller's layout along `dim`: `(B, ..., width, ...)` -> `(B, ..., T, ...)`."""
-        shape = list(tensor.shape)
-        shape[dim] = self.columns.shape[1]
-        return tensor.gather(dim, self._index(shape, dim))
+        """Back to the caller's layout along `dim`: `(num_rows, ..., width, ...)` -> `(B, ..., T, ...)`."""
+        return tensor.movedim(dim, 1)[self.rows, self.columns].movedim(1, dim)
 
     def restore_cache(self, cache: DynamicCache, into: DynamicCache) -> DynamicCache:
-        """Write the keys and values of `cache`, `(B, heads, width, head_dim)` a layer, into `into` in caller order."""
+        """Write the keys and values of `cache`, `(num_rows, heads, width, head_dim)` a layer, into `into` in caller
+        order, `(B, heads, T, head_dim)`."""
         for index, layer in enumerate(cache.layers):
             into.update(self.restore(layer.keys, dim=2), self.restore(layer.values, dim=2), index)
         return into
 
-    def _index(self, shape, dim: int) -> torch.LongTensor:
-        view = [self.columns.shape[0]] + [1] * (len(shape) - 1)
-        view[dim] = self.columns.shape[1]
-        return self.columns.view(view).expand(*shape)
+
+def _sequence_rows(shape, position_ids: torch.LongTensor | None) -> LatentRowPlacement:
+    """Every sequence in a row of its own, from column 0: sequences packed into one row start where `position_ids` do
+    not go up by one. Without `position_ids` each row stays as it is."""
+    batch_size, length = shape
+    arange = torch.arange(length, device=position_ids.device if position_ids is not None else None)
+    if position_ids is None:
+        rows = torch.arange(batch_size, device=arange.device)[:, None].expand(batch_size, length)
+        return LatentRowPlacement(rows, arange.expand(batch_size, length), batch_size, length)
+    positions = position_ids.expand(batch_size, length)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions.diff(dim=-1) != 1
+    sequence = starts.long().cumsum(dim=-1) - 1  # (B, T): the sequence's index in its row
+    sequences_per_row = sequence[:, -1] + 1  # (B,)
+    rows = (sequences_per_row.cumsum(0) - sequences_per_row)[:, None] + sequence
+    columns = arange - torch.where(starts, arange, 0).cummax(dim=-1).values  # (B, T): offset from its start
+    return LatentRowPlacement(rows, columns, int(sequences_per_row.sum()), int(columns.max()) + 1)
 
 
-def align_latent_rows(latent_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> LatentRowPlacement | None:
+def align_latent_rows(
+    latent_mask: torch.Tensor, attention_mask: torch.Tensor | None, packed_position_ids: torch.LongTensor | None = None
+) -> LatentRowPlacement | None:
     """Move rows so that every row's first `<|latent|>` falls in the same column, where that saves passes.
 
     Every row with thoughts is moved by `target - first_latent`, with the smallest `target` that moves no row's first
@@ -177,21 +195,25 @@ def align_latent_rows(latent_mask: torch.Tensor, attention_mask: torch.Tensor | 
     Args:
         latent_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): where the `<|latent|>` tokens are.
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens.
+        packed_position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): positions of
+            rows without an attention mask; sequences packed into a row (where positions restart) get a row each.
 
     Returns:
         A [`LatentRowPlacement`], or `None` where moving the rows would not take fewer passes.
     """
-    length = latent_mask.shape[1]
+    sequences = _sequence_rows(latent_mask.shape, packed_position_ids)
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(latent_mask)
-    has_thoughts = latent_mask.any(dim=1)
-    first_latent = latent_mask.int().argmax(dim=1)  # (B,)
+    latent, real = sequences.place(latent_mask), sequences.place(real)  # (R, L): one sequence a row
+    length = sequences.width
+    has_thoughts = latent.any(dim=1)
+    first_latent = latent.int().argmax(dim=1)  # (R,)
     first_real = real.int().argmax(dim=1)
     end_real = length - real.flip(1).int().argmax(dim=1)  # one past each row's last real token
     target = int((first_latent - first_real)[has_thoughts].max())
-    shift = torch.where(has_thoughts, target - first_latent, 0)  # (B,)
+    shift = torch.where(has_thoughts, target - first_latent, 0)  # (R,)
     width = max(length, int((end_real + shift).max()))
-    columns = (torch.arange(length, device=latent_mask.device) + shift[:, None]) % width  # (B, T)
-    placement = LatentRowPlacement(columns, width)
+    columns = (sequences.columns + shift[sequences.rows]) % width  # (B, T)
+    placement = LatentRowPlacement(sequences.rows, columns, sequences.num_rows, width)
     if placement.place(latent_mask).any(dim=0).sum() >= latent_mask.any(dim=0).sum():
         return None
     return placement
@@ -384,7 +406,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             are counted from it (`cumsum - 1`), so a padded row computes what the row computes alone.
         position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(1, sequence_length)`, *optional*):
             Used as given, and moved with their rows. Without an attention mask, positions that restart inside a row
-            mark packed sequences (TRL's `padding_free`), which attend only to themselves.
+            mark packed sequences (TRL's `padding_free`): each attends only to itself and, with latents, is given a
+            row of its own for the passes.
         sync_latent_passes (`bool`, *optional*, defaults to `False`):
             Make every rank of the process group run the same number of language-model passes (all-reduce of the
             pass count). Needed under FSDP and DeepSpeed ZeRO-3, where each forward call gathers parameters.
@@ -395,9 +418,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
         (most thoughts in a row + 1) language-model passes however it is padded, with or without `position_ids`. Rows
         stay in place, and every column holding a latent in any row starts a pass, where moving is not possible: a
-        cache that already holds tokens, a non-dynamic cache, a prepared 4D attention mask, 3D `position_ids`, packed
-        sequences, or sliding-window layers. Logits at padding columns (`attention_mask` 0) are not meaningful; give
-        them the label -100.
+        cache that already holds tokens, a non-dynamic cache, a prepared 4D attention mask, 3D `position_ids`, or
+        sliding-window layers. Logits at padding columns (`attention_mask` 0) are not meaningful; give them the label
+        -100.
 
         Returns `InternVLCausalLMOutputWithPast` with logits for every position (or the last `logits_to_keep`), the
         filled cache and the loss.
@@ -410,7 +433,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if latent_mask is not None:
             self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
             if self._can_move_rows(attention_mask, position_ids, cache, past_length, shape):
-                placement = align_latent_rows(latent_mask, attention_mask)
+                packed_positions = position_ids if attention_mask is None else None  # a mask overrides packing
+                placement = align_latent_rows(latent_mask, attention_mask, packed_positions)
         if placement is not None:
             latent_mask = placement.place(latent_mask)
         width = placement.width if placement is not None else shape[1]
@@ -636,8 +660,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """Whether the rows may be moved inside the batch (see `forward`): outputs and cache can be moved back.
 
         Explicit `position_ids` (as TRL's `padding_free` and `generate` pass them) move with their rows. Without an
-        attention mask, positions that restart inside a row mark packed sequences, which transformers separates by
-        their positions; such rows stay in place.
+        attention mask, positions that restart inside a row mark packed sequences (TRL's `padding_free`), which
+        transformers separates by their positions: each gets a row of its own.
         """
         if position_ids is not None:
             if (
@@ -646,8 +670,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 or position_ids.shape[1] != shape[1]
             ):
                 return False  # e.g. 3D multimodal rotary positions
-            if attention_mask is None and (position_ids.diff(dim=-1) != 1).any():
-                return False
         return (
             past_length == 0
             and (cache is None or isinstance(cache, DynamicCache))

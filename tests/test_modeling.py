@@ -190,22 +190,36 @@ def test_six_thoughts_far_apart_with_positions_cost_seven_passes(model):
     assert max_difference_to_reference(model, batch, position_ids=positions_of(batch)) <= TOLERANCE
 
 
-def test_packed_sequences_stay_in_place_and_apart(model):
+def packed(batch) -> dict:
+    """The rows of `batch` packed into one, as TRL's `padding_free` collator packs them: restarting positions, no mask."""
+    real = batch["attention_mask"].bool()
+    return dict(
+        input_ids=batch["input_ids"][real][None],
+        position_ids=torch.cat([torch.arange(int(row.sum())) for row in real])[None],
+        labels=batch["labels"][real][None],
+        pixel_values=batch["pixel_values"],
+    )
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [Row(latents=2, answer=3), Row(latents=3, lead=2, answer=2)],
+        [Row(latents=6, answer=7, images=[]), Row(latents=6, lead=6, answer=2, images=[]), Row(latents=0, answer=3)],
+    ],
+    ids=["two_sequences", "six_thoughts_each"],
+)
+def test_packed_sequences_get_a_row_each(model, rows):
     """TRL's `padding_free` packs sequences into one row with restarting `position_ids` and no attention mask: each
-    sequence attends to itself only (transformers separates them by their positions), and its thoughts are exact."""
-    batch = build_batch([Row(latents=2, answer=3), Row(latents=3, lead=2, answer=2)])
-    first, second = batch["sequences"]
-    input_ids = torch.tensor([first + second])
-    position_ids = torch.tensor([list(range(len(first))) + list(range(len(second)))])
-    pixel_values = torch.cat(batch["pixel_rows"])
-    latent_columns = int((input_ids == LATENT).sum())
-    inputs = dict(input_ids=input_ids, position_ids=position_ids, pixel_values=pixel_values)
-    assert latent_passes(model, inputs) == latent_columns + 1  # one row: nothing to move
+    sequence attends to itself only, and gets a row of its own, so the passes are (most thoughts + 1) as for a batch."""
+    batch = build_batch(rows)
+    inputs = {key: value for key, value in packed(batch).items() if key != "labels"}
+    in_place = len(plan_latent_passes(inputs["input_ids"] == LATENT))
+    assert latent_passes(model, inputs) == most_thoughts(batch) + 1 < in_place
     with torch.no_grad():
         logits = model(**inputs).logits[0]
-        expected = torch.cat(
-            [reference_logits(model, ids, batch["pixel_rows"][b]) for b, ids in enumerate((first, second))]
-        )
+        rows = enumerate(batch["sequences"])
+        expected = torch.cat([reference_logits(model, ids, batch["pixel_rows"][b]) for b, ids in rows])
     difference = (logits - expected).abs().max().item()
     assert difference <= TOLERANCE, f"max abs difference {difference:.2e}"
 
@@ -301,6 +315,17 @@ def test_gradients_match_reference_through_every_thought(rows, padding_side):
     through_thoughts = max((ours[name] - cut_at_thoughts[name]).abs().max().item() for name in ours)
     assert through_thoughts > 1e-3, f"gradient through the thoughts is only {through_thoughts:.2e}"
     assert ours["model.vision_tower.embeddings.patch_embeddings.projection.weight"].abs().sum() > 0
+
+
+def test_packed_sequences_give_the_reference_gradients():
+    model = tiny_model().train()
+    batch = build_batch(BATCHES["blocks_far_apart"])
+    model.zero_grad()
+    model(**packed(batch)).loss.backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    reference = reference_gradients(model, batch)
+    worst = max((ours[name] - reference[name]).abs().max().item() for name in ours)
+    assert worst <= TOLERANCE, f"max abs gradient difference {worst:.2e}"
 
 
 def test_forced_extra_passes_are_exact(model):
