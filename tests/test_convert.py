@@ -480,3 +480,12 @@ def test_model_card_metadata_and_evaluation_table():
         assert section in card
     with pytest.raises(ValueError, match="`evaluation` rows have different columns"):
         build_model_card(repo_id="me/x", base_model="b", license="mit", evaluation=[{"accuracy": 1.0}, {"acc": 1.0}])
+
+
+def test_model_card_quick_start_asks_for_no_block_without_thoughts():
+    """A model trained without latent blocks (CoT, no-CoT, w/o thought) gets a prompt without one; 0 would add the
+    two markers, which such a model never saw."""
+    card = str(build_model_card(repo_id="me/cot", base_model="b", license="mit", num_latent_thoughts=None))
+    assert 'build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts=None)' in card
+    with pytest.raises(ValueError, match="`num_latent_thoughts` must be a whole number of thoughts, 0 or more, got -1"):
+        build_model_card(repo_id="me/x", base_model="b", license="mit", num_latent_thoughts=-1)
