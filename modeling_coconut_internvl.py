@@ -340,10 +340,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
         if pretrained_model_name_or_path is not None and model.config.latent_token_id is not None:
-            hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-            token_ids = tokenizer_latent_ids(
-                pretrained_model_name_or_path, **{key: kwargs[key] for key in hub_kwargs if key in kwargs}
-            )
+            token_ids = tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs)
             if token_ids is not None:
                 check_config_latent_ids(model.config, token_ids, f"the tokenizer in {pretrained_model_name_or_path}")
         return loaded

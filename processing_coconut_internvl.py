@@ -130,27 +130,31 @@ def extract_answer(text: str, answer_marker: str = ANSWER_MARKER) -> str | None:
     return answer.strip() if found else None
 
 
-def _repository_file(pretrained_model_name_or_path, filename: str, **hub_kwargs) -> str | None:
-    """The local path of `filename` in a folder or Hub repository, or `None` where it has none (or is unreachable)."""
+def _repository_file(pretrained_model_name_or_path, filename: str, **kwargs) -> str | None:
+    """The local path of `filename` in a folder or Hub repository, or `None` where it has none (or is unreachable).
+    `kwargs` are `from_pretrained`'s; the Hub's among them (`cache_dir`, `revision`, `token`, ...) are used."""
+    hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
     try:
-        return cached_file(pretrained_model_name_or_path, filename, **hub_kwargs)
+        return cached_file(
+            pretrained_model_name_or_path, filename, **{key: kwargs[key] for key in hub_kwargs if key in kwargs}
+        )
     except OSError:  # transformers' one error for a missing file, repository or connection
         return None
 
 
-def tokenizer_latent_ids(pretrained_model_name_or_path, **hub_kwargs) -> dict[str, int | None] | None:
+def tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs) -> dict[str, int | None] | None:
     """The ids of `<|start-latent|>`, `<|latent|>` and `<|end-latent|>` (`None` for one it lacks) in the tokenizer
     saved in a folder or Hub repository, read from its added tokens without loading it; `None` without a tokenizer.
 
     Args:
         pretrained_model_name_or_path (`str` or `os.PathLike`): the folder or Hub id.
-        hub_kwargs: `cache_dir`, `revision`, `token`, ... as for `from_pretrained`.
+        kwargs: `from_pretrained`'s keyword arguments; `cache_dir`, `revision`, `token`, ... are used.
     """
     added = None
-    if (path := _repository_file(pretrained_model_name_or_path, "tokenizer.json", **hub_kwargs)) is not None:
+    if (path := _repository_file(pretrained_model_name_or_path, "tokenizer.json", **kwargs)) is not None:
         with open(path, encoding="utf-8") as file:
             added = {token["content"]: token["id"] for token in json.load(file).get("added_tokens", [])}
-    elif (path := _repository_file(pretrained_model_name_or_path, "tokenizer_config.json", **hub_kwargs)) is not None:
+    elif (path := _repository_file(pretrained_model_name_or_path, "tokenizer_config.json", **kwargs)) is not None:
         with open(path, encoding="utf-8") as file:
             decoder = json.load(file).get("added_tokens_decoder") or {}
         added = {token["content"]: int(token_id) for token_id, token in decoder.items()} if decoder else None
@@ -275,10 +279,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         """Load the processor; when the same folder or repository holds a Coconut-InternVL `config.json`, also check
         that the config's latent token ids are this tokenizer's Coconut tokens (see `check_latent_token_ids`)."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        config_file = _repository_file(
-            pretrained_model_name_or_path, "config.json", **{key: kwargs[key] for key in hub_kwargs if key in kwargs}
-        )
+        config_file = _repository_file(pretrained_model_name_or_path, "config.json", **kwargs)
         if config_file is not None:
             with open(config_file, encoding="utf-8") as file:
                 config = json.load(file)

@@ -487,5 +487,7 @@ def test_model_card_quick_start_asks_for_no_block_without_thoughts():
     two markers, which such a model never saw."""
     card = str(build_model_card(repo_id="me/cot", base_model="b", license="mit", num_latent_thoughts=None))
     assert 'build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts=None)' in card
-    with pytest.raises(ValueError, match="`num_latent_thoughts` must be a whole number of thoughts, 0 or more, got -1"):
+    with pytest.raises(
+        ValueError, match="`num_latent_thoughts` must be a whole number of thoughts, 0 or more, got -1"
+    ):
         build_model_card(repo_id="me/x", base_model="b", license="mit", num_latent_thoughts=-1)
