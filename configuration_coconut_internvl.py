@@ -48,9 +48,18 @@ class CoconutInternVLConfig(InternVLConfig):
         self.validate_latent_token_ids()
 
     def validate_latent_token_ids(self):
-        """Part of `@strict` validation: the latent ids lie in the text vocabulary, differ, and are not the image id."""
+        """Part of `@strict` validation: the latent ids lie in the text vocabulary, differ from each other and from
+        every other special id the config knows (image, video, padding, start and end of text).
+
+        Whether an id is an ordinary word only the tokenizer can tell: the model's `from_pretrained` checks the ids
+        against the tokenizer saved with it, and the processor against its own.
+        """
         vocab_size = self.text_config.vocab_size
-        seen = {"image_token_id": self.image_token_id}
+        seen = {"image_token_id": self.image_token_id, "video_token_id": getattr(self, "video_token_id", None)}
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self.text_config, name, None)
+            for index, token_id in enumerate(value if isinstance(value, list) else [value]):
+                seen[f"text_config.{name}" + (f"[{index}]" if isinstance(value, list) else "")] = token_id
         for name in ("latent_token_id", "start_latent_token_id", "end_latent_token_id"):
             value = getattr(self, name)
             if value is None:
@@ -61,7 +70,7 @@ class CoconutInternVLConfig(InternVLConfig):
                     "to the tokenizer and resize the embeddings, or set `text_config.vocab_size`."
                 )
             for other_name, other_value in seen.items():
-                if value == other_value:
+                if other_value is not None and value == other_value:
                     raise ValueError(
                         f"`{name}`={value} is the same id as `{other_name}`; each token needs its own id."
                     )

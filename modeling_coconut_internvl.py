@@ -10,109 +10,87 @@ of passes at (most thoughts in a row + 1) however the batch was padded.
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
-import transformers
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, InternVLForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.integrations.fsdp import is_fsdp_managed_module
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.versions import require_version
 
 
 try:  # imported as part of a package: the Hub's remote code, or a repository checkout used as one
     from .configuration_coconut_internvl import CoconutInternVLConfig
+    from .processing_coconut_internvl import (
+        check_config_latent_ids,
+        latent_block,
+        thought_counts,
+        tokenizer_latent_ids,
+    )
 except ImportError:  # imported from the repository root, e.g. `python train_sft.py`
     from configuration_coconut_internvl import CoconutInternVLConfig
+    from processing_coconut_internvl import check_config_latent_ids, latent_block, thought_counts, tokenizer_latent_ids
 
 
 logger = logging.get_logger(__name__)
 
-# InternVL checkpoints on the Hub keep the legacy key layout (`language_model.lm_head.weight`, ...); transformers renames
-# those keys by model type, so read them for `coconut_internvl` exactly as for `internvl`.
-if get_checkpoint_conversion_mapping("coconut_internvl") is None:
-    register_checkpoint_conversion_mapping("coconut_internvl", get_checkpoint_conversion_mapping("internvl"))
+# Tested from 5.24.0, the first release whose models, masks and caches take `cache` (earlier: `past_key_values`), to the
+# newest release (README.md). Below it, fail here by name instead of deep inside a forward.
+require_version("transformers>=5.24.0", "Coconut-InternVL's remote code needs it: pip install -U transformers")
 
-
-# Gradient checkpointing with thoughts keeps the KV cache inside checkpointed layers, which rests on two behaviours of
-# transformers that are not public API. `_checkpointed_layers_keep_cache` and `_seal_pass_cache` are the only code that
-# relies on them, and `_verify_transformers_internals` checks both when this file is imported.
-SUPPORTED_TRANSFORMERS = ">=5.24,<5.25"
+# InternVL's key layout on the Hub (`language_model.model.*`, `language_model.lm_head.*`, ...), which transformers also
+# writes back when it saves an InternVL. transformers maps it for its own InternVL classes only, not for remote code, so
+# `from_pretrained` passes it as `key_mapping` (regex -> replacement, applied in order).
+INTERNVL_KEY_MAPPING = {
+    r"^language_model.lm_head": "lm_head",
+    r"^language_model.model": "model.language_model",
+    r"^vision_tower": "model.vision_tower",
+    r"^multi_modal_projector": "model.multi_modal_projector",
+}
 
 
 @contextmanager
 def _checkpointed_layers_keep_cache(layers):
-    """Let checkpointed decoder layers keep the KV cache for the duration of a latent forward.
+    """Let checkpointed decoder layers keep the KV cache for one latent forward; yields whether they do.
 
-    `GradientCheckpointingLayer` drops the cache unless the layer's `_can_checkpoint_with_cache` is True, because the
-    backward replay of a layer would update it a second time. `_seal_pass_cache` makes that replay see exactly the
-    cache the pass saw, so the cache can stay.
+    transformers' `GradientCheckpointingLayer` drops the cache, because the backward replay of a layer would update it a
+    second time, unless the layer's `_can_checkpoint_with_cache` is True. That flag is private, and this is the only
+    code that touches it. `_seal_pass_cache` makes the replay see exactly the cache the pass saw, so the cache can stay.
+    Where this transformers has no such flag, it yields False and the latent passes recompute their prefix instead
+    (exact, slower); where the flag exists but no longer works, the forward finds the cache empty after its first
+    pass and does the same.
     """
+    if not all(hasattr(layer, "_can_checkpoint_with_cache") for layer in layers):
+        yield False
+        return
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
-        yield
+        yield True
     finally:
         for layer in layers:
             del layer._can_checkpoint_with_cache  # back to the class default
 
 
-def _seal_pass_cache(cache: DynamicCache, keys_before: list, text_config) -> DynamicCache:
+def _seal_pass_cache(cache: DynamicCache, pass_length: int, text_config) -> DynamicCache:
     """Leave `cache` as it was before the pass (for the pass's backward replay) and continue in a new cache.
 
-    The replay of a checkpointed layer calls `cache.update` again with the same new keys and values; with the old
-    entries put back it returns exactly the tensors of the first run. Later passes write into the returned copy,
-    which holds the same tensors (and autograd history) as `cache` did after the pass. This needs `DynamicLayer.update`
-    to concatenate out of place, so that `keys_before` still hold the keys from before the pass.
+    The replay of a checkpointed layer calls `cache.update` again with the same new keys and values; with the pass's
+    `pass_length` columns cropped off, it returns exactly the tensors of the first run. Later passes write into the
+    returned copy, which holds the same tensors (and autograd history) as `cache` did after the pass.
     """
     continued = DynamicCache(config=text_config)
-    for index, (layer, before) in enumerate(zip(cache.layers, keys_before)):
+    for index, layer in enumerate(cache.layers):
         continued.update(layer.keys, layer.values, index)
-        layer.keys, layer.values = before if before is not None else (layer.keys[..., :0, :], layer.values[..., :0, :])
+    cache.crop(-pass_length)  # a negative count removes that many columns from the end
     return continued
-
-
-def _verify_transformers_internals() -> None:
-    """Fail at import, naming the supported versions, where transformers no longer behaves as checkpointing needs."""
-
-    class CacheProbe(GradientCheckpointingLayer):
-        def forward(self, hidden_states, cache=None):
-            self.kept_cache = cache is not None
-            return hidden_states
-
-    probe = CacheProbe()
-    probe.gradient_checkpointing = True
-    probe._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-    with torch.enable_grad(), _checkpointed_layers_keep_cache([probe]):
-        probe(torch.zeros(1, requires_grad=True), cache=DynamicCache())
-    problems = (
-        [] if probe.kept_cache else ["a checkpointed layer drops the cache despite `_can_checkpoint_with_cache`"]
-    )
-
-    layer, states = DynamicLayer(), torch.zeros(1, 1, 1, 1)
-    layer.update(states, states)
-    before = layer.keys
-    layer.update(states, states)
-    if layer.keys is before or before.shape[-2] != 1:
-        problems.append("`DynamicLayer.update` no longer concatenates out of place")
-    if problems:
-        raise ImportError(
-            f"modeling_coconut_internvl supports transformers{SUPPORTED_TRANSFORMERS}, found {transformers.__version__}: "
-            f"{'; '.join(problems)}. Install a supported version: pip install 'transformers{SUPPORTED_TRANSFORMERS}'."
-        )
-
-
-_verify_transformers_internals()
 
 
 def plan_latent_passes(latent_mask: torch.Tensor, min_passes: int = 1) -> list[tuple[int, int]]:
@@ -155,40 +133,58 @@ def agree_on_pass_count(num_passes: int, device: torch.device) -> int:
 
 @dataclass
 class LatentRowPlacement:
-    """Rows moved inside a batch: column `t` of row `b` goes to column `columns[b, t]` of a batch `width` wide.
+    """Tokens moved inside a batch: token `(b, t)` goes to row `rows[b, t]`, column `columns[b, t]` of a batch of
+    `num_rows` rows `width` wide.
 
     Each row is rotated as a whole (`columns[b] = (arange(T) + shift[b]) % width`), so its real tokens keep their order
-    and neighbours and its padding wraps around to the other end. Positions come from the attention mask, so a moved
+    and neighbours and its padding wraps around to the other end. Sequences packed into one row (restarting
+    `position_ids`, no attention mask) each get a row of their own first. Positions come with the tokens, so a moved
     row computes exactly what it computed in place.
     """
 
+    rows: torch.LongTensor  # (B, T)
     columns: torch.LongTensor  # (B, T)
+    num_rows: int
     width: int
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`(B, T, ...)` in the caller's layout -> `(B, width, ...)`; columns no caller column moved to hold zeros."""
-        placed = tensor.new_zeros((tensor.shape[0], self.width, *tensor.shape[2:]))
-        return placed.scatter(1, self._index(tensor.shape, dim=1), tensor)
+        """`(B, T, ...)` in the caller's layout -> `(num_rows, width, ...)`; places no token moved to hold zeros."""
+        placed = tensor.new_zeros((self.num_rows, self.width, *tensor.shape[2:]))
+        return placed.index_put((self.rows, self.columns), tensor)
 
     def restore(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """Back to the caller's layout along `dim`: `(B, ..., width, ...)` -> `(B, ..., T, ...)`."""
-        shape = list(tensor.shape)
-        shape[dim] = self.columns.shape[1]
-        return tensor.gather(dim, self._index(shape, dim))
+        """Back to the caller's layout along `dim`: `(num_rows, ..., width, ...)` -> `(B, ..., T, ...)`."""
+        return tensor.movedim(dim, 1)[self.rows, self.columns].movedim(1, dim)
 
     def restore_cache(self, cache: DynamicCache, into: DynamicCache) -> DynamicCache:
-        """Write the keys and values of `cache`, `(B, heads, width, head_dim)` a layer, into `into` in caller order."""
+        """Write the keys and values of `cache`, `(num_rows, heads, width, head_dim)` a layer, into `into` in caller
+        order, `(B, heads, T, head_dim)`."""
         for index, layer in enumerate(cache.layers):
             into.update(self.restore(layer.keys, dim=2), self.restore(layer.values, dim=2), index)
         return into
 
-    def _index(self, shape, dim: int) -> torch.LongTensor:
-        view = [self.columns.shape[0]] + [1] * (len(shape) - 1)
-        view[dim] = self.columns.shape[1]
-        return self.columns.view(view).expand(*shape)
+
+def _sequence_rows(shape, position_ids: torch.LongTensor | None) -> LatentRowPlacement:
+    """Every sequence in a row of its own, from column 0: sequences packed into one row start where `position_ids` do
+    not go up by one. Without `position_ids` each row stays as it is."""
+    batch_size, length = shape
+    arange = torch.arange(length, device=position_ids.device if position_ids is not None else None)
+    if position_ids is None:
+        rows = torch.arange(batch_size, device=arange.device)[:, None].expand(batch_size, length)
+        return LatentRowPlacement(rows, arange.expand(batch_size, length), batch_size, length)
+    positions = position_ids.expand(batch_size, length)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions.diff(dim=-1) != 1
+    sequence = starts.long().cumsum(dim=-1) - 1  # (B, T): the sequence's index in its row
+    sequences_per_row = sequence[:, -1] + 1  # (B,)
+    rows = (sequences_per_row.cumsum(0) - sequences_per_row)[:, None] + sequence
+    columns = arange - torch.where(starts, arange, 0).cummax(dim=-1).values  # (B, T): offset from its start
+    return LatentRowPlacement(rows, columns, int(sequences_per_row.sum()), int(columns.max()) + 1)
 
 
-def align_latent_rows(latent_mask: torch.Tensor, attention_mask: torch.Tensor | None) -> LatentRowPlacement | None:
+def align_latent_rows(
+    latent_mask: torch.Tensor, attention_mask: torch.Tensor | None, packed_position_ids: torch.LongTensor | None = None
+) -> LatentRowPlacement | None:
     """Move rows so that every row's first `<|latent|>` falls in the same column, where that saves passes.
 
     Every row with thoughts is moved by `target - first_latent`, with the smallest `target` that moves no row's first
@@ -199,21 +195,25 @@ def align_latent_rows(latent_mask: torch.Tensor, attention_mask: torch.Tensor | 
     Args:
         latent_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): where the `<|latent|>` tokens are.
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens.
+        packed_position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): positions of
+            rows without an attention mask; sequences packed into a row (where positions restart) get a row each.
 
     Returns:
         A [`LatentRowPlacement`], or `None` where moving the rows would not take fewer passes.
     """
-    length = latent_mask.shape[1]
+    sequences = _sequence_rows(latent_mask.shape, packed_position_ids)
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(latent_mask)
-    has_thoughts = latent_mask.any(dim=1)
-    first_latent = latent_mask.int().argmax(dim=1)  # (B,)
+    latent, real = sequences.place(latent_mask), sequences.place(real)  # (R, L): one sequence a row
+    length = sequences.width
+    has_thoughts = latent.any(dim=1)
+    first_latent = latent.int().argmax(dim=1)  # (R,)
     first_real = real.int().argmax(dim=1)
     end_real = length - real.flip(1).int().argmax(dim=1)  # one past each row's last real token
     target = int((first_latent - first_real)[has_thoughts].max())
-    shift = torch.where(has_thoughts, target - first_latent, 0)  # (B,)
+    shift = torch.where(has_thoughts, target - first_latent, 0)  # (R,)
     width = max(length, int((end_real + shift).max()))
-    columns = (torch.arange(length, device=latent_mask.device) + shift[:, None]) % width  # (B, T)
-    placement = LatentRowPlacement(columns, width)
+    columns = (sequences.columns + shift[sequences.rows]) % width  # (B, T)
+    placement = LatentRowPlacement(sequences.rows, columns, sequences.num_rows, width)
     if placement.place(latent_mask).any(dim=0).sum() >= latent_mask.any(dim=0).sum():
         return None
     return placement
@@ -234,6 +234,15 @@ def _slice_attention_mask(attention_mask, past_length: int, start: int, end: int
     return attention_mask[:, :, start:end]
 
 
+def _prefix_mask(attention_mask, end: int):
+    """A 2D padding mask, a 4D mask or a mapping of them, cut to the first `end` columns (queries and keys)."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, dict):
+        return {key: _prefix_mask(mask, end) for key, mask in attention_mask.items()}
+    return attention_mask[:, :end] if attention_mask.ndim == 2 else attention_mask[:, :, :end, :end]
+
+
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
     """Generation appends to the right end of each row: right padding would put the new tokens after the padding."""
     if attention_mask.ndim == 2 and not attention_mask[:, -1].all():
@@ -252,27 +261,38 @@ def _check_pixel_values(pixel_values: torch.Tensor | None) -> None:
         )
 
 
-def _thought_counts(num_latent_thoughts, batch_size: int) -> list[int]:
-    """One count per prompt from an int, an integral float, a NumPy or tensor value, or a list of them."""
-    values = num_latent_thoughts.tolist() if hasattr(num_latent_thoughts, "tolist") else num_latent_thoughts
-    values = list(values) if isinstance(values, (list, tuple)) else [values] * batch_size
-    counts = []
-    for value in values:
-        value = value.tolist() if hasattr(value, "tolist") else value  # NumPy scalars and 0-d tensors
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def _check_latent_blocks(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, config) -> None:
+    """Every `<|latent|>` of a prompt must sit in a block `<|start-latent|>` + `<|latent|>`... + `<|end-latent|>`.
+
+    A config whose start and end ids are swapped reads the processor's blocks the wrong way round: the model then
+    thinks after the marker it was trained to end on, and answers wrongly without an error.
+    """
+    block_ids = (config.start_latent_token_id, config.latent_token_id, config.end_latent_token_id)
+    if None in block_ids:
+        return
+    start, latent, end = block_ids
+    real = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+    for row, ids in enumerate(input_ids):
+        ids = ids[real[row]] if real is not None else ids
+        markers = ids[torch.isin(ids, ids.new_tensor(block_ids))].tolist()  # the block tokens only, in order
+        inside = False
+        for token in markers:
+            if (token == start) == inside:  # a start inside a block, or a latent or end outside one
+                names = {start: "<|start-latent|>", latent: "<|latent|>", end: "<|end-latent|>"}
+                raise ValueError(
+                    f"Prompt {row}'s latent tokens read {' '.join(names[t] for t in markers)} by the config's ids "
+                    f"(`start_latent_token_id`={start}, `latent_token_id`={latent}, `end_latent_token_id`={end}), "
+                    "not as blocks `<|start-latent|>` + `<|latent|>`... + `<|end-latent|>`. If the processor built the "
+                    "prompt, the config's ids are not the tokenizer's (start and end swapped?): "
+                    "`processor.check_latent_token_ids(model.config)` names them; set them to the tokenizer's ids."
+                )
+            inside = token != end
+        if inside:
             raise ValueError(
-                f"`num_latent_thoughts` must be a whole number of thoughts (0 or more), got {value!r} in "
-                f"{num_latent_thoughts!r}. Pass an int such as 6, or one int per prompt."
+                f"Prompt {row} ends inside a latent block: its last `<|start-latent|>` (id {start}) has no "
+                f"`<|end-latent|>` (id {end}), which `generate` never writes. Close the block in the prompt, or "
+                "pass `num_latent_thoughts` to append a whole one."
             )
-        counts.append(value)
-    if len(counts) != batch_size:
-        raise ValueError(
-            f"`num_latent_thoughts` must be one int for every prompt or one per prompt ({batch_size} prompts), got "
-            f"{len(counts)} values: {num_latent_thoughts!r}."
-        )
-    return counts
 
 
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
@@ -304,13 +324,55 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             suppressed = {*(self.generation_config.suppress_tokens or []), *(i for i in block_ids if i is not None)}
             self.generation_config.suppress_tokens = sorted(suppressed)
 
-    def _latent_mask(self, input_ids: torch.LongTensor | None) -> torch.BoolTensor | None:
-        """`(batch_size, sequence_length)` mask of the `<|latent|>` positions, or `None` if there are none."""
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, key_mapping: dict | None = None, **kwargs):
+        r"""
+        [`~PreTrainedModel.from_pretrained`], reading InternVL's Hub key layout too ([`INTERNVL_KEY_MAPPING`], before
+        any `key_mapping` of yours), then checking the config's latent token ids against the tokenizer saved with the
+        weights, where there is one: a config whose `latent_token_id` is an ordinary word of that tokenizer, or whose
+        start and end ids are swapped, raises a `ValueError` naming the ids.
+        """
+        loaded = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            key_mapping={**INTERNVL_KEY_MAPPING, **(key_mapping or {})},
+            **kwargs,
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
+        if pretrained_model_name_or_path is not None and model.config.latent_token_id is not None:
+            token_ids = tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs)
+            if token_ids is not None:
+                check_config_latent_ids(model.config, token_ids, f"the tokenizer in {pretrained_model_name_or_path}")
+        return loaded
+
+    def _latent_mask(self, input_ids: torch.LongTensor | None, inputs_embeds=None) -> torch.BoolTensor | None:
+        """`(batch_size, sequence_length)` mask of the `<|latent|>` positions, or `None` if there are none.
+
+        Thoughts are found in `input_ids`. Embeddings alone cannot say reliably which positions are thoughts (the
+        converter gives the three latent tokens one embedding), so `inputs_embeds` holding the `<|latent|>`
+        embedding without `input_ids` is refused rather than run without its thoughts.
+        """
         latent_token_id = self.config.latent_token_id
-        if input_ids is None or latent_token_id is None:
+        if latent_token_id is None:
+            return None
+        if input_ids is None:
+            if inputs_embeds is not None:
+                self._check_embeds_hold_no_latents(inputs_embeds)
             return None
         latent_mask = input_ids == latent_token_id
         return latent_mask if latent_mask.any() else None
+
+    def _check_embeds_hold_no_latents(self, inputs_embeds: torch.Tensor) -> None:
+        latent_embedding = self.get_input_embeddings().weight[self.config.latent_token_id]
+        found = (inputs_embeds == latent_embedding.to(inputs_embeds)).all(dim=-1)  # (B, T)
+        if found.any():
+            rows, columns = found.nonzero(as_tuple=True)
+            raise ValueError(
+                f"`inputs_embeds` holds the `<|latent|>` embedding (id {self.config.latent_token_id}) at "
+                f"{len(rows)} positions (first: row {rows[0].item()}, column {columns[0].item()}), but thoughts are "
+                "found in `input_ids`, which were not given, so they would not be fed back. Pass `input_ids` "
+                "together with `inputs_embeds`."
+            )
 
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -334,10 +396,15 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Token ids. Positions holding `config.latent_token_id` are continuous thoughts. Latents are found in
-            `input_ids` only: with `inputs_embeds` alone the model is the plain InternVL.
+            `input_ids` only; `inputs_embeds` may come with them, and without them must not hold the `<|latent|>`
+            embedding (a `ValueError`: the thoughts could not be found).
         attention_mask (`torch.Tensor` of shape `(batch_size, past_length + sequence_length)`, *optional*):
             1 for tokens to attend to, 0 for padding (left or right). With latents and no `position_ids`, positions
             are counted from it (`cumsum - 1`), so a padded row computes what the row computes alone.
+        position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(1, sequence_length)`, *optional*):
+            Used as given, and moved with their rows. Without an attention mask, positions that restart inside a row
+            mark packed sequences (TRL's `padding_free`): each attends only to itself and, with latents, is given a
+            row of its own for the passes.
         sync_latent_passes (`bool`, *optional*, defaults to `False`):
             Make every rank of the process group run the same number of language-model passes (all-reduce of the
             pass count). Needed under FSDP and DeepSpeed ZeRO-3, where each forward call gathers parameters.
@@ -346,25 +413,27 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
         With latents, rows whose thoughts start at different columns are moved inside the batch (their padding moves,
         see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
-        (most thoughts in a row + 1) language-model passes however it is padded. Rows stay in place, and every column
-        holding a latent in any row starts a pass, where moving is not possible: a cache that already holds tokens, a
-        non-dynamic cache, a prepared 4D attention mask, explicit `position_ids`, or sliding-window layers. Logits at
-        padding columns (`attention_mask` 0) are not meaningful; give them the label -100.
+        (most thoughts in a row + 1) language-model passes however it is padded, with or without `position_ids`. Rows
+        stay in place, and every column holding a latent in any row starts a pass, where moving is not possible: a
+        cache that already holds tokens, a non-dynamic cache, a prepared 4D attention mask, 3D `position_ids`, or
+        sliding-window layers. Logits at padding columns (`attention_mask` 0) are not meaningful; give them the label
+        -100.
 
         Returns `InternVLCausalLMOutputWithPast` with logits for every position (or the last `logits_to_keep`), the
         filled cache and the loss.
         """
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_image_inputs(input_ids, pixel_values, mm_encoder_outputs, past_length)
-        latent_mask = self._latent_mask(input_ids)
+        latent_mask = self._latent_mask(input_ids, inputs_embeds)
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         placement = None
         if latent_mask is not None:
             self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
-            if self._can_move_rows(attention_mask, position_ids, cache, past_length):
-                placement = align_latent_rows(latent_mask, attention_mask)
+            if self._can_move_rows(attention_mask, position_ids, cache, past_length, shape):
+                packed_positions = position_ids if attention_mask is None else None  # a mask overrides packing
+                placement = align_latent_rows(latent_mask, attention_mask, packed_positions)
         if placement is not None:
             latent_mask = placement.place(latent_mask)
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         width = placement.width if placement is not None else shape[1]
         ranges = plan_latent_passes(latent_mask) if latent_mask is not None else [(0, width)]
         num_passes = len(ranges)
@@ -400,6 +469,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             if attention_mask is None:
                 attention_mask = torch.ones(shape, dtype=torch.long, device=inputs_embeds.device)
             inputs_embeds, attention_mask = placement.place(inputs_embeds), placement.place(attention_mask)
+            if position_ids is not None:  # each row's positions move with it
+                position_ids = placement.place(position_ids.expand(shape))
         position_ids = self._latent_position_ids(attention_mask, position_ids, past_length, inputs_embeds)
         use_cache = kwargs.pop("use_cache", None) is not False
         pass_cache = cache if cache is not None and placement is None else DynamicCache(config=self.config.text_config)
@@ -420,7 +491,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             hidden_states = placement.restore(hidden_states)
             if layer_hidden_states is not None:
                 layer_hidden_states = tuple(placement.restore(layer) for layer in layer_hidden_states)
-            if use_cache:
+            if use_cache and pass_cache is not None:
                 into = cache if cache is not None else DynamicCache(config=self.config.text_config)
                 pass_cache = placement.restore_cache(pass_cache, into)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
@@ -432,7 +503,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         return InternVLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=pass_cache if use_cache else None,
+            cache=pass_cache if use_cache else None,  # `None` too where checkpointing recomputed the prefixes
             hidden_states=layer_hidden_states,
             image_outputs=image_outputs,
         )
@@ -483,7 +554,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
     ):
         """Run the language model over the column `ranges` in order, each pass feeding the thoughts it starts with.
 
-        Returns the final hidden states `(B, T, H)`, every layer's hidden states (if asked for) and the filled cache.
+        Returns the final hidden states `(B, T, H)`, every layer's hidden states (if asked for) and the filled cache:
+        `None` where checkpointed layers could not keep the cache, and each pass recomputed its whole prefix instead.
         """
         text_model = self.model.language_model
         pass_masks = self._pass_masks(inputs_embeds, attention_mask, position_ids, cache)
@@ -492,8 +564,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             thought_columns = set(latent_mask.any(dim=0).nonzero().flatten().tolist())
             every_row_columns = set(latent_mask.all(dim=0).nonzero().flatten().tolist())
         checkpointing = self._checkpointing_layers()
-        hidden_chunks, layer_chunks = [], []
-        with _checkpointed_layers_keep_cache(text_model.layers) if checkpointing else nullcontext():
+        hidden_chunks, layer_chunks, filled_chunks = [], [], []
+        with _checkpointed_layers_keep_cache(text_model.layers) if checkpointing else nullcontext(True) as keeps_cache:
+            recompute = checkpointing and not (keeps_cache and isinstance(cache, DynamicCache))
             for index, (start, end) in enumerate(ranges):
                 chunk = inputs_embeds[:, start:end]  # (B, end - start, H)
                 if start in thought_columns and start > 0:
@@ -501,10 +574,20 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                     if start not in every_row_columns:
                         thought = torch.where(latent_mask[:, start, None, None], thought, chunk[:, :1])
                     chunk = thought if end - start == 1 else torch.cat([thought, chunk[:, 1:]], dim=1)
-                if checkpointing:
-                    keys_before = [
-                        (layer.keys, layer.values) if layer.is_initialized else None for layer in cache.layers
-                    ]
+                filled_chunks.append(chunk)
+                if recompute:
+                    self._check_prefix_can_be_recomputed(past_length)
+                    outputs = text_model(  # the whole prefix, its thoughts filled in, without a cache
+                        inputs_embeds=torch.cat(filled_chunks, dim=1),  # (B, end, H)
+                        attention_mask=_prefix_mask(pass_masks or attention_mask, end),
+                        position_ids=position_ids[..., :end],
+                        use_cache=False,
+                        **kwargs,
+                    )
+                    hidden_chunks.append(outputs.last_hidden_state[:, start:])
+                    if outputs.hidden_states is not None:
+                        layer_chunks.append(tuple(layer[:, start:] for layer in outputs.hidden_states))
+                    continue
                 if pass_masks is not None:  # this pass's query rows, and the keys cached so far
                     masks = {name: full[:, :, start:end, : past_length + end] for name, full in pass_masks.items()}
                 else:
@@ -520,17 +603,33 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 hidden_chunks.append(outputs.last_hidden_state)
                 if outputs.hidden_states is not None:
                     layer_chunks.append(outputs.hidden_states)
-                if checkpointing:
+                if checkpointing and index == 0 and cache.get_seq_length() != past_length + end:
+                    # The flag exists but the layers dropped the cache: this pass needed none; the rest recompute.
+                    logger.warning_once(
+                        "Checkpointed decoder layers of this transformers version drop the KV cache even with "
+                        "`_can_checkpoint_with_cache`: each latent pass recomputes its prefix (exact, slower)."
+                    )
+                    recompute = True
+                elif checkpointing:
                     if index == 0:
                         self._check_cache_keeps_gradients(cache, chunk)
-                    cache = _seal_pass_cache(cache, keys_before, self.config.text_config)
+                    cache = _seal_pass_cache(cache, end - start, self.config.text_config)
         # Ranks that could not split their sequence into the agreed number of passes still make the same calls.
         for _ in range(num_passes - len(ranges)):
             text_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
 
         hidden_states = hidden_chunks[0] if len(hidden_chunks) == 1 else torch.cat(hidden_chunks, dim=1)
         layer_hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*layer_chunks)) if layer_chunks else None
-        return hidden_states, layer_hidden_states, cache
+        return hidden_states, layer_hidden_states, None if recompute else cache
+
+    def _check_prefix_can_be_recomputed(self, past_length: int) -> None:
+        """Recomputing a pass's prefix needs the whole prefix in this forward, none of it in a cache."""
+        if past_length > 0:
+            raise ValueError(
+                f"The cache passed in holds {past_length} tokens, but with gradient checkpointing this transformers "
+                "version's decoder layers drop the cache, and the latent passes can only recompute what this "
+                "forward holds. Pass the whole sequence without a cache, or disable gradient checkpointing."
+            )
 
     def _pass_masks(self, inputs_embeds, attention_mask, position_ids, cache) -> dict | None:
         """The 4D attention mask of the whole forward, built once; each pass slices its rows and keys from it.
@@ -547,17 +646,29 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             config=self.model.language_model.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
+            # An empty cache changes no size; without one, transformers separates packed sequences by their positions.
+            cache=cache if cache.get_seq_length() > 0 else None,
             position_ids=position_ids,
             allow_is_causal_skip=False,
         )
         return {"full_attention": mask} if isinstance(mask, torch.Tensor) and mask.ndim == 4 else None
 
-    def _can_move_rows(self, attention_mask, position_ids, cache, past_length: int) -> bool:
-        """Whether the rows may be moved inside the batch (see `forward`): outputs and cache can be moved back."""
+    def _can_move_rows(self, attention_mask, position_ids, cache, past_length: int, shape) -> bool:
+        """Whether the rows may be moved inside the batch (see `forward`): outputs and cache can be moved back.
+
+        Explicit `position_ids` (as TRL's `padding_free` and `generate` pass them) move with their rows. Without an
+        attention mask, positions that restart inside a row mark packed sequences (TRL's `padding_free`), which
+        transformers separates by their positions: each gets a row of its own.
+        """
+        if position_ids is not None:
+            if (
+                position_ids.ndim != 2
+                or position_ids.shape[0] not in (1, shape[0])
+                or position_ids.shape[1] != shape[1]
+            ):
+                return False  # e.g. 3D multimodal rotary positions
         return (
             past_length == 0
-            and position_ids is None
             and (cache is None or isinstance(cache, DynamicCache))
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2))
             and self._full_attention_only()
@@ -635,14 +746,15 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         pad_token_id: int | None = None,
     ) -> tuple[torch.LongTensor, torch.Tensor]:
         r"""
-        Append Coconut's inference block, `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>`, to each prompt.
+        Append Coconut's inference block, `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>`, to each prompt
+        (built by [`latent_block`], as the processor builds it).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts without a
                 latent block of their own.
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding mask.
-            num_latent_thoughts (`int` or `list[int]`): k for every prompt, or one k per prompt. Integral floats
-                (`2.0`), NumPy integers and tensors are accepted.
+            num_latent_thoughts (`int` or `list[int]`): k for every prompt, or one k per prompt (checked by
+                [`thought_counts`]: integral floats such as `2.0`, NumPy integers and tensors are accepted).
             pad_token_id (`int`, *optional*): fills the left padding; defaults to the generation config's.
 
         Returns:
@@ -657,7 +769,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 f"{config.end_latent_token_id}. Convert the checkpoint with `convert_to_coconut.py` first."
             )
         batch_size = input_ids.shape[0]
-        counts = _thought_counts(num_latent_thoughts, batch_size)
+        counts = thought_counts(num_latent_thoughts, batch_size)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         _check_left_padded(attention_mask)
@@ -687,8 +799,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         new_ids = torch.full((batch_size, new_length), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
         new_mask = torch.zeros((batch_size, new_length), dtype=attention_mask.dtype, device=attention_mask.device)
         for row, count in enumerate(counts):
-            block = [config.start_latent_token_id] + [config.latent_token_id] * count + [config.end_latent_token_id]
-            ids = torch.cat([input_ids[row][real[row]], input_ids.new_tensor(block)])
+            ids = torch.cat([input_ids[row][real[row]], input_ids.new_tensor(latent_block(count, block_ids))])
             new_ids[row, new_length - len(ids) :] = ids
             new_mask[row, new_length - len(ids) :] = 1
         return new_ids, new_mask
@@ -711,7 +822,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 Left-padded prompt ids (or pass `input_ids=`). Prompts may already hold latent blocks.
             num_latent_thoughts (`int` or `list[int]`, *optional*):
                 Append `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>` to every prompt (see
-                [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]).
+                [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]); 0 appends the two markers alone,
+                `None` nothing.
             synced_gpus (`bool`, *optional*):
                 As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
                 passes, whatever its prompts' thoughts.
@@ -727,16 +839,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         _check_pixel_values(kwargs.get("pixel_values"))
-        if num_latent_thoughts is not None:
-            if input_ids is None:
-                raise ValueError("`num_latent_thoughts` needs the prompt as `input_ids`, got none.")
-            pad_token_id = kwargs.get("pad_token_id", getattr(generation_config, "pad_token_id", None))
-            input_ids, kwargs["attention_mask"] = self.append_latent_thoughts(
-                input_ids, kwargs.get("attention_mask"), num_latent_thoughts, pad_token_id
-            )
-        if self._latent_mask(input_ids) is not None and kwargs.get("attention_mask") is not None:
-            _check_left_padded(kwargs["attention_mask"])
-
+        input_ids = self._prompt_with_thoughts(input_ids, num_latent_thoughts, generation_config, kwargs)
         if synced_gpus is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
@@ -744,8 +847,39 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             kwargs["sync_latent_passes"] = True
         return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
 
+    def _prompt_with_thoughts(self, input_ids, num_latent_thoughts, generation_config, kwargs) -> torch.LongTensor:
+        """The prompts with their latent blocks (appended for `num_latent_thoughts`, updating `kwargs`'s attention
+        mask), checked before any pass: blocks that read as blocks by the config's ids, left padding."""
+        if num_latent_thoughts is not None:
+            if input_ids is None or kwargs.get("inputs_embeds") is not None:
+                given = "none" if input_ids is None else "`inputs_embeds` too, which would have no block"
+                raise ValueError(
+                    f"`num_latent_thoughts` appends the latent block to the prompt's `input_ids`, got {given}. Pass "
+                    "the prompt as `input_ids` alone, or build the block into your prompt with the processor."
+                )
+            pad_token_id = kwargs.get("pad_token_id", getattr(generation_config, "pad_token_id", None))
+            input_ids, kwargs["attention_mask"] = self.append_latent_thoughts(
+                input_ids, kwargs.get("attention_mask"), num_latent_thoughts, pad_token_id
+            )
+        if self._latent_mask(input_ids, kwargs.get("inputs_embeds")) is not None:
+            _check_latent_blocks(input_ids, kwargs.get("attention_mask"), self.config)
+            if kwargs.get("attention_mask") is not None:
+                _check_left_padded(kwargs["attention_mask"])
+        return input_ids
 
-CoconutInternVLConfig.register_for_auto_class()
+    def prepare_inputs_for_generation(self, input_ids, *args, inputs_embeds=None, **kwargs):
+        """[`GenerationMixin.prepare_inputs_for_generation`], except that a first step from `inputs_embeds` keeps the
+        prompt's `input_ids` where they hold thoughts: the ids say where the thoughts are, the embeddings do not."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        embeds = model_inputs.get("inputs_embeds")
+        if model_inputs.get("input_ids") is None and embeds is not None and input_ids.shape[1] >= embeds.shape[1]:
+            prompt_ids = input_ids[:, input_ids.shape[1] - embeds.shape[1] :]
+            if self._latent_mask(prompt_ids) is not None:
+                model_inputs["input_ids"] = prompt_ids.clone()
+        return model_inputs
+
+
+# Saving the model copies this file and the files it imports, and writes `auto_map` (see `config.auto_map`).
 CoconutInternVLForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [

@@ -33,9 +33,51 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def latent_block(num_thoughts: int) -> str:
-    """`<|start-latent|>` + `num_thoughts` x `<|latent|>` + `<|end-latent|>`: Coconut's block of continuous thoughts."""
-    return START_LATENT + LATENT * num_thoughts + END_LATENT
+def thought_count(value, name: str = "num_latent_thoughts") -> int:
+    """`value` as a number of continuous thoughts, or a `ValueError` naming `name`.
+
+    Accepted: an int, a NumPy integer or 0-d tensor, and integral floats such as `2.0` (a count read from a JSON file
+    or a float tensor). Refused: `True`/`False` (which Python would count as 1/0), `2.5`, negative numbers, strings.
+    """
+    number = value.item() if getattr(value, "ndim", None) == 0 else value  # NumPy scalars and 0-d tensors
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise ValueError(
+            f"`{name}` must be a whole number of thoughts, 0 or more, got {value!r}. Pass an int such as 6 (`2.0`, "
+            "NumPy and tensor integers are accepted too)."
+        )
+    return number
+
+
+def thought_counts(value, batch_size: int, name: str = "num_latent_thoughts") -> list[int]:
+    """One count per prompt from one count for every prompt, or a list, tuple, 1-d array or tensor of one per prompt;
+    every count is checked by [`thought_count`]."""
+    if isinstance(value, (list, tuple)) or getattr(value, "ndim", None) == 1:
+        counts = [thought_count(count, name) for count in value]
+    else:
+        counts = [thought_count(value, name)] * batch_size
+    if len(counts) != batch_size:
+        raise ValueError(
+            f"`{name}` has {len(counts)} counts for {batch_size} prompts ({value!r}); pass one int for every prompt "
+            "or one per prompt."
+        )
+    return counts
+
+
+def latent_block(num_thoughts: int, tokens: tuple = (START_LATENT, LATENT, END_LATENT)) -> str | list[int]:
+    """Coconut's block of continuous thoughts: `<|start-latent|>` + `num_thoughts` x `<|latent|>` + `<|end-latent|>`.
+
+    The one builder of the block, for text and for ids: with the default `tokens` it returns the text; with
+    `tokens=(start_latent_token_id, latent_token_id, end_latent_token_id)` the list of ids. With 0 thoughts the block
+    is the two markers alone, the layout of curriculum stage 0.
+
+    Example: `latent_block(2)` is `"<|start-latent|><|latent|><|latent|><|end-latent|>"`, and
+    `latent_block(2, (3, 2, 4))` is `[3, 2, 2, 4]`.
+    """
+    start, latent, end = tokens
+    block = [start, *[latent] * thought_count(num_thoughts), end]
+    return "".join(block) if isinstance(start, str) else block
 
 
 def user_content(question: str, num_images: int, record_name: str = "record") -> list[dict]:
@@ -88,18 +130,61 @@ def extract_answer(text: str, answer_marker: str = ANSWER_MARKER) -> str | None:
     return answer.strip() if found else None
 
 
-def _per_sample(value: int | Sequence[int] | None, batch_size: int, name: str) -> list[int]:
-    """`value` as one non-negative count per sample (an int applies to every sample)."""
-    if value is None:
-        return [0] * batch_size
-    counts = [value] * batch_size if isinstance(value, int) else list(value)
-    if len(counts) != batch_size:
-        raise ValueError(
-            f"`{name}` has {len(counts)} entries for {batch_size} prompts; pass one int for all or one per prompt."
+def _repository_file(pretrained_model_name_or_path, filename: str, **kwargs) -> str | None:
+    """The local path of `filename` in a folder or Hub repository, or `None` where it has none (or is unreachable).
+    `kwargs` are `from_pretrained`'s; the Hub's among them (`cache_dir`, `revision`, `token`, ...) are used."""
+    hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    try:
+        return cached_file(
+            pretrained_model_name_or_path, filename, **{key: kwargs[key] for key in hub_kwargs if key in kwargs}
         )
-    if any(not isinstance(count, int) or count < 0 for count in counts):
-        raise ValueError(f"`{name}`={counts} must hold non-negative ints.")
-    return counts
+    except OSError:  # transformers' one error for a missing file, repository or connection
+        return None
+
+
+def tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs) -> dict[str, int | None] | None:
+    """The ids of `<|start-latent|>`, `<|latent|>` and `<|end-latent|>` (`None` for one it lacks) in the tokenizer
+    saved in a folder or Hub repository, read from its added tokens without loading it; `None` without a tokenizer.
+
+    Args:
+        pretrained_model_name_or_path (`str` or `os.PathLike`): the folder or Hub id.
+        kwargs: `from_pretrained`'s keyword arguments; `cache_dir`, `revision`, `token`, ... are used.
+    """
+    added = None
+    if (path := _repository_file(pretrained_model_name_or_path, "tokenizer.json", **kwargs)) is not None:
+        with open(path, encoding="utf-8") as file:
+            added = {token["content"]: token["id"] for token in json.load(file).get("added_tokens", [])}
+    elif (path := _repository_file(pretrained_model_name_or_path, "tokenizer_config.json", **kwargs)) is not None:
+        with open(path, encoding="utf-8") as file:
+            decoder = json.load(file).get("added_tokens_decoder") or {}
+        added = {token["content"]: int(token_id) for token_id, token in decoder.items()} if decoder else None
+    return None if added is None else {token: added.get(token) for token in LATENT_TOKENS}
+
+
+def check_config_latent_ids(config, token_ids: dict[str, int | None], source: str = "the tokenizer") -> None:
+    """Raise a `ValueError` unless the model config's three latent ids are the Coconut tokens' ids in `token_ids`.
+
+    A config whose `latent_token_id` is an ordinary token of the tokenizer loads and runs, but feeds thoughts at the
+    wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error.
+
+    Args:
+        config ([`CoconutInternVLConfig`] or `dict`): the model's config, or its `config.json` as a dict.
+        token_ids (`dict[str, int | None]`): the tokenizer's id of each of the three token strings.
+        source (`str`): what `token_ids` come from, for the message.
+    """
+    read = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    expected = {"start_latent_token_id": START_LATENT, "latent_token_id": LATENT, "end_latent_token_id": END_LATENT}
+    wrong = [
+        f"`{name}`={read(name)} but {source}'s {token} is {token_ids.get(token)}"
+        for name, token in expected.items()
+        if read(name) != token_ids.get(token)
+    ]
+    if wrong:
+        raise ValueError(
+            f"The model config's latent token ids are not the tokenizer's Coconut tokens: {'; '.join(wrong)}. "
+            "The model would take other tokens for thoughts. Use the tokenizer saved with the model, or set the "
+            "config's three ids to the tokenizer's."
+        )
 
 
 class CoconutInternVLProcessor(InternVLProcessor):
@@ -110,7 +195,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
 
     Each image placeholder in the text (`<image>`, or InternVL-hf's `<IMG_CONTEXT>`) becomes `<img>` followed by
     `image_seq_length` x (tiles of that image) `<IMG_CONTEXT>` tokens and `</img>`. With `num_latent_thoughts=k`,
-    `<|start-latent|>` + k x `<|latent|>` + `<|end-latent|>` is appended to each prompt.
+    `<|start-latent|>` + k x `<|latent|>` + `<|end-latent|>` is appended to each prompt (see [`latent_block`]).
 
     Args:
         image_processor ([`GotOcr2ImageProcessorPil`] or [`GotOcr2ImageProcessor`]):
@@ -194,14 +279,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
         """Load the processor; when the same folder or repository holds a Coconut-InternVL `config.json`, also check
         that the config's latent token ids are this tokenizer's Coconut tokens (see `check_latent_token_ids`)."""
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        hub_kwargs = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        config_file = cached_file(
-            pretrained_model_name_or_path,
-            "config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **{key: kwargs[key] for key in hub_kwargs if key in kwargs},
-        )
+        config_file = _repository_file(pretrained_model_name_or_path, "config.json", **kwargs)
         if config_file is not None:
             with open(config_file, encoding="utf-8") as file:
                 config = json.load(file)
@@ -210,31 +288,14 @@ class CoconutInternVLProcessor(InternVLProcessor):
         return processor
 
     def check_latent_token_ids(self, config) -> None:
-        """Raise a `ValueError` unless the model config's three latent ids are this tokenizer's Coconut tokens.
-
-        A config whose `latent_token_id` is an ordinary token of the tokenizer loads and runs, but feeds thoughts at the
-        wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error.
+        """Raise a `ValueError` unless the model config's three latent ids are this tokenizer's Coconut tokens (see
+        [`check_config_latent_ids`]).
 
         Args:
             config ([`CoconutInternVLConfig`] or `dict`): the model's config, or its `config.json` as a dict.
         """
-        read = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
-        expected = {
-            "start_latent_token_id": (START_LATENT, self.start_latent_token_id),
-            "latent_token_id": (LATENT, self.latent_token_id),
-            "end_latent_token_id": (END_LATENT, self.end_latent_token_id),
-        }
-        wrong = [
-            f"`{name}`={read(name)} but the tokenizer's {token} is {token_id}"
-            for name, (token, token_id) in expected.items()
-            if read(name) != token_id
-        ]
-        if wrong:
-            raise ValueError(
-                f"The model config's latent token ids are not the tokenizer's Coconut tokens: {'; '.join(wrong)}. "
-                "The model would take other tokens for thoughts. Use the tokenizer saved with the model, or set "
-                "the config's three ids to the tokenizer's."
-            )
+        token_ids = dict(zip(LATENT_TOKENS, self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)), strict=True))
+        check_config_latent_ids(config, token_ids)
 
     def __call__(
         self, images=None, text=None, videos=None, num_latent_thoughts: int | Sequence[int] | None = None, **kwargs
@@ -251,7 +312,8 @@ class CoconutInternVLProcessor(InternVLProcessor):
             videos (*optional*):
                 Videos for `<video>` placeholders; needs torchvision.
             num_latent_thoughts (`int` or `list[int]`, *optional*):
-                Continuous thoughts to append to each prompt (one int for all, or one per prompt; 0 adds no block).
+                Append a block of this many continuous thoughts to each prompt (one count for all, or one per prompt;
+                0 appends the two markers alone). Left out (`None`), no block is appended.
             kwargs:
                 Tokenizer and image-processor arguments (`return_tensors`, `padding_side`, `max_patches`, ...).
 
@@ -275,22 +337,24 @@ class CoconutInternVLProcessor(InternVLProcessor):
                 f"The prompts hold {sum(counts)} image placeholders ({IMAGE_PLACEHOLDER} or {self.image_token}; per "
                 f"prompt: {counts}) but {num_images} images were passed; give exactly one image per placeholder."
             )
-        latents = _per_sample(num_latent_thoughts, len(text), "num_latent_thoughts")
-        text = [
-            sample.replace(IMAGE_PLACEHOLDER, self.image_token) + (latent_block(k) if k else "")
-            for sample, k in zip(text, latents, strict=True)
-        ]
+        text = [sample.replace(IMAGE_PLACEHOLDER, self.image_token) for sample in text]
+        if num_latent_thoughts is not None:
+            counts = thought_counts(num_latent_thoughts, len(text))
+            text = [sample + latent_block(count) for sample, count in zip(text, counts, strict=True)]
         return super().__call__(images=images, text=text, videos=videos, **kwargs)
 
     def build_prompt(
-        self, question: str, num_images: int = 0, num_latent_thoughts: int = 0, system_prompt: str | None = None
+        self,
+        question: str,
+        num_images: int = 0,
+        num_latent_thoughts: int | None = None,
+        system_prompt: str | None = None,
     ) -> str:
         """The Coconut prompt for `question`: a user turn with its `num_images` images (at the question's `<image>`
-        placeholders, or all before it), then the assistant turn's opening and, with `num_latent_thoughts > 0`, the
-        latent block. Pass it with the images to `__call__`."""
+        placeholders, or all before it), then the assistant turn's opening and, unless `num_latent_thoughts` is
+        `None`, the latent block (see [`latent_block`]). Pass it with the images to `__call__`."""
         prompt = chat_prompt(self, question, num_images, system_prompt)
-        (num_thoughts,) = _per_sample(num_latent_thoughts, 1, "num_latent_thoughts")
-        return prompt + (latent_block(num_thoughts) if num_thoughts else "")
+        return prompt if num_latent_thoughts is None else prompt + latent_block(num_latent_thoughts)
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
         """The answer in generated text: what follows the last `answer_marker`, up to the end-of-sequence token,
@@ -329,7 +393,11 @@ __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "LATENT_TOKENS",
     "chat_prompt",
+    "check_config_latent_ids",
     "extract_answer",
     "latent_block",
+    "thought_count",
+    "thought_counts",
+    "tokenizer_latent_ids",
     "user_content",
 ]

@@ -388,7 +388,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         base_model=base_model,
         license="apache-2.0",
         datasets=[script_args.dataset],
-        num_latent_thoughts=record["num_latent_thoughts"],
+        num_latent_thoughts=record["num_latent_thoughts"] if training_args.curriculum.uses_markers else None,
         training=training_text,
         evaluation=rows,
         eval_results=run_results(script_args.dataset, validation_split, trainer.eval_results.results, test),

@@ -30,7 +30,7 @@ from coconut.metrics import (
     extract_answer,
     multiple_choice_score,
 )
-from processing_coconut_internvl import latent_block
+from processing_coconut_internvl import latent_block, thought_count
 
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,10 @@ class CoconutEvalConfig:
                     f"`{name}`={value} must be at least 1"
                     + (" (leave it out to follow the longest target)." if name == "max_new_tokens" else ".")
                 )
-        for name in ("stage", "num_latent_thoughts"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"`{name}`={value} must be 0 or more.")
+        if self.stage is not None and self.stage < 0:
+            raise ValueError(f"`stage`={self.stage} must be 0 or more.")
+        if self.num_latent_thoughts is not None:
+            self.num_latent_thoughts = thought_count(self.num_latent_thoughts)
 
 
 def check_eval_settings(curriculum: CurriculumConfig, config: CoconutEvalConfig) -> None:

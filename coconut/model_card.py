@@ -7,6 +7,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from coconut.data import load_record_images
+from processing_coconut_internvl import thought_count
 
 
 TAGS = ["coconut", "latent-reasoning", "internvl"]
@@ -25,8 +26,8 @@ The answer follows the marker `### `.
 
 ## Quick start
 
-Needs `transformers>=5.24,<5.25`, `torch` and `pillow`; the model, configuration and processor code ship with the
-repository (`trust_remote_code=True`).
+Needs `transformers>=5.24.0` (tested on 5.24.0 to 5.25.0), `torch` and `pillow`; the model, configuration and
+processor code ship with the repository (`trust_remote_code=True`).
 
 ```python
 import torch
@@ -109,7 +110,7 @@ def build_model_card(
     base_model: str | None,
     license: str,
     datasets: list[str] | None = None,
-    num_latent_thoughts: int = 0,
+    num_latent_thoughts: int | None = 0,
     training: str = "",
     evaluation: list[dict] | None = None,
     eval_results: list[EvalResult] | None = None,
@@ -123,7 +124,8 @@ def build_model_card(
             `None` for a model trained from scratch (the metadata then has no `base_model`).
         license (`str`): the licence identifier, e.g. `"mit"` (`coconut.convert.base_model_license` reads the base's).
         datasets (`list[str]`, *optional*): datasets for the metadata.
-        num_latent_thoughts (`int`): the thoughts the quick start asks for (the trained setting).
+        num_latent_thoughts (`int`, *optional*): the thoughts the quick start asks for (the trained setting); `None`
+            for a model trained without latent blocks (CoT, no-CoT, w/o thought), whose prompt has none.
         training (`str`): how the model was trained; a converted, untrained model says so when left empty.
         evaluation (`list[dict]`, *optional*): one dict per table row, the same keys in each, e.g.
             `[{"dataset": "ProsQA test", "thoughts": 6, "accuracy": 0.97}]`.
@@ -135,8 +137,8 @@ def build_model_card(
     """
     if not repo_id:
         raise ValueError("`repo_id` is empty: give the Hub id (or local path) the quick start should load.")
-    if num_latent_thoughts < 0:
-        raise ValueError(f"`num_latent_thoughts`={num_latent_thoughts} must be 0 or more.")
+    if num_latent_thoughts is not None:
+        thought_count(num_latent_thoughts)
     if not training and not base_model:
         raise ValueError("A card without `training` describes a converted model: give its `base_model`.")
     evaluation = evaluation or []

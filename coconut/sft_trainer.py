@@ -473,7 +473,8 @@ class CoconutSFTTrainer(SFTTrainer):
         return self.lr_scheduler
 
     # No public hook: `Trainer` loads a checkpoint with `load_state_dict`, without the key conversion that
-    # `from_pretrained` applies (transformers#43701), and `save_pretrained` writes InternVL's original key layout.
+    # `from_pretrained` applies (transformers#43701), and `save_pretrained` writes back the key layout the weights were
+    # loaded in (InternVL's Hub layout, for a converted model).
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load full-model checkpoints through `from_pretrained`, which maps InternVL's saved key layout back."""
         model = model if model is not None else self.model

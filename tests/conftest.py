@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,21 @@ from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 PAD, IMAGE, LATENT, START, END, IMG_OPEN, IMG_CLOSE = 0, 1, 2, 3, 4, 5, 6
 FIRST_TEXT_ID, VOCAB_SIZE = 10, 64
 IMAGE_SIZE, TOKENS_PER_TILE = 56, 4  # 56 px / 14 px patches = 4x4 patches, pixel-shuffled 0.5 -> 2x2 tokens
+
+
+# Thought counts as users pass them: the processor and `generate` accept and refuse the same ones (one shared check).
+INTEGRAL_COUNTS = [2.0, np.int64(2), torch.tensor(2), torch.tensor(2.0), [2, np.int64(2)], torch.tensor([2.0, 2.0])]
+BAD_COUNTS = [
+    (2.5, r"whole number of thoughts, 0 or more, got 2.5"),
+    (-1, "got -1"),
+    (True, "got True"),
+    (False, "got False"),
+    (np.bool_(True), "got np.True_|got True"),
+    ("2", "got '2'"),
+    ([1, "2"], "got '2'"),
+    (torch.tensor([1.5, 2.0]), r"got tensor\(1.5"),
+    ([1, 2, 3], r"has 3 counts for 2 prompts"),
+]
 
 
 def tiny_config(**overrides) -> CoconutInternVLConfig:

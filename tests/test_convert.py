@@ -254,7 +254,7 @@ def test_root_config_json_is_what_the_converter_writes_for_internvl3_1b(tmp_path
     assert written == root, f"fields that differ: {differing_fields(written, root) + differing_fields(root, written)}"
 
 
-def test_a_bad_latent_id_in_config_is_refused_when_the_processor_loads(converted_original, tmp_path, hf_home):
+def test_a_bad_latent_id_in_config_is_refused_when_the_model_or_processor_loads(converted_original, tmp_path, hf_home):
     folder = tmp_path / "repo"
     shutil.copytree(converted_original, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -262,6 +262,8 @@ def test_a_bad_latent_id_in_config_is_refused_when_the_processor_loads(converted
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"`latent_token_id`=100 but the tokenizer's <\|latent\|> is 151676"):
         AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"`latent_token_id`=100 but the tokenizer in .*'s <\|latent\|> is 151676"):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)  # the model alone reads the tokenizer beside it
     processor = AutoProcessor.from_pretrained(converted_original, trust_remote_code=True)  # the right ids pass
     with pytest.raises(ValueError, match="`start_latent_token_id`=None but"):
         processor.check_latent_token_ids(InternVLConfig())
@@ -502,3 +504,14 @@ def test_a_card_without_base_model_and_with_results_is_valid_hub_metadata():
         ValueError, match="A card without `training` describes a converted model: give its `base_model`"
     ):
         build_model_card(repo_id="me/x", base_model=None, license="mit")
+
+
+def test_model_card_quick_start_asks_for_no_block_without_thoughts():
+    """A model trained without latent blocks (CoT, no-CoT, w/o thought) gets a prompt without one; 0 would add the
+    two markers, which such a model never saw."""
+    card = str(build_model_card(repo_id="me/cot", base_model="b", license="mit", num_latent_thoughts=None))
+    assert 'build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts=None)' in card
+    with pytest.raises(
+        ValueError, match="`num_latent_thoughts` must be a whole number of thoughts, 0 or more, got -1"
+    ):
+        build_model_card(repo_id="me/x", base_model="b", license="mit", num_latent_thoughts=-1)

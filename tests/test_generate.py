@@ -1,9 +1,19 @@
 """`generate` with continuous thoughts against a naive decode (each prompt alone, everything recomputed per token)."""
 
-import numpy as np
 import pytest
 import torch
-from conftest import FIRST_TEXT_ID, LATENT, PAD, Row, build_batch, counting_passes, tiny_model
+from conftest import (
+    BAD_COUNTS,
+    END,
+    FIRST_TEXT_ID,
+    INTEGRAL_COUNTS,
+    LATENT,
+    PAD,
+    Row,
+    build_batch,
+    counting_passes,
+    tiny_model,
+)
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -198,12 +208,6 @@ def test_right_padded_prompts_with_thoughts_are_an_error(model):
         model.generate(**prompt_inputs(batch), max_new_tokens=2)
 
 
-def test_num_latent_thoughts_must_match_the_batch(model):
-    batch = build_batch(MIXED_PROMPTS[:2], padding_side="left")
-    with pytest.raises(ValueError, match="one per prompt \\(2 prompts\\)"):
-        model.generate(**prompt_inputs(batch), num_latent_thoughts=[1, 2, 3], max_new_tokens=2)
-
-
 def test_generation_config_suppresses_the_latent_block_once(model, tmp_path):
     """Stored in the generation config (and saved with the model), not added by every `generate` call."""
     block = [model.config.start_latent_token_id, model.config.end_latent_token_id, LATENT]
@@ -223,7 +227,7 @@ def test_thoughts_asked_for_twice_are_an_error(model):
         model.generate(**prompt_inputs(batch), num_latent_thoughts=3, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("count", [2.0, np.int64(2), torch.tensor(2), [2, np.int64(2)], torch.tensor([2.0, 2.0])])
+@pytest.mark.parametrize("count", INTEGRAL_COUNTS)
 def test_integral_thought_counts_of_any_type_are_accepted(model, count):
     batch = build_batch([Row(latents=0, answer=0), Row(latents=0, answer=0, lead=2)], padding_side="left")
     expected = model.generate(**prompt_inputs(batch), num_latent_thoughts=2, max_new_tokens=3, do_sample=False)
@@ -231,16 +235,7 @@ def test_integral_thought_counts_of_any_type_are_accepted(model, count):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize(
-    "count, match",
-    [
-        (2.5, "whole number of thoughts \\(0 or more\\), got 2.5"),
-        (-1, "got -1"),
-        (True, "got True"),
-        ([1, "2"], "got '2'"),
-        (torch.tensor([1.5, 2.0]), "got 1.5"),
-    ],
-)
+@pytest.mark.parametrize("count, match", BAD_COUNTS)
 def test_bad_thought_counts_are_an_error(model, count, match):
     batch = build_batch([Row(latents=0, answer=0), Row(latents=0, answer=0, lead=2)], padding_side="left")
     with pytest.raises(ValueError, match=match):
@@ -270,3 +265,47 @@ def test_pixel_values_without_tiles_are_an_error_in_generate(model):
     inputs = {**prompt_inputs(batch), "pixel_values": batch["pixel_values"][:0]}
     with pytest.raises(ValueError, match="`pixel_values` holds 0 image tiles"):
         model.generate(**inputs, max_new_tokens=2)
+
+
+def test_prompt_embeddings_with_their_ids_generate_as_the_ids(model):
+    """`inputs_embeds` together with `input_ids`: the ids say where the thoughts are, so the thoughts are fed back."""
+    batch = build_batch(MIXED_PROMPTS, padding_side="left")
+    inputs = prompt_inputs(batch)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    got = model.generate(**inputs, inputs_embeds=embeds, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_prompt_embeddings_without_ids_are_refused_before_any_work(model):
+    """Embeddings alone cannot say which positions are thoughts: generating would skip them, so it is refused."""
+    batch = build_batch(MIXED_PROMPTS[:1], padding_side="left")
+    inputs = prompt_inputs(batch)
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with counting_passes(model) as calls, pytest.raises(ValueError, match="at 3 positions .* Pass `input_ids`"):
+        model.generate(**inputs, inputs_embeds=embeds, max_new_tokens=2)
+    assert calls == []
+    with pytest.raises(ValueError, match="got `inputs_embeds` too"):
+        model.generate(**prompt_inputs(batch), inputs_embeds=embeds, num_latent_thoughts=2, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "swap, match",
+    [
+        ("start_and_end", r"Prompt 0's latent tokens read <\|end-latent\|> <\|latent\|> .* <\|start-latent\|>"),
+        ("no_end", r"Prompt 0 ends inside a latent block"),
+    ],
+)
+def test_misread_latent_blocks_are_refused_in_generate(model, swap, match):
+    """A config whose start and end ids are swapped reads the processor's blocks backwards: refused, not answered."""
+    batch = build_batch(MIXED_PROMPTS[:1], padding_side="left")
+    inputs = prompt_inputs(batch)
+    if swap == "start_and_end":
+        inputs["input_ids"] = inputs["input_ids"].clone()
+        starts, ends = inputs["input_ids"] == model.config.start_latent_token_id, inputs["input_ids"] == END
+        inputs["input_ids"][starts], inputs["input_ids"][ends] = END, model.config.start_latent_token_id
+    else:
+        inputs = {key: value[:, :-1] if key != "pixel_values" else value for key, value in inputs.items()}
+    with counting_passes(model) as calls, pytest.raises(ValueError, match=match):
+        model.generate(**inputs, max_new_tokens=2)
+    assert calls == []

@@ -1,6 +1,6 @@
 """The latent forward against the reference (each row alone, the whole prefix recomputed per thought)."""
 
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from conftest import (
     tiny_model,
 )
 from transformers import InternVLForConditionalGeneration
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 import modeling_coconut_internvl
 from coconut.reference import reference_logits
@@ -97,10 +97,13 @@ def test_rows_move_so_their_thoughts_share_passes(model, name, padding_side):
     assert difference <= TOLERANCE, f"{name}, {padding_side} padding: max abs difference {difference:.2e}"
 
 
-def test_rows_without_attention_mask_move_too(model):
+@pytest.mark.parametrize("positions", [None, "one_row_for_all"])
+def test_rows_without_attention_mask_move_too(model, positions):
     batch = build_batch(SAME_LENGTH_ROWS)
     assert batch["attention_mask"].all()
     inputs = {key: value for key, value in model_inputs(batch).items() if key != "attention_mask"}
+    if positions == "one_row_for_all":  # `(1, sequence_length)`, broadcast over the batch
+        inputs["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert latent_passes(model, inputs) == 2 + 1
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -116,15 +119,15 @@ def test_aligned_and_end_aligned_rows_stay_in_place():
         assert align_latent_rows(batch["input_ids"] == LATENT, batch["attention_mask"]) is None
 
 
-def test_moved_rows_give_outputs_in_the_callers_layout(model):
+def test_moved_rows_give_outputs_in_the_callers_layout(model, monkeypatch):
     """Hidden states, logits, loss and cache of moved rows equal those of the same rows computed in place."""
     batch = build_batch(BATCHES["misaligned_latents"], padding_side="right")
     inputs = model_inputs(batch)
     mask = batch["attention_mask"]
-    in_place_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # explicit positions: rows stay in place
     with torch.no_grad():
         moved = model(**inputs, output_hidden_states=True)
-        in_place = model(**inputs, position_ids=in_place_positions, output_hidden_states=True)
+        monkeypatch.setattr(modeling_coconut_internvl, "align_latent_rows", lambda *args: None)  # rows stay in place
+        in_place = model(**inputs, output_hidden_states=True)
     assert moved.logits.shape == in_place.logits.shape == (*mask.shape, model.config.text_config.vocab_size)
     real = mask.bool()
     assert (moved.logits - in_place.logits)[real].abs().max() <= TOLERANCE
@@ -162,15 +165,63 @@ def test_decoding_continues_from_the_cache_of_moved_rows(model):
         assert (step.logits[b, -1] - expected).abs().max() <= TOLERANCE
 
 
-def test_rows_stay_in_place_when_they_cannot_move(model):
-    """With tokens already in the cache or explicit positions, every latent column is a pass, still exact."""
-    batch = build_batch(BATCHES["misaligned_latents"], padding_side="right")
-    inputs = model_inputs(batch)
-    latent_columns = len(set((batch["input_ids"] == LATENT).nonzero()[:, 1].tolist()))
+def positions_of(batch) -> torch.Tensor:
+    """Each row's positions counted over its real tokens, as TRL's `padding_free` collator and `generate` give them."""
     mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    assert latent_passes(model, {**inputs, "position_ids": positions}) == latent_columns + 1
-    assert max_difference_to_reference(model, batch, position_ids=positions) <= TOLERANCE
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+@pytest.mark.parametrize("name, padding_side", MOVED)
+def test_explicit_positions_move_with_their_rows(model, name, padding_side):
+    """With `position_ids` the rows move too, their positions with them: as many passes as without, still exact."""
+    batch = build_batch(BATCHES[name], padding_side=padding_side)
+    inputs = model_inputs(batch)
+    with_positions = latent_passes(model, {**inputs, "position_ids": positions_of(batch)})
+    assert with_positions == latent_passes(model, inputs) == most_thoughts(batch) + 1
+    difference = max_difference_to_reference(model, batch, position_ids=positions_of(batch))
+    assert difference <= TOLERANCE, f"{name}, {padding_side} padding: max abs difference {difference:.2e}"
+
+
+def test_six_thoughts_far_apart_with_positions_cost_seven_passes(model):
+    """Two rows with 6 thoughts each, 6 columns apart: 13 passes in place, 7 once the rows move, positions or not."""
+    batch = build_batch([Row(latents=6, answer=7), Row(latents=6, lead=6, answer=2)], padding_side="right")
+    assert len(plan_latent_passes(batch["input_ids"] == LATENT)) == 13
+    assert latent_passes(model, {**model_inputs(batch), "position_ids": positions_of(batch)}) == 7
+    assert max_difference_to_reference(model, batch, position_ids=positions_of(batch)) <= TOLERANCE
+
+
+def packed(batch) -> dict:
+    """The rows of `batch` packed into one, as TRL's `padding_free` collator packs them: restarting positions, no mask."""
+    real = batch["attention_mask"].bool()
+    return dict(
+        input_ids=batch["input_ids"][real][None],
+        position_ids=torch.cat([torch.arange(int(row.sum())) for row in real])[None],
+        labels=batch["labels"][real][None],
+        pixel_values=batch["pixel_values"],
+    )
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [Row(latents=2, answer=3), Row(latents=3, lead=2, answer=2)],
+        [Row(latents=6, answer=7, images=[]), Row(latents=6, lead=6, answer=2, images=[]), Row(latents=0, answer=3)],
+    ],
+    ids=["two_sequences", "six_thoughts_each"],
+)
+def test_packed_sequences_get_a_row_each(model, rows):
+    """TRL's `padding_free` packs sequences into one row with restarting `position_ids` and no attention mask: each
+    sequence attends to itself only, and gets a row of its own, so the passes are (most thoughts + 1) as for a batch."""
+    batch = build_batch(rows)
+    inputs = {key: value for key, value in packed(batch).items() if key != "labels"}
+    in_place = len(plan_latent_passes(inputs["input_ids"] == LATENT))
+    assert latent_passes(model, inputs) == most_thoughts(batch) + 1 < in_place
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        rows = enumerate(batch["sequences"])
+        expected = torch.cat([reference_logits(model, ids, batch["pixel_rows"][b]) for b, ids in rows])
+    difference = (logits - expected).abs().max().item()
+    assert difference <= TOLERANCE, f"max abs difference {difference:.2e}"
 
 
 def test_misaligned_rows_need_their_own_passes():
@@ -264,6 +315,17 @@ def test_gradients_match_reference_through_every_thought(rows, padding_side):
     through_thoughts = max((ours[name] - cut_at_thoughts[name]).abs().max().item() for name in ours)
     assert through_thoughts > 1e-3, f"gradient through the thoughts is only {through_thoughts:.2e}"
     assert ours["model.vision_tower.embeddings.patch_embeddings.projection.weight"].abs().sum() > 0
+
+
+def test_packed_sequences_give_the_reference_gradients():
+    model = tiny_model().train()
+    batch = build_batch(BATCHES["blocks_far_apart"])
+    model.zero_grad()
+    model(**packed(batch)).loss.backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    reference = reference_gradients(model, batch)
+    worst = max((ours[name] - reference[name]).abs().max().item() for name in ours)
+    assert worst <= TOLERANCE, f"max abs gradient difference {worst:.2e}"
 
 
 def test_forced_extra_passes_are_exact(model):
@@ -362,6 +424,8 @@ def test_reentrant_gradient_checkpointing_with_latents_is_an_error():
         ({"end_latent_token_id": -1}, "`end_latent_token_id`=-1 is outside"),
         ({"start_latent_token_id": LATENT}, "`start_latent_token_id`=2 is the same id as `latent_token_id`"),
         ({"latent_token_id": 1}, "`latent_token_id`=1 is the same id as `image_token_id`"),
+        ({"latent_token_id": 0}, "`latent_token_id`=0 is the same id as `text_config.pad_token_id`"),
+        ({"end_latent_token_id": 10}, "`end_latent_token_id`=10 is the same id as `text_config.eos_token_id`"),
     ],
 )
 def test_config_rejects_bad_token_ids(overrides, match):
@@ -399,33 +463,54 @@ def test_latent_forward_under_torch_compile_gives_the_same_logits(model):
     assert (compiled - expected).abs().max() <= TOLERANCE
 
 
-@pytest.mark.parametrize(
-    "broken, problem",
-    [
-        ("flag", "drops the cache despite `_can_checkpoint_with_cache`"),
-        ("update", "`DynamicLayer.update` no longer concatenates out of place"),
-    ],
-)
-def test_import_fails_naming_the_supported_transformers_when_internals_change(monkeypatch, broken, problem):
-    if broken == "flag":  # as if transformers ignored the flag: the checkpointed layer drops the cache
-        monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", lambda layers: nullcontext())
-    else:  # as if the cache were written in place into a preallocated buffer
+@contextmanager
+def layers_that_drop_the_cache(layers):
+    """As if transformers kept the private flag but ignored it: checkpointed layers drop the cache."""
+    yield True
 
-        def update_in_place(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                self.keys, self.values = (
-                    key_states.new_zeros(key_states.shape),
-                    value_states.new_zeros(key_states.shape),
-                )
-            self.keys.copy_(key_states)
-            return self.keys, self.values
 
-        monkeypatch.setattr(DynamicLayer, "update", update_in_place)
-    with pytest.raises(ImportError, match="supports transformers>=5.24,<5.25") as error:
-        modeling_coconut_internvl._verify_transformers_internals()
-    assert problem in str(error.value)
-    assert "pip install 'transformers>=5.24,<5.25'" in str(error.value)
+@contextmanager
+def transformers_without_the_flag(layers):
+    """As `_checkpointed_layers_keep_cache` answers where transformers has no `_can_checkpoint_with_cache`."""
+    yield False
+
+
+@pytest.mark.parametrize("keep_cache", [layers_that_drop_the_cache, transformers_without_the_flag])
+@pytest.mark.parametrize("padding_side", ["left", "right"])  # right: the rows move
+def test_gradient_checkpointing_falls_back_to_recomputing_each_prefix(monkeypatch, keep_cache, padding_side):
+    """Without the cache trick, each latent pass recomputes its prefix: the same loss and gradients, the same calls."""
+    batch = build_batch(BATCHES["misaligned_latents"], padding_side=padding_side)
+    model = tiny_model(num_hidden_layers=2).train()
+    loss, grads, _ = loss_grads_and_saved_bytes(model, batch)
+    with counting_passes(model) as plain_calls, torch.no_grad():
+        model(**model_inputs(batch))
+    model.activation_checkpointing_enable()
+    monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", keep_cache)
+    with counting_passes(model) as calls:
+        recomputed_loss, recomputed_grads, _ = loss_grads_and_saved_bytes(model, batch)
+    assert len(calls) == len(plain_calls) == most_thoughts(batch) + 1
+    assert abs(loss - recomputed_loss) <= TOLERANCE
+    worst = max((grads[name] - recomputed_grads[name]).abs().max().item() for name in grads)
+    assert worst <= TOLERANCE, f"max abs gradient difference {worst:.2e}"
+
+
+def test_layers_without_the_private_flag_are_not_asked_to_keep_the_cache():
+    layers = [torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)]
+    with modeling_coconut_internvl._checkpointed_layers_keep_cache(layers) as keeps_cache:
+        assert keeps_cache is False
+    assert not any(hasattr(layer, "_can_checkpoint_with_cache") for layer in layers)
+
+
+def test_a_filled_cache_cannot_be_recomputed_under_checkpointing(monkeypatch):
+    model = tiny_model().train()
+    model.activation_checkpointing_enable()
+    monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", transformers_without_the_flag)
+    batch = build_batch([Row(latents=2, images=[])])
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :3], use_cache=True).cache
+    with pytest.raises(ValueError, match="The cache passed in holds 3 tokens"):
+        model(input_ids=ids[:, 3:], cache=cache)
 
 
 def test_image_tokens_without_pixel_values_are_an_error(model):
@@ -454,3 +539,24 @@ def test_pixel_values_without_tiles_are_an_error(model):
     inputs = {**model_inputs(batch), "pixel_values": batch["pixel_values"][:0]}
     with pytest.raises(ValueError, match=r"`pixel_values` holds 0 image tiles \(shape \(0, 3, 56, 56\)\)"):
         model(**inputs)
+
+
+def test_embeddings_with_their_ids_feed_the_thoughts_back(model):
+    """`inputs_embeds` with `input_ids`: thoughts found in the ids, embeddings taken as given (images placed in them)."""
+    batch = build_batch(BATCHES["misaligned_latents"], padding_side="right")
+    inputs = model_inputs(batch)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs).logits
+        from_both = model(**inputs, inputs_embeds=embeds).logits
+    assert (from_both - from_ids).abs().max() <= TOLERANCE
+
+
+def test_embeddings_holding_thoughts_without_ids_are_an_error(model):
+    batch = build_batch([Row(latents=3), Row(latents=2, lead=1)], padding_side="left")
+    inputs = model_inputs(batch)
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(
+        ValueError, match=r"`inputs_embeds` holds the `<\|latent\|>` embedding \(id 2\) at 5 positions"
+    ):
+        model(**inputs, inputs_embeds=embeds)

@@ -1,17 +1,20 @@
 """CoconutInternVLProcessor: image tokens per tile, pixel values in order, latent block, left padding, answers."""
 
+import json
+
 import pytest
 import torch
-from conftest import IMAGE_SIZE, TOKENS_PER_TILE, random_model
+from conftest import BAD_COUNTS, IMAGE_SIZE, INTEGRAL_COUNTS, TOKENS_PER_TILE, random_model
 from PIL import Image
 from replicas import HF_IMAGE_TOKEN_NAMES, OFFICIAL_CHAT_TEMPLATE, VOCAB_SIZE, write_replica_tokenizer
 from transformers import AutoProcessor, AutoTokenizer, GotOcr2ImageProcessorPil
 
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
-from processing_coconut_internvl import CoconutInternVLProcessor
+from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor, latent_block
 
 
+LATENT_IDS = (298, 299, 300)  # the trained tokenizer's <|start-latent|>, <|end-latent|>, <|latent|>
 CORPUS = ["Every wump is a zhorpus. Is Tom a wump or a yumpus? Tom is a wump. ### Yes No"] * 4
 
 
@@ -158,20 +161,45 @@ def test_latent_block_per_sample_and_left_padding(processor):
     ids0 = processor.tokenizer(prompts[0])["input_ids"]
     ids1 = processor.tokenizer(prompts[1])["input_ids"]
     block = [processor.start_latent_token_id] + [processor.latent_token_id] * 2 + [processor.end_latent_token_id]
-    length = max(len(ids0) + 4, len(ids1))
+    empty_block = [processor.start_latent_token_id, processor.end_latent_token_id]  # 0 thoughts: the markers alone
+    length = max(len(ids0) + 4, len(ids1) + 2)
     pad = processor.tokenizer.pad_token_id
 
     def left_padded(row):
         return [pad] * (length - len(row)) + row
 
-    assert ids.tolist() == [left_padded(ids0 + block), left_padded(ids1)]
-    assert mask.tolist() == [left_padded([1] * len(ids0 + block)), left_padded([1] * len(ids1))]
+    assert ids.tolist() == [left_padded(ids0 + block), left_padded(ids1 + empty_block)]
+    assert mask.tolist() == [left_padded([1] * len(ids0 + block)), left_padded([1] * len(ids1 + empty_block))]
     assert (mask[:, -1] == 1).all()  # left padding: every row ends with a real token
 
     same_for_all = processor(text=prompts, num_latent_thoughts=3, return_tensors="pt")["input_ids"]
     assert (same_for_all == processor.latent_token_id).sum(dim=1).tolist() == [3, 3]
-    with pytest.raises(ValueError, match="`num_latent_thoughts` has 1 entries for 2 prompts"):
-        processor(text=prompts, num_latent_thoughts=[1])
+    without_block = processor(text=prompts, return_tensors="pt")["input_ids"]
+    assert not (without_block == processor.start_latent_token_id).any()
+
+
+@pytest.mark.parametrize("count", INTEGRAL_COUNTS)
+def test_integral_thought_counts_of_any_type_are_accepted(processor, count):
+    prompts = ["Is Tom a wump?", "Every wump is a zhorpus. Is Tom a wump?"]
+    expected = processor(text=prompts, num_latent_thoughts=2, return_tensors="pt")["input_ids"]
+    assert torch.equal(processor(text=prompts, num_latent_thoughts=count, return_tensors="pt")["input_ids"], expected)
+    if not isinstance(count, list) and getattr(count, "ndim", 0) == 0:
+        assert processor.build_prompt(prompts[0], num_latent_thoughts=count).endswith(latent_block(2))
+
+
+@pytest.mark.parametrize("count, match", BAD_COUNTS)
+def test_bad_thought_counts_are_an_error(processor, count, match):
+    with pytest.raises(ValueError, match=match):
+        processor(text=["Is Tom a wump?", "Is Tom a zhorpus?"], num_latent_thoughts=count)
+    if not isinstance(count, list) and getattr(count, "ndim", 0) == 0:
+        with pytest.raises(ValueError, match=match):
+            processor.build_prompt("Is Tom a wump?", num_latent_thoughts=count)
+
+
+def test_one_builder_for_text_and_ids():
+    assert latent_block(2) == "<|start-latent|><|latent|><|latent|><|end-latent|>"
+    assert latent_block(0) == "<|start-latent|><|end-latent|>"  # curriculum stage 0: the markers alone
+    assert latent_block(2, (3, 2, 4)) == [3, 2, 2, 4]
 
 
 @pytest.mark.parametrize(
@@ -265,3 +293,24 @@ def test_generate_with_stop_strings_and_the_processor(processor):
     assert len(new) <= position + 1 < 8
     assert torch.equal(new, free[: len(new)])
     assert processor.tokenizer.decode(new).endswith(stop)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"latent_token_id": 13}, r"`latent_token_id`=13 but the tokenizer in .*'s <\|latent\|> is 300"),
+        ({"start_latent_token_id": 299, "end_latent_token_id": 298}, r"`start_latent_token_id`=299 but .* is 298"),
+    ],
+)
+def test_the_model_refuses_latent_ids_that_are_not_its_tokenizers_at_load(processor, tmp_path, edit, match):
+    """Loaded without its processor, the model still reads the tokenizer saved beside it, and checks the three ids."""
+    from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+    assert LATENT_IDS == tuple(processor.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
+    processor_model(processor).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    CoconutInternVLForConditionalGeneration.from_pretrained(tmp_path)  # the saved ids pass
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=match):
+        CoconutInternVLForConditionalGeneration.from_pretrained(tmp_path)

@@ -130,3 +130,36 @@ def test_legacy_internvl_checkpoint_keys_load_into_the_coconut_class(tmp_path):
     loaded = type(model).from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+IMPORT_WITHOUT_SIDE_EFFECTS = """
+import torch, transformers.conversion_mapping as mapping
+calls = []
+torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: calls.append(type(module).__name__))
+import modeling_coconut_internvl
+from configuration_coconut_internvl import CoconutInternVLConfig
+assert calls == [], calls  # no forward pass at import
+assert mapping.USER_REGISTERED_MAPPINGS == set(), mapping.USER_REGISTERED_MAPPINGS  # transformers' registry untouched
+assert CoconutInternVLConfig._auto_class is None  # the model file registers its own class only
+"""
+
+IMPORT_UNDER_AN_OLD_TRANSFORMERS = """
+import importlib.metadata
+version = importlib.metadata.version
+importlib.metadata.version = lambda name: "5.23.0" if name == "transformers" else version(name)
+import modeling_coconut_internvl
+"""
+
+
+def test_importing_the_model_file_runs_nothing_and_registers_nothing(hf_home):
+    env = {**subprocess_env(hf_home), "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_SIDE_EFFECTS], check=True, cwd=ROOT, env=env)
+
+
+def test_an_older_transformers_is_refused_at_import_by_name(hf_home):
+    env = {**subprocess_env(hf_home), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_UNDER_AN_OLD_TRANSFORMERS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "transformers>=5.24.0 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
