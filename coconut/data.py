@@ -21,6 +21,7 @@ than `max_length`. `skip_invalid=True` drops such records instead and logs how m
 split ([`load_split`]); images are read as a viewer shows them ([`to_rgb`]).
 """
 
+import functools
 import io
 import json
 import logging
@@ -206,14 +207,21 @@ def validate_dataset(
 
 def image_token_counter(processor) -> Callable[[dict], int]:
     """For the length check: the tokens `processor` puts in place of a stored image (`{"bytes", "path"}`), counted
-    by the processor itself (`_get_num_multimodal_tokens`, with the tiling settings its calls use, e.g. InternVL's
-    `crop_to_patches=True`) from the image's size; only the image header is read."""
+    by running the processor itself on a blank image of that size (once per size), so that its tiling settings (e.g.
+    InternVL's `crop_to_patches=True`) count as they do in training; only the image header is read."""
+
+    @functools.lru_cache(maxsize=None)
+    def tokens_for_size(width: int, height: int) -> int:
+        # The processor's own `_get_num_multimodal_tokens` is private and changed between transformers releases.
+        blank = PILImage.new("RGB", (width, height))
+        ids = processor(images=[blank], text=processor.build_prompt("?", num_images=1))["input_ids"][0]
+        return sum(token == processor.image_token_id for token in ids) + 2  # + <img> and </img>
 
     def count(image: dict) -> int:
         source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
         with PILImage.open(source) as opened:
             width, height = opened.size
-        return processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
+        return tokens_for_size(width, height)
 
     return count
 

@@ -510,7 +510,7 @@ def test_model_card_quick_start_asks_for_no_block_without_thoughts():
     """A model trained without latent blocks (CoT, no-CoT, w/o thought) gets a prompt without one; 0 would add the
     two markers, which such a model never saw."""
     card = str(build_model_card(repo_id="me/cot", base_model="b", license="mit", num_latent_thoughts=None))
-    assert 'build_prompt("What is shown in the image?", num_images=1, num_latent_thoughts=None)' in card
+    assert "build_prompt(question, num_images=len(images), num_latent_thoughts=None)" in card
     with pytest.raises(
         ValueError, match="`num_latent_thoughts` must be a whole number of thoughts, 0 or more, got -1"
     ):
