@@ -210,7 +210,7 @@ def image_token_counter(processor) -> Callable[[dict], int]:
     by running the processor itself on a blank image of that size (once per size), so that its tiling settings (e.g.
     InternVL's `crop_to_patches=True`) count as they do in training; only the image header is read."""
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def tokens_for_size(width: int, height: int) -> int:
         # The processor's own `_get_num_multimodal_tokens` is private and changed between transformers releases.
         blank = PILImage.new("RGB", (width, height))
