@@ -49,6 +49,7 @@ from coconut.preflight import check_script_sizes, with_demo_defaults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
+from coconut.thought_scale import match_thought_scale
 from coconut.tiny import tiny_coconut_config_for
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import CoconutInternVLProcessor
@@ -142,6 +143,13 @@ class ScriptArguments:
         metadata={
             "help": "Without --model_name_or_path: standard deviation of the tiny model's initial token embeddings "
             "(default: the config's initializer_range, 0.02). 1.0 puts tokens at the scale of the fed-back thoughts."
+        },
+    )
+    match_thought_scale: bool = field(
+        default=False,
+        metadata={
+            "help": "Before training, rescale the final norm (and the LM head inversely: the logits stay the same) so "
+            "that a fed-back thought has the norm of a token embedding (coconut/thought_scale.py)."
         },
     )
     merge_adapter: bool = field(
@@ -356,6 +364,10 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
             check_weight_files(model_args.model_name_or_path)  # a truncated file, named
         model, processor = load_model_and_processor(model_args)
         base_model = model_args.model_name_or_path
+    if script_args.match_thought_scale:
+        logger.info(
+            "Final norm rescaled by %.4g: thoughts at the scale of token embeddings", match_thought_scale(model)
+        )
     train = check_lengths(train, processor, training_args, script_args.skip_invalid)
 
     # Train. Pushing happens at the end only: Trainer would create the Hub repository at construction.
