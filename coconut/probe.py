@@ -146,16 +146,19 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
     """Probe the thoughts of `args.question`, save them to `args.output_file` and return them."""
     from PIL import Image
 
+    from coconut.checkpoints import check_output_file
     from coconut.curriculum import question_prompt
+    from coconut.data import to_rgb
     from coconut.evaluation import load_model_and_processor
     from processing_coconut_internvl import latent_block
 
+    check_output_file(args.output_file, "output_file")  # before the model is loaded
     model, processing_class = load_model_and_processor(args.model)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     for path in args.images:
         if not Path(path).is_file():
             raise ValueError(f"Image file {path!r} does not exist; pass existing files to `--images`.")
-    images = [Image.open(path).convert("RGB") for path in args.images]
+    images = [to_rgb(Image.open(path)) for path in args.images]
     record = {"question": args.question, "images": images}
     prompt = question_prompt(record, processing_class) + latent_block(args.num_latent_thoughts)
     kwargs = {"images": [images]} if images else {}

@@ -62,3 +62,11 @@ def test_probed_thoughts_are_the_fed_thoughts(model, tmp_path):
 def test_prompt_without_thoughts_is_an_error(model):
     with pytest.raises(ValueError, match="no `<\\|latent\\|>` token"):
         thought_vectors(model, torch.tensor([[11, 12, 13]]))
+
+
+def test_an_output_file_that_is_a_folder_is_refused_before_loading(tmp_path):
+    from coconut.probe import ProbeArguments, main
+
+    arguments = ProbeArguments(model=str(tmp_path / "no-model"), question="Where?", output_file=str(tmp_path))
+    with pytest.raises(ValueError, match="`output_file`=.* is a folder"):
+        main(arguments)  # the missing model would fail later: the folder is named first
