@@ -147,7 +147,7 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
     from PIL import Image
 
     from coconut.curriculum import question_prompt
-    from coconut.evaluation import load_model_and_processor
+    from coconut.loading import load_model_and_processor
     from processing_coconut_internvl import latent_block
 
     model, processing_class = load_model_and_processor(args.model)
