@@ -35,7 +35,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
 from coconut.checkpoints import looks_like_local_path
-from coconut.model_card import save_example_images
+from coconut.model_card import write_model_card
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import LATENT_TOKENS, VIDEO_PLACEHOLDER, CoconutInternVLProcessor
@@ -262,12 +262,6 @@ def resolve_base(base: str) -> Path:
     return Path(
         snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md"])
     )
-
-
-def base_model_license(base: str) -> str | None:
-    """The `license` in the YAML metadata of the base checkpoint's README.md, if it has one."""
-    readme = resolve_base(base) / "README.md"
-    return ModelCard.load(readme).data.license if readme.is_file() else None
 
 
 def load_base_tokenizer(folder: Path):
@@ -513,9 +507,7 @@ def save_repository(
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
-    model_card.save(output / "README.md")
-    if example is not None:
-        save_example_images(output, example)
+    write_model_card(output, model_card, example)
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes
@@ -524,15 +516,23 @@ def save_repository(
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create `repo_id` on the Hub if needed and upload `folder` (weights, code, processor, card) in one commit.
+    """Create `repo_id` on the Hub if needed and upload `folder` (weights, code, processor, card, the card's example
+    images, the training record and results) in one commit; training checkpoints stay local, as `Trainer.push_to_hub`
+    leaves them.
 
     Returns:
         `str`: the URL of the commit.
     """
+    # Not `model.push_to_hub` and `processor.push_to_hub`: they save the weights again into a temporary folder, in two
+    # commits, without the card's example images or the training record; the saved folder goes up as it is.
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload Coconut-InternVL"
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message="Upload Coconut-InternVL",
+        ignore_patterns=["checkpoint-*/**"],
     )
     return str(getattr(commit, "commit_url", commit))
 
@@ -548,7 +548,6 @@ __all__ = [
     "build_generation_config",
     "save_repository",
     "push_folder",
-    "base_model_license",
     "original_to_native_state_dict",
     "original_to_native_config",
     "is_original_layout",
