@@ -31,11 +31,10 @@ from coconut.convert import (
     build_generation_config,
     check_output_folder,
     load_base,
-    push_folder,
     read_base_config,
-    save_repository,
 )
 from coconut.model_card import build_model_card, model_license
+from coconut.repository import push_folder, save_repository
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 
 

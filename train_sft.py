@@ -37,14 +37,14 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
-from coconut.checkpoints import check_writable, write_training_record
-from coconut.convert import push_folder, save_repository
+from coconut.checkpoints import check_writable
 from coconut.evaluation import EvalResults
 from coconut.held_out_test import evaluate_held_out_test, write_test_results
 from coconut.loading import load_model_and_processor
 from coconut.lora import coconut_peft_config
-from coconut.model_card import model_license, trained_model_card, write_model_card
+from coconut.model_card import model_license, trained_model_card
 from coconut.preflight import check_dataset_argument, check_push_arguments, check_script_sizes, with_demo_defaults
+from coconut.repository import push_folder, save_trained_repository
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.thought_scale import match_thought_scale
@@ -185,16 +185,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     example = (validation if validation is not None else train)[0]  # the card's quick start asks its question
     split = "validation" if task is not None else script_args.eval_split
     record, card = trained_model_card(trainer, script_args.dataset, split, task, base_model, license, example, test)
-    folder = output_dir  # the full model, pushed at the end
-    if model_args.use_peft:  # the adapter beside its card; the merged model in merged/
-        write_model_card(output_dir, card, example)
-        write_training_record(output_dir, record)
-        if script_args.merge_adapter:
-            folder = save_repository(trainer.model.merge_and_unload(), processor, output_dir / "merged", card, example)
-            write_training_record(folder, record)
-    else:
-        save_repository(trainer.accelerator.unwrap_model(trainer.model), processor, output_dir, card, example)
-        write_training_record(output_dir, record)
+    folder = save_trained_repository(trainer, output_dir, card, record, example, script_args.merge_adapter)
 
     # Evaluate: the table of the evaluations after each stage (those before a resume included), then the test split
     if trainer.eval_results.results:

@@ -38,6 +38,7 @@ from transformers import (
 )
 
 import coconut.convert
+import coconut.repository
 import convert_to_coconut
 from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
 from coconut.loading import load_model_and_processor
@@ -438,8 +439,8 @@ def test_push_folder_creates_repo_and_uploads_the_folder(converted_original, mon
             calls.append(("upload_folder", kwargs))
             return "https://huggingface.co/me/coconut/commit/0"
 
-    monkeypatch.setattr(coconut.convert, "HfApi", RecordingHfApi)
-    url = coconut.convert.push_folder(converted_original, "me/coconut", private=True)
+    monkeypatch.setattr(coconut.repository, "HfApi", RecordingHfApi)
+    url = coconut.repository.push_folder(converted_original, "me/coconut", private=True)
     assert url == "https://huggingface.co/me/coconut/commit/0"
     assert calls[1] == ("create_repo", "me/coconut", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[2][1]["repo_id"] == "me/coconut" and calls[2][1]["folder_path"] == str(converted_original)

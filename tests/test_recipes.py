@@ -17,9 +17,10 @@ from trl import ModelConfig, TrlParser
 import coconut.preflight
 import convert_to_coconut
 import train_sft
-from coconut.convert import build_generation_config, save_repository
+from coconut.convert import build_generation_config
 from coconut.data import aokvqa_to_record
 from coconut.preflight import check_dataset_argument
+from coconut.repository import save_repository
 from coconut.sft_config import CoconutSFTConfig
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer

@@ -13,7 +13,7 @@ from datasets import Image, List
 from PIL import Image as PILImage
 from trl import ModelConfig, TrlParser
 
-import coconut.convert
+import coconut.repository
 import evaluate
 import train_sft
 from coconut.curriculum import CurriculumConfig, max_example_length
@@ -284,35 +284,58 @@ def test_curriculum_continues_from_a_trained_cot_model(tmp_path):
         train(tmp_path, "--method", "cot", "--start_stage", "1", output="refused")
 
 
-def test_push_uploads_the_saved_folder_at_the_end(tmp_path, monkeypatch):
-    """`--push_to_hub` uploads the finished folder once, after saving: the weights, code, card with its example image
-    and the training record, without the training checkpoints."""
-    uploads = []
+@pytest.fixture
+def uploads(monkeypatch):
+    """What `push_folder` would upload, recorded instead of sent: `("create_repo", repo_id, private)`, then
+    `("upload_folder", repo_id, folder, the files it would upload)`."""
+    calls = []
 
     class RecordingHfApi:
         def __init__(self, token=None):
             pass
 
         def create_repo(self, repo_id, **kwargs):
-            uploads.append(("create_repo", repo_id, kwargs["private"]))
+            calls.append(("create_repo", repo_id, kwargs["private"]))
 
         def upload_folder(self, folder_path, ignore_patterns, **kwargs):
             folder = Path(folder_path)
             files = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
             ignored = {name for name in files if any(fnmatch(name, pattern) for pattern in ignore_patterns)}
-            uploads.append(("upload_folder", kwargs["repo_id"], folder, files - ignored))
+            calls.append(("upload_folder", kwargs["repo_id"], folder, files - ignored))
             return "https://huggingface.co/me/coconut/commit/0"
 
-    monkeypatch.setattr(coconut.convert, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(coconut.repository, "HfApi", RecordingHfApi)
+    return calls
+
+
+PUSH = ["--push_to_hub", "true", "--hub_model_id", "me/coconut", "--hub_private_repo", "true"]
+# A full repository: weights, code, processor, the card with its example image, the training record and results.
+REPOSITORY_FILES = {"model.safetensors", "config.json", "modeling_coconut_internvl.py", "processor_config.json"}
+REPOSITORY_FILES |= {"README.md", "example_0.png", "coconut_training.json"}
+
+
+def test_push_uploads_the_saved_folder_at_the_end(tmp_path, uploads):
+    """`--push_to_hub` uploads the finished folder once, after saving, without the training checkpoints."""
     with pytest.raises(ValueError, match="`--push_to_hub` needs `--hub_model_id you/name`"):
         train(tmp_path, "--push_to_hub", "true")
     assert not uploads and not (tmp_path / "data").exists()
-    push = ["--push_to_hub", "true", "--hub_model_id", "me/coconut", "--hub_private_repo", "true"]
-    train(tmp_path, *push, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    train(tmp_path, *PUSH, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
     (_, repo_id, private), (_, pushed_repo, folder, files) = uploads
     assert (repo_id, private, pushed_repo, folder) == ("me/coconut", True, "me/coconut", tmp_path / "out")
     assert (folder / "checkpoint-1").is_dir() and not [name for name in files if name.startswith("checkpoint-")]
-    expected = {"model.safetensors", "config.json", "modeling_coconut_internvl.py", "processor_config.json"}
-    expected |= {"README.md", "example_0.png", "coconut_training.json", "eval_results.json"}
-    assert expected <= files, expected - files
+    assert REPOSITORY_FILES | {"eval_results.json"} <= files, REPOSITORY_FILES - files
     assert 'repo = "me/coconut"' in (folder / "README.md").read_text()
+
+
+def test_lora_run_keeps_the_adapter_and_pushes_the_merged_model(tmp_path, uploads):
+    """With `--use_peft` the output folder holds the adapter, its card and record; `merged/` the full repository,
+    which is what is pushed."""
+    train(tmp_path, *PUSH, "--max_steps", "2", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8")
+    output = tmp_path / "out"
+    assert {"adapter_config.json", "README.md", "coconut_training.json"} <= {path.name for path in output.iterdir()}
+    assert not (output / "model.safetensors").exists()
+    (_, _, folder, files) = uploads[1]
+    assert folder == output / "merged" and REPOSITORY_FILES <= files, REPOSITORY_FILES - files
+    assert (folder / "README.md").read_text() == (output / "README.md").read_text()
+    record = json.loads((folder / "coconut_training.json").read_text())
+    assert record == json.loads((output / "coconut_training.json").read_text()) and record["global_step"] == 2
