@@ -78,6 +78,18 @@ def test_documented_training_commands_parse(monkeypatch):
         check_dataset_argument(script_args, model_args)
 
 
+def test_the_scripts_own_commands_parse_and_name_their_data(monkeypatch):
+    """The commands in train_sft.py's docstring parse; each one with flags names its data (`--dataset` or a recipe)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(coconut.preflight, "require_coconut_checkpoint", lambda path, revision=None: None)  # not here
+    commands = documented_commands(train_sft.__doc__)
+    assert len(commands) == 4 and commands[0] == []  # `python train_sft.py`: the embedded default
+    for argv in commands[1:]:
+        assert {"--dataset", "--config"} & set(argv), argv
+        script_args, _, model_args = parse([*argv, *NO_BF16])
+        check_dataset_argument(script_args, model_args)
+
+
 def test_aokvqa_recipe_follows_the_papers_gsm8k_setting():
     _, args, _ = parse(["--config", str(ROOT / "recipes" / "aokvqa_coconut.yaml"), *NO_BF16])
     assert (args.c_thought, args.max_latent_stage, args.epochs_per_stage, args.num_train_epochs) == (2, 3, 3, 25)
