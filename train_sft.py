@@ -156,9 +156,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         )
     license = model_license(base_model)  # the card's; a base that states none fails now, not after training
     if script_args.match_thought_scale:
-        logger.info(
-            "Final norm rescaled by %.4g: thoughts at the scale of token embeddings", match_thought_scale(model)
-        )
+        logger.info("Final norm rescaled by %.4g: thoughts at token embeddings' scale", match_thought_scale(model))
     train = check_lengths(train, processor, training_args, script_args.skip_invalid)
 
     # Train. Pushing happens at the end only: Trainer would create the Hub repository at construction.
@@ -179,9 +177,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     trainer.save_model(str(output_dir))
     if not trainer.accelerator.is_main_process:
         return trainer
-    test = None
-    if task is not None and task.test_size > 0:
-        test = evaluate_held_out_test(trainer, task, script_args.synthetic_dir)
+    test = evaluate_held_out_test(trainer, task, script_args.synthetic_dir) if task and task.test_size > 0 else None
     example = (validation if validation is not None else train)[0]  # the card's quick start asks its question
     split = "validation" if task is not None else script_args.eval_split
     record, card = trained_model_card(trainer, script_args.dataset, split, task, base_model, license, example, test)
