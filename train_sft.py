@@ -154,7 +154,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         model, processor = load_model_and_processor(
             base_model, model_args.model_revision, model_args.dtype, model_args.attn_implementation
         )
-    license = model_license(base_model)  # the card's; a base that states none fails now, not after training
+    license = model_license(base_model, model_args.model_revision)  # the card's: a base without one fails now
     if script_args.match_thought_scale:
         logger.info("Final norm rescaled by %.4g: thoughts at token embeddings' scale", match_thought_scale(model))
     train = check_lengths(train, processor, training_args, script_args.skip_invalid)

@@ -178,9 +178,10 @@ def build_model_card(
     )
 
 
-def model_license(base_model: str | None) -> str:
-    """The licence a card states: the `license` in the metadata of `base_model`'s README.md (a local folder or a Hub
-    id; only that file is read), or this repository's own, [`REPOSITORY_LICENSE`], for a model trained from scratch."""
+def model_license(base_model: str | None, revision: str | None = None) -> str:
+    """The licence a card states: the `license` in the metadata of `base_model`'s README.md (a local folder, or a Hub
+    id at `revision`: only that file is read), or this repository's own, [`REPOSITORY_LICENSE`], for a model trained
+    from scratch."""
     if base_model is None:
         return REPOSITORY_LICENSE
     try:
@@ -188,7 +189,7 @@ def model_license(base_model: str | None) -> str:
             readme = Path(base_model).expanduser() / "README.md"
             license = ModelCard.load(readme).data.license if readme.is_file() else None
         else:
-            license = ModelCard.load(hf_hub_download(base_model, "README.md")).data.license
+            license = ModelCard.load(hf_hub_download(base_model, "README.md", revision=revision)).data.license
     except EntryNotFoundError:
         license = None
     if license is None:
