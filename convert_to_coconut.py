@@ -28,15 +28,13 @@ from transformers.utils import logging
 from coconut.checkpoints import check_writable
 from coconut.convert import (
     add_latent_tokens,
-    base_model_license,
     build_generation_config,
     check_output_folder,
     load_base,
-    push_folder,
     read_base_config,
-    save_repository,
 )
-from coconut.model_card import build_model_card
+from coconut.model_card import build_model_card, model_license
+from coconut.repository import push_folder, save_repository
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 
 
@@ -82,9 +80,7 @@ def main(config: ConvertConfig) -> None:
     logging.set_verbosity_info()
     read_base_config(config.base)  # refuses a checkpoint that is not InternVL before its weights are downloaded
     check_writable(config.output, "output")  # a file, or a folder that cannot be written, before any loading
-    license = config.license or base_model_license(config.base)
-    if license is None:
-        raise ValueError(f"The README.md of {config.base} states no `license`; pass `--license` (e.g. `mit`).")
+    license = config.license or model_license(config.base)
     model, tokenizer, image_processor, video_processor = load_base(config.base)
     start, end, latent = add_latent_tokens(model, tokenizer)
     logger.info(f"Added <|start-latent|>={start}, <|end-latent|>={end}, <|latent|>={latent}")

@@ -44,9 +44,9 @@ from coconut.evaluation import (
     EvalResults,
     check_eval_settings,
     evaluate_stage,
-    load_model_and_processor,
     write_table_into_card,
 )
+from coconut.loading import load_model_and_processor
 from coconut.preflight import require_at_least
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 

@@ -1,4 +1,4 @@
-"""From an InternVL checkpoint to a Coconut-InternVL repository folder, and from the folder to the Hub.
+"""From an InternVL checkpoint to a Coconut-InternVL model (`coconut.repository` saves it as a repository folder).
 
 Two source layouts are read:
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
@@ -35,10 +35,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
 from coconut.checkpoints import looks_like_local_path
-from coconut.model_card import save_example_images
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import LATENT_TOKENS, VIDEO_PLACEHOLDER, CoconutInternVLProcessor
+from processing_coconut_internvl import LATENT_TOKENS, VIDEO_PLACEHOLDER
 
 
 logger = logging.get_logger(__name__)
@@ -262,12 +261,6 @@ def resolve_base(base: str) -> Path:
     return Path(
         snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md"])
     )
-
-
-def base_model_license(base: str) -> str | None:
-    """The `license` in the YAML metadata of the base checkpoint's README.md, if it has one."""
-    readme = resolve_base(base) / "README.md"
-    return ModelCard.load(readme).data.license if readme.is_file() else None
 
 
 def load_base_tokenizer(folder: Path):
@@ -503,40 +496,6 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
         )
 
 
-def save_repository(
-    model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard, example: dict | None = None
-) -> Path:
-    """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
-    config and `README.md` into `output`, and the images of the card's `example` record (its quick start loads
-    them)."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)  # also copies configuration_/modeling_coconut_internvl.py (registered classes)
-    processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
-    model_card.save(output / "README.md")
-    if example is not None:
-        save_example_images(output, example)
-    code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
-    missing = [name for name in code if not (output / name).is_file()]
-    if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes
-        raise ValueError(f"{missing} were not written to {output}; the repository would not load with remote code.")
-    return output
-
-
-def push_folder(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create `repo_id` on the Hub if needed and upload `folder` (weights, code, processor, card) in one commit.
-
-    Returns:
-        `str`: the URL of the commit.
-    """
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message="Upload Coconut-InternVL"
-    )
-    return str(getattr(commit, "commit_url", commit))
-
-
 __all__ = [
     "read_base_config",
     "check_output_folder",
@@ -546,9 +505,6 @@ __all__ = [
     "require_coconut_checkpoint",
     "add_latent_tokens",
     "build_generation_config",
-    "save_repository",
-    "push_folder",
-    "base_model_license",
     "original_to_native_state_dict",
     "original_to_native_config",
     "is_original_layout",

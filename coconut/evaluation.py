@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from coconut.checkpoints import check_loaded_weights
 from coconut.curriculum import CurriculumConfig, build_eval_prompt, build_training_example, question_prompt
 from coconut.data import load_record_images
 from coconut.metrics import (
@@ -480,19 +479,6 @@ def write_table_into_card(card_path: str | Path, table: str, heading: str = "## 
     return card
 
 
-def load_model_and_processor(model_name_or_path: str, torch_dtype: str | torch.dtype = "auto", device=None):
-    """`AutoModelForImageTextToText` and `AutoProcessor` (or the tokenizer, for text-only repositories), remote code on;
-    weights holding NaN or infinity are refused, absurdly large ones warned about ([`check_loaded_weights`])."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, trust_remote_code=True, dtype=torch_dtype)
-    check_loaded_weights(model, model_name_or_path)  # NaN or absurd values: a damaged file that still loads
-    processing_class = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
-    if device is not None:
-        model.to(device)
-    return model.eval(), processing_class
-
-
 __all__ = [
     "CoconutEvalConfig",
     "EvalResults",
@@ -504,7 +490,6 @@ __all__ = [
     "evaluate_stage",
     "generate_predictions",
     "eval_prompt",
-    "load_model_and_processor",
     "score_generations",
     "write_table_into_card",
 ]

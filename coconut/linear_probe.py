@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from coconut.curriculum import CurriculumConfig
-from coconut.evaluation import CoconutEvalConfig, eval_prompt, load_model_and_processor
+from coconut.evaluation import CoconutEvalConfig, eval_prompt
+from coconut.loading import load_model_and_processor
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles
 from processing_coconut_internvl import LATENT_TOKENS
 
@@ -127,7 +128,7 @@ def probe_model(model_dir: str | Path, data_dir: str | Path, num_train: int = 10
     task, curriculum, stage = load_trained_task(model_dir)
     if task.variant != "chase":
         raise ValueError(f"The linear probe reads the cell after k arrows; {model_dir} has variant {task.variant!r}.")
-    model, processor = load_model_and_processor(str(model_dir), torch_dtype=torch.float32)
+    model, processor = load_model_and_processor(str(model_dir), dtype=torch.float32)
     model.eval()
     states = {}
     for split, count in (("train", num_train), ("test", num_test)):

@@ -2,15 +2,21 @@
 results as `model-index`, which the Hub shows), a quick start on the task's own kind of input, training, evaluation
 table, limitations, citations."""
 
+from dataclasses import asdict
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 
+from coconut.checkpoints import looks_like_local_path
 from coconut.data import load_record_images
 from processing_coconut_internvl import thought_count
 
 
 TAGS = ["coconut", "latent-reasoning", "internvl"]
+
+# This repository's own licence (LICENSE, and the metadata of its README.md): a model trained from scratch takes it.
+REPOSITORY_LICENSE = "mit"
 
 # Jinja template rendered by `ModelCard.from_template`; `card_data` is the YAML front matter it writes.
 TEMPLATE = """---
@@ -122,7 +128,7 @@ def build_model_card(
         repo_id (`str`): the Hub id (or local path) the quick start loads.
         base_model (`str`, *optional*): the InternVL checkpoint it came from (Hub id), for the metadata and the links;
             `None` for a model trained from scratch (the metadata then has no `base_model`).
-        license (`str`): the licence identifier, e.g. `"mit"` (`coconut.convert.base_model_license` reads the base's).
+        license (`str`): the licence identifier, e.g. `"mit"` ([`model_license`] reads the base's).
         datasets (`list[str]`, *optional*): datasets for the metadata.
         num_latent_thoughts (`int`, *optional*): the thoughts the quick start asks for (the trained setting); `None`
             for a model trained without latent blocks (CoT, no-CoT, w/o thought), whose prompt has none.
@@ -172,6 +178,83 @@ def build_model_card(
     )
 
 
+def model_license(base_model: str | None, revision: str | None = None) -> str:
+    """The licence a card states: the `license` in the metadata of `base_model`'s README.md (a local folder, or a Hub
+    id at `revision`: only that file is read), or this repository's own, [`REPOSITORY_LICENSE`], for a model trained
+    from scratch."""
+    if base_model is None:
+        return REPOSITORY_LICENSE
+    try:
+        if looks_like_local_path(base_model):
+            readme = Path(base_model).expanduser() / "README.md"
+            license = ModelCard.load(readme).data.license if readme.is_file() else None
+        else:
+            license = ModelCard.load(hf_hub_download(base_model, "README.md", revision=revision)).data.license
+    except EntryNotFoundError:
+        license = None
+    if license is None:
+        raise ValueError(
+            f"The README.md of {base_model} states no `license`, and the card must state the base model's: add it to "
+            "that README's YAML metadata (`license: mit` for InternVL3), or pass `--license` to convert_to_coconut.py."
+        )
+    return license
+
+
+def write_model_card(folder: str | Path, card: ModelCard, example: dict | None = None) -> Path:
+    """Write `card` as `folder/README.md`, with the images of its `example` record (its quick start loads them)."""
+    path = Path(folder) / "README.md"
+    card.save(path)
+    if example is not None:
+        save_example_images(folder, example)
+    return path
+
+
+def trained_model_card(
+    trainer, dataset: str, validation_split: str, task, base_model: str | None, license: str, example: dict, test=None
+) -> tuple[dict, ModelCard]:
+    """The training record (`coconut_training.json`) and card of the model `trainer` trained on `dataset`: the stage
+    reached, not the one planned; the evaluations after each stage, then the held-out `test` result if there is one
+    (a [`coconut.evaluation.StageResult`]); `task` is the bundled task's settings, `None` for another dataset."""
+    args = trainer.args
+    record = {**trainer.training_record(), "dataset": dataset, "task": asdict(task) if task else None}
+    stopped = (
+        f" It stopped at step {record['global_step']} of {record['planned_steps']} (`max_steps`)."
+        if record["global_step"] < record["planned_steps"]
+        else ""
+    )
+    training = (
+        f"Trained by `train_sft.py` with the Coconut curriculum: method `{args.method}`, c_thought {args.c_thought}, "
+        f"{args.epochs_per_stage} epochs per stage, max latent stage {args.max_latent_stage}, "
+        f"{record['num_train_epochs']} epochs.{stopped} The saved model reached stage {record['stage']} and is "
+        f"evaluated with up to {record['num_latent_thoughts']} continuous thoughts per question."
+    )
+    rows = [card_row(result.stage, result.metrics) for result in trainer.eval_results.results]
+    if test is not None:
+        rows.append(card_row(f"{test.stage}, held-out test ({len(test.predictions)} questions)", test.metrics))
+    card = build_model_card(
+        repo_id=args.hub_model_id or str(args.output_dir),
+        base_model=base_model,
+        license=license,
+        datasets=[dataset],
+        num_latent_thoughts=record["num_latent_thoughts"] if args.curriculum.uses_markers else None,
+        training=training,
+        evaluation=rows,
+        eval_results=run_results(dataset, validation_split, trainer.eval_results.results, test),
+        example=example,
+    )
+    return record, card
+
+
+def card_row(stage: int | str, metrics: dict) -> dict:
+    """One row of the card's evaluation table."""
+    return {
+        "stage": stage,
+        "thoughts (max)": metrics.get("max_latent_thoughts", "-"),
+        "accuracy": metrics["accuracy"],
+        "generated tokens": metrics["mean_generated_tokens"],
+    }
+
+
 def accuracy_results(dataset: str, results: list[tuple[str, float]]) -> list[EvalResult]:
     """`model-index` entries of exact-match accuracies: `results` holds `(split, accuracy)` pairs (0 to 1)."""
     return [
@@ -217,4 +300,15 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["accuracy_results", "build_model_card", "example_image_names", "run_results", "save_example_images"]
+__all__ = [
+    "REPOSITORY_LICENSE",
+    "accuracy_results",
+    "build_model_card",
+    "card_row",
+    "example_image_names",
+    "model_license",
+    "run_results",
+    "save_example_images",
+    "trained_model_card",
+    "write_model_card",
+]

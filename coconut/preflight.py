@@ -3,6 +3,9 @@
 A check that can only fail after the training or evaluation time is spent belongs here, run at the start instead.
 """
 
+from coconut.convert import require_coconut_checkpoint
+
+
 # Flags that name what to train on; without any of them `train_sft.py` runs its embedded default.
 DATA_AND_MODEL_FLAGS = ("--dataset", "--model_name_or_path", "--config")
 
@@ -52,4 +55,35 @@ def check_script_sizes(script_args) -> None:
     require_at_least(script_args, 0, {"synthetic_test_size": "0 evaluates no held-out test split"})
 
 
-__all__ = ["DATA_AND_MODEL_FLAGS", "check_script_sizes", "require_at_least", "with_demo_defaults"]
+def check_dataset_argument(script_args, model_args) -> None:
+    """`--dataset` is required ([`with_demo_defaults`] gives the demo's when no dataset, model or recipe is named), and
+    `--model_name_or_path` must name a Coconut-InternVL folder or Hub id."""
+    if script_args.dataset is None:
+        raise ValueError(
+            "`--dataset` is missing: pass `--dataset arrow_chase` for the bundled synthetic task, or a Coconut JSON "
+            "file or folder, a JSON/JSONL file of records or a Hub dataset id. (`python train_sft.py` without "
+            "`--dataset`, `--model_name_or_path` and `--config` runs the embedded arrow-chase demo.)"
+        )
+    if script_args.dataset != "arrow_chase" and model_args.model_name_or_path is None:
+        raise ValueError(
+            f"`--dataset`={script_args.dataset!r} needs `--model_name_or_path` (a converted model, see "
+            "convert_to_coconut.py); only 'arrow_chase' trains the tiny model from scratch."
+        )
+    if model_args.model_name_or_path is not None:  # a typo or a plain InternVL, before any data is built
+        require_coconut_checkpoint(model_args.model_name_or_path, revision=model_args.model_revision)
+
+
+def check_push_arguments(training_args) -> None:
+    """`--push_to_hub` names the repository it pushes to."""
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("`--push_to_hub` needs `--hub_model_id you/name`, the Hub repository to push the model to.")
+
+
+__all__ = [
+    "DATA_AND_MODEL_FLAGS",
+    "check_dataset_argument",
+    "check_push_arguments",
+    "check_script_sizes",
+    "require_at_least",
+    "with_demo_defaults",
+]

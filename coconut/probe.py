@@ -149,7 +149,7 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
     from coconut.checkpoints import check_output_file
     from coconut.curriculum import question_prompt
     from coconut.data import to_rgb
-    from coconut.evaluation import load_model_and_processor
+    from coconut.loading import load_model_and_processor
     from processing_coconut_internvl import latent_block
 
     check_output_file(args.output_file, "output_file")  # before the model is loaded

@@ -1,8 +1,15 @@
 """Small InternVL-shaped Coconut configurations (Qwen2 text model, InternViT vision tower), for the embedded default,
-the tests and the benchmarks: the architecture of the real checkpoints at a size a CPU trains in minutes."""
+the tests and the benchmarks: the architecture of the real checkpoints at a size a CPU trains in minutes; and the
+embedded default's model for the bundled task."""
 
+import torch
+from transformers import GotOcr2ImageProcessorPil
+
+from coconut.convert import build_generation_config
+from coconut.synthetic import SyntheticTaskConfig, synthetic_tokenizer
 from configuration_coconut_internvl import CoconutInternVLConfig
-from processing_coconut_internvl import LATENT_TOKENS
+from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from processing_coconut_internvl import LATENT_TOKENS, CoconutInternVLProcessor
 
 
 TEXT_DEFAULTS = dict(
@@ -65,4 +72,40 @@ def tiny_coconut_config_for(tokenizer, text: dict | None = None, **kwargs) -> Co
     )
 
 
-__all__ = ["TEXT_DEFAULTS", "VISION_DEFAULTS", "tiny_coconut_config", "tiny_coconut_config_for"]
+def tiny_model_and_processor(task: SyntheticTaskConfig, seed: int, embedding_std: float | None = None):
+    """An InternVL-shaped model from scratch (Qwen2 text model, InternViT vision tower) and its processor, for `task`.
+
+    `embedding_std` re-initialises the token embeddings with that standard deviation (the config's
+    `initializer_range`, 0.02, otherwise): at 1.0 a token embedding has the norm of the final norm's output, so a
+    fed-back continuous thought and a token enter the first layer at the same scale (docs/learning.md).
+    """
+    tokenizer = synthetic_tokenizer(task)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": task.image_size, "width": task.image_size},
+        crop_to_patches=False,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
+    # A 56 px image in 14 px patches is 4 x 4 patches; InternVL's pixel shuffle (0.5) leaves 2 x 2 tokens.
+    config = tiny_coconut_config_for(
+        tokenizer,
+        image_size=task.image_size,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4),
+        vision=dict(hidden_size=64, intermediate_size=128),
+    )
+    processor = CoconutInternVLProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
+    torch.manual_seed(seed)
+    model = CoconutInternVLForConditionalGeneration(config)
+    if embedding_std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=embedding_std)
+    model.generation_config = build_generation_config(model, tokenizer)
+    return model, processor
+
+
+__all__ = [
+    "TEXT_DEFAULTS",
+    "VISION_DEFAULTS",
+    "tiny_coconut_config",
+    "tiny_coconut_config_for",
+    "tiny_model_and_processor",
+]

@@ -36,15 +36,15 @@ from transformers import (
     InternVLVisionConfig,
     Qwen2Config,
 )
-from trl import ModelConfig
 
 import coconut.convert
+import coconut.repository
 import convert_to_coconut
 from coconut.convert import add_latent_tokens, base_coconut_config, load_base_tokenizer, original_to_native_state_dict
-from coconut.model_card import accuracy_results, build_model_card
+from coconut.loading import load_model_and_processor
+from coconut.model_card import REPOSITORY_LICENSE, accuracy_results, build_model_card, model_license
 from convert_to_coconut import ConvertConfig, main
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from train_sft import load_model_and_processor
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,7 +325,7 @@ def test_an_output_path_that_is_a_file_is_refused_before_loading(original_replic
 def test_train_sft_refuses_a_plain_internvl(tmp_path):
     write_hf_replica(tmp_path / "internvl")
     with pytest.raises(ValueError, match="'internvl' checkpoint .* convert it with `convert_to_coconut.py` first"):
-        load_model_and_processor(ModelConfig(model_name_or_path=str(tmp_path / "internvl")))
+        load_model_and_processor(str(tmp_path / "internvl"))
 
 
 def test_repository_folder_is_complete(converted_original):
@@ -439,8 +439,8 @@ def test_push_folder_creates_repo_and_uploads_the_folder(converted_original, mon
             calls.append(("upload_folder", kwargs))
             return "https://huggingface.co/me/coconut/commit/0"
 
-    monkeypatch.setattr(coconut.convert, "HfApi", RecordingHfApi)
-    url = coconut.convert.push_folder(converted_original, "me/coconut", private=True)
+    monkeypatch.setattr(coconut.repository, "HfApi", RecordingHfApi)
+    url = coconut.repository.push_folder(converted_original, "me/coconut", private=True)
     assert url == "https://huggingface.co/me/coconut/commit/0"
     assert calls[1] == ("create_repo", "me/coconut", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[2][1]["repo_id"] == "me/coconut" and calls[2][1]["folder_path"] == str(converted_original)
@@ -504,6 +504,19 @@ def test_a_card_without_base_model_and_with_results_is_valid_hub_metadata():
         ValueError, match="A card without `training` describes a converted model: give its `base_model`"
     ):
         build_model_card(repo_id="me/x", base_model=None, license="mit")
+
+
+def test_card_licence_is_the_base_models_or_this_repositorys(tmp_path):
+    """A trained card used to say `apache-2.0` whatever its base; a model from scratch takes this repository's."""
+    readme = yaml.safe_load((ROOT / "README.md").read_text().split("---", 2)[1])
+    assert model_license(None) == REPOSITORY_LICENSE == readme["license"] == "mit"
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# base\n")
+    assert model_license(str(tmp_path / "base")) == "apache-2.0"
+    (tmp_path / "base" / "README.md").write_text("# no metadata\n")
+    with pytest.raises(ValueError, match="README.md of .*base states no `license`, .* add it to that README"):
+        model_license(str(tmp_path / "base"))
 
 
 def test_model_card_quick_start_asks_for_no_block_without_thoughts():

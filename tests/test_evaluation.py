@@ -17,9 +17,9 @@ from coconut.evaluation import (
     default_max_new_tokens,
     eval_prompt,
     evaluate_stage,
-    load_model_and_processor,
     score_generations,
 )
+from coconut.loading import load_model_and_processor
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer

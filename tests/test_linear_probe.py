@@ -5,8 +5,9 @@ import torch
 from test_run_checks import train
 
 from coconut.curriculum import CurriculumConfig
-from coconut.evaluation import CoconutEvalConfig, eval_prompt, load_model_and_processor
+from coconut.evaluation import CoconutEvalConfig, eval_prompt
 from coconut.linear_probe import fit_linear_probe, markdown_table, probe_accuracy, probe_model, thought_states
+from coconut.loading import load_model_and_processor
 from coconut.probe import thought_vectors
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles
 
@@ -39,7 +40,7 @@ def test_states_are_the_thoughts_fed_back_one_prompt_at_a_time(trained, tmp_path
     task = SyntheticTaskConfig(grid_size=2, max_hops=2, train_size=8, validation_size=2, test_size=4)
     records = build_synthetic_split(tmp_path, "test", task)
     puzzles = generate_puzzles("test", task)
-    model, processor = load_model_and_processor(str(trained), torch_dtype=torch.float32)
+    model, processor = load_model_and_processor(str(trained), dtype=torch.float32)
     curriculum = CurriculumConfig(c_thought=2, max_latent_stage=2)
     states = thought_states(model, processor, records, puzzles, curriculum, stage=2, batch_size=3)
     assert sorted(states.vectors) == [1, 2, 3, 4]  # 2 arrows x 2 thoughts each

@@ -154,6 +154,7 @@ def test_a_trained_card_has_valid_metadata_results_and_a_quick_start_on_the_task
     card = (trained / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---", 2)[1])
     assert "base_model" not in metadata and "from scratch (" not in card
+    assert metadata["license"] == "mit"  # trained from scratch: this repository's own licence
     results = json.loads((trained / "eval_results.json").read_text())
     (index,) = metadata["model-index"]
     accuracies = {r["dataset"]["split"]: r["metrics"][0]["value"] for r in index["results"]}

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from transformers import GotOcr2ImageProcessorPil
 from trl import ModelConfig, TrlParser
 
+import coconut.preflight
 import convert_to_coconut
 import train_sft
-from coconut.convert import build_generation_config, save_repository
+from coconut.convert import build_generation_config
 from coconut.data import aokvqa_to_record
+from coconut.preflight import check_dataset_argument
+from coconut.repository import save_repository
 from coconut.sft_config import CoconutSFTConfig
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
@@ -51,9 +55,11 @@ def documented_commands(text: str) -> list[list[str]]:
 def test_recipe_parses_and_starts_from_the_converted_model(recipe, monkeypatch):
     monkeypatch.chdir(ROOT)
     checked = []  # the converted model is not here: record the check instead of looking it up on the Hub
-    monkeypatch.setattr(train_sft, "require_coconut_checkpoint", lambda path, revision=None: checked.append(path))
+    monkeypatch.setattr(
+        coconut.preflight, "require_coconut_checkpoint", lambda path, revision=None: checked.append(path)
+    )
     script_args, training_args, model_args = parse(["--config", str(recipe.relative_to(ROOT)), *NO_BF16])
-    train_sft.check_dataset_argument(script_args, model_args)
+    check_dataset_argument(script_args, model_args)
     converter_outputs = re.findall(r"--output (\S+)", convert_to_coconut.__doc__)
     assert model_args.model_name_or_path == converter_outputs[0], (model_args.model_name_or_path, converter_outputs)
     assert training_args.method in ("coconut", "cot")
@@ -63,13 +69,25 @@ def test_recipe_parses_and_starts_from_the_converted_model(recipe, monkeypatch):
 def test_documented_training_commands_parse(monkeypatch):
     """Every `train_sft.py` command of docs/training.md, as written, parses and names its data."""
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(train_sft, "require_coconut_checkpoint", lambda path, revision=None: None)  # not here
+    monkeypatch.setattr(coconut.preflight, "require_coconut_checkpoint", lambda path, revision=None: None)  # not here
     commands = documented_commands((ROOT / "docs" / "training.md").read_text())
     assert len(commands) >= 7
     for argv in commands:
         # As `python train_sft.py` reads them: flags that name no dataset, model or recipe run the demo with them.
         script_args, _, model_args = parse([*train_sft.with_demo_defaults(argv, train_sft.DEMO_ARGS), *NO_BF16])
-        train_sft.check_dataset_argument(script_args, model_args)
+        check_dataset_argument(script_args, model_args)
+
+
+def test_the_scripts_own_commands_parse_and_name_their_data(monkeypatch):
+    """The commands in train_sft.py's docstring parse; each one with flags names its data (`--dataset` or a recipe)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(coconut.preflight, "require_coconut_checkpoint", lambda path, revision=None: None)  # not here
+    commands = documented_commands(train_sft.__doc__)
+    assert len(commands) == 4 and commands[0] == []  # `python train_sft.py`: the embedded default
+    for argv in commands[1:]:
+        assert {"--dataset", "--config"} & set(argv), argv
+        script_args, _, model_args = parse([*argv, *NO_BF16])
+        check_dataset_argument(script_args, model_args)
 
 
 def test_aokvqa_recipe_follows_the_papers_gsm8k_setting():
@@ -106,7 +124,8 @@ def tiny_converted_model(folder: Path, records: list[dict]) -> CoconutInternVLFo
     torch.manual_seed(0)
     model = CoconutInternVLForConditionalGeneration(config)
     model.generation_config = build_generation_config(model, tokenizer)
-    save_repository(model, processor, folder, ModelCard("---\nlicense: mit\n---\n# tiny\n"))
+    # A licence other than this repository's own, so that a card that states it took it from the base.
+    save_repository(model, processor, folder, ModelCard("---\nlicense: apache-2.0\n---\n# tiny\n"))
     return model
 
 
@@ -140,3 +159,5 @@ def test_aokvqa_recipe_trains_on_the_fixture(tmp_path, hf_home):
     changed = [name for name, p in initial.named_parameters() if not torch.equal(p, trained[name])]
     assert any("language_model" in name for name in changed) and any("vision_tower" in name for name in changed)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---", 2)[1])["license"] == "apache-2.0"  # the base model's

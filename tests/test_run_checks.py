@@ -5,12 +5,15 @@ import json
 import logging
 import os
 import shutil
+from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 from datasets import Image, List
 from PIL import Image as PILImage
 from trl import ModelConfig, TrlParser
 
+import coconut.repository
 import evaluate
 import train_sft
 from coconut.curriculum import CurriculumConfig, max_example_length
@@ -18,6 +21,7 @@ from coconut.data import image_token_counter, records_to_dataset, validate_datas
 from coconut.evaluation import CoconutEvalConfig, evaluate_stage
 from coconut.sft_config import CoconutSFTConfig
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
+from coconut.tiny import tiny_model_and_processor
 
 
 # The demo's task and model, shrunk: 8 records of a 2 x 2 board with 2 arrows, three stages of two steps.
@@ -130,7 +134,7 @@ def test_records_longer_than_max_length_are_refused_or_skipped(tmp_path, caplog)
     """The length check runs in train_sft, counting image tokens; `--skip_invalid` drops and counts."""
     task = SyntheticTaskConfig(grid_size=2, max_hops=3, train_size=8)
     records = build_synthetic_split(tmp_path / "data", "train", task)
-    _, processor = train_sft.tiny_model_and_processor(task, seed=0)
+    _, processor = tiny_model_and_processor(task, seed=0)
     count = image_token_counter(processor)
     curriculum = CurriculumConfig(max_latent_stage=2)
     stored = records.cast_column("images", List(Image(decode=False)))  # image files, as the check reads them
@@ -154,7 +158,7 @@ def test_the_length_check_counts_image_tokens_as_the_processor_makes_them(tmp_pa
     """A non-square image is tiled by the processor (`crop_to_patches`): the check counted 6 image tokens where the
     processor made 30, so a record passed the check, then failed in the collator, and `--skip_invalid` could not
     drop it."""
-    _, processor = train_sft.tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
+    _, processor = tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
     count = image_token_counter(processor)
     sizes = [(56, 56), (336, 56), (56, 336), (200, 90)]
     records = []
@@ -192,7 +196,7 @@ def test_dataset_is_required_outside_the_demo(tmp_path):
 
 def test_truncated_model_weights_are_named(tmp_path):
     """`--model_name_or_path` with a weight file cut short."""
-    model, processor = train_sft.tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
+    model, processor = tiny_model_and_processor(SyntheticTaskConfig(grid_size=2, max_hops=2), seed=0)
     model.save_pretrained(tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -278,3 +282,60 @@ def test_curriculum_continues_from_a_trained_cot_model(tmp_path):
     assert record["start_stage"] == 1 and record["stage"] == 2
     with pytest.raises(ValueError, match="method 'cot' has no stages"):
         train(tmp_path, "--method", "cot", "--start_stage", "1", output="refused")
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """What `push_folder` would upload, recorded instead of sent: `("create_repo", repo_id, private)`, then
+    `("upload_folder", repo_id, folder, the files it would upload)`."""
+    calls = []
+
+    class RecordingHfApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs["private"]))
+
+        def upload_folder(self, folder_path, ignore_patterns, **kwargs):
+            folder = Path(folder_path)
+            files = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+            ignored = {name for name in files if any(fnmatch(name, pattern) for pattern in ignore_patterns)}
+            calls.append(("upload_folder", kwargs["repo_id"], folder, files - ignored))
+            return "https://huggingface.co/me/coconut/commit/0"
+
+    monkeypatch.setattr(coconut.repository, "HfApi", RecordingHfApi)
+    return calls
+
+
+PUSH = ["--push_to_hub", "true", "--hub_model_id", "me/coconut", "--hub_private_repo", "true"]
+# A full repository: weights, code, processor, the card with its example image, the training record and results.
+REPOSITORY_FILES = {"model.safetensors", "config.json", "modeling_coconut_internvl.py", "processor_config.json"}
+REPOSITORY_FILES |= {"README.md", "example_0.png", "coconut_training.json"}
+
+
+def test_push_uploads_the_saved_folder_at_the_end(tmp_path, uploads):
+    """`--push_to_hub` uploads the finished folder once, after saving, without the training checkpoints."""
+    with pytest.raises(ValueError, match="`--push_to_hub` needs `--hub_model_id you/name`"):
+        train(tmp_path, "--push_to_hub", "true")
+    assert not uploads and not (tmp_path / "data").exists()
+    train(tmp_path, *PUSH, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    (_, repo_id, private), (_, pushed_repo, folder, files) = uploads
+    assert (repo_id, private, pushed_repo, folder) == ("me/coconut", True, "me/coconut", tmp_path / "out")
+    assert (folder / "checkpoint-1").is_dir() and not [name for name in files if name.startswith("checkpoint-")]
+    assert REPOSITORY_FILES | {"eval_results.json"} <= files, REPOSITORY_FILES - files
+    assert 'repo = "me/coconut"' in (folder / "README.md").read_text()
+
+
+def test_lora_run_keeps_the_adapter_and_pushes_the_merged_model(tmp_path, uploads):
+    """With `--use_peft` the output folder holds the adapter, its card and record; `merged/` the full repository,
+    which is what is pushed."""
+    train(tmp_path, *PUSH, "--max_steps", "2", "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8")
+    output = tmp_path / "out"
+    assert {"adapter_config.json", "README.md", "coconut_training.json"} <= {path.name for path in output.iterdir()}
+    assert not (output / "model.safetensors").exists()
+    (_, _, folder, files) = uploads[1]
+    assert folder == output / "merged" and REPOSITORY_FILES <= files, REPOSITORY_FILES - files
+    assert (folder / "README.md").read_text() == (output / "README.md").read_text()
+    record = json.loads((folder / "coconut_training.json").read_text())
+    assert record == json.loads((output / "coconut_training.json").read_text()) and record["global_step"] == 2

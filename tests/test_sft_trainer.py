@@ -600,7 +600,8 @@ def test_collator_never_cuts_an_example(tmp_path, tokenizer):
 
 
 def test_building_the_trainer_sends_no_telemetry(tmp_path, tokenizer, monkeypatch):
-    """TRL's trainers ping the Hub when built; the comment in train_sft.py says the trainer never talks to the Hub."""
+    """TRL's trainers ping the Hub when built; `CoconutSFTTrainer` does not, so a run talks to the Hub only for a Hub
+    model or dataset and `--push_to_hub` (docs/training.md)."""
     from trl import SFTTrainer
     from trl.trainer import base_trainer
 

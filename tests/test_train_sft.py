@@ -19,8 +19,8 @@ from trl import ModelConfig
 import modeling_coconut_internvl
 from coconut.collator import CoconutDataCollator
 from coconut.curriculum import CurriculumConfig
+from coconut.lora import LANGUAGE_MODEL_LORA_TARGETS, coconut_peft_config
 from coconut.sft_trainer import CoconutSFTTrainer
-from train_sft import LANGUAGE_MODEL_LORA_TARGETS, coconut_peft_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
