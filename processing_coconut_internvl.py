@@ -165,7 +165,8 @@ def check_config_latent_ids(config, token_ids: dict[str, int | None], source: st
     """Raise a `ValueError` unless the model config's three latent ids are the Coconut tokens' ids in `token_ids`.
 
     A config whose `latent_token_id` is an ordinary token of the tokenizer loads and runs, but feeds thoughts at the
-    wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error.
+    wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error. An id of
+    `None` is not checked: a pause-as-thought model sets `latent_token_id=None` so that nothing is fed back.
 
     Args:
         config ([`CoconutInternVLConfig`] or `dict`): the model's config, or its `config.json` as a dict.
@@ -177,7 +178,7 @@ def check_config_latent_ids(config, token_ids: dict[str, int | None], source: st
     wrong = [
         f"`{name}`={read(name)} but {source}'s {token} is {token_ids.get(token)}"
         for name, token in expected.items()
-        if read(name) != token_ids.get(token)
+        if read(name) is not None and read(name) != token_ids.get(token)  # None: not used (pause as thought)
     ]
     if wrong:
         raise ValueError(

@@ -8,6 +8,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coconut.checkpoints import check_loaded_weights, check_weight_files
 from coconut.convert import require_coconut_checkpoint
+from processing_coconut_internvl import LATENT
 
 
 def load_model_and_processor(
@@ -35,12 +36,14 @@ def load_model_and_processor(
         attn_implementation=attn_implementation,
     )
     check_loaded_weights(model, model_name_or_path)  # NaN or absurd values: a damaged file that still loads
-    if getattr(model.config, "latent_token_id", None) is None:
-        raise ValueError(
-            f"{model_name_or_path!r} has no `latent_token_id`: convert the base InternVL checkpoint with "
-            "`python convert_to_coconut.py` first."
-        )
     processing_class = AutoProcessor.from_pretrained(model_name_or_path, revision=revision, trust_remote_code=True)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    # A pause-as-thought model keeps the Coconut tokens but sets `latent_token_id=None`, so nothing is fed back.
+    if getattr(model.config, "latent_token_id", None) is None and LATENT not in tokenizer.get_vocab():
+        raise ValueError(
+            f"{model_name_or_path!r} has no `latent_token_id` and its tokenizer no {LATENT}: convert the base InternVL "
+            "checkpoint with `python convert_to_coconut.py` first."
+        )
     if device is not None:
         model.to(device)
     return model, processing_class

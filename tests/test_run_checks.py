@@ -339,3 +339,14 @@ def test_lora_run_keeps_the_adapter_and_pushes_the_merged_model(tmp_path, upload
     assert (folder / "README.md").read_text() == (output / "README.md").read_text()
     record = json.loads((folder / "coconut_training.json").read_text())
     assert record == json.loads((output / "coconut_training.json").read_text()) and record["global_step"] == 2
+
+
+def test_a_saved_pause_as_thought_model_loads(tmp_path, hf_home):
+    """Pause as thought saves `latent_token_id=None` (nothing is fed back): loading must not take that for an id
+    that disagrees with the tokenizer's `<|latent|>`."""
+    from coconut.loading import load_model_and_processor
+
+    train(tmp_path, "--method", "pause_as_thought")
+    model, processor = load_model_and_processor(str(tmp_path / "out"))
+    assert model.config.latent_token_id is None
+    assert processor.tokenizer.convert_tokens_to_ids("<|latent|>") is not None
