@@ -301,8 +301,8 @@ def main():
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    # CoT first (the curriculum runs continue from it), then the slowest runs, so that the workers finish together.
-    order = ("cot", "coconut", "pause_as_thought", "no_thought", "no_cot")
+    # CoT first (the curriculum runs continue from it) and No-CoT (the headroom rests on it), then the slowest runs.
+    order = ("cot", "no_cot", "coconut", "pause_as_thought", "no_thought")
     needed = set(args.methods) | ({"cot"} if set(args.methods) & set(CURRICULUM_METHODS) else set())
     jobs = [(method, seed) for method in order if method in needed for seed in args.seeds]
     start = time.perf_counter()
