@@ -165,8 +165,8 @@ def check_config_latent_ids(config, token_ids: dict[str, int | None], source: st
     """Raise a `ValueError` unless the model config's three latent ids are the Coconut tokens' ids in `token_ids`.
 
     A config whose `latent_token_id` is an ordinary token of the tokenizer loads and runs, but feeds thoughts at the
-    wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error. An id of
-    `None` is not checked: a pause-as-thought model sets `latent_token_id=None` so that nothing is fed back.
+    wrong positions and never at the `<|latent|>` tokens the processor writes: wrong answers, no error. A pause-as-thought model
+    (markers set, `latent_token_id=None`: nothing is fed back) passes.
 
     Args:
         config ([`CoconutInternVLConfig`] or `dict`): the model's config, or its `config.json` as a dict.
@@ -175,10 +175,12 @@ def check_config_latent_ids(config, token_ids: dict[str, int | None], source: st
     """
     read = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
     expected = {"start_latent_token_id": START_LATENT, "latent_token_id": LATENT, "end_latent_token_id": END_LATENT}
+    # Pause as thought keeps the block's markers but sets `latent_token_id=None`, so that nothing is fed back.
+    pause = read("start_latent_token_id") is not None and read("end_latent_token_id") is not None
     wrong = [
         f"`{name}`={read(name)} but {source}'s {token} is {token_ids.get(token)}"
         for name, token in expected.items()
-        if read(name) is not None and read(name) != token_ids.get(token)  # None: not used (pause as thought)
+        if read(name) != token_ids.get(token) and not (name == "latent_token_id" and read(name) is None and pause)
     ]
     if wrong:
         raise ValueError(
