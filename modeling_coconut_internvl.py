@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from transformers import GenerationConfig, InternVLForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -30,13 +31,22 @@ try:  # imported as part of a package: the Hub's remote code, or a repository ch
     from .configuration_coconut_internvl import CoconutInternVLConfig
     from .processing_coconut_internvl import (
         check_config_latent_ids,
+        is_auto,
         latent_block,
+        thought_count,
         thought_counts,
         tokenizer_latent_ids,
     )
 except ImportError:  # imported from the repository root, e.g. `python train_sft.py`
     from configuration_coconut_internvl import CoconutInternVLConfig
-    from processing_coconut_internvl import check_config_latent_ids, latent_block, thought_counts, tokenizer_latent_ids
+    from processing_coconut_internvl import (
+        check_config_latent_ids,
+        is_auto,
+        latent_block,
+        thought_count,
+        thought_counts,
+        tokenizer_latent_ids,
+    )
 
 
 logger = logging.get_logger(__name__)
@@ -54,6 +64,42 @@ INTERNVL_KEY_MAPPING = {
     r"^vision_tower": "model.vision_tower",
     r"^multi_modal_projector": "model.multi_modal_projector",
 }
+
+
+@dataclass
+class CoconutCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
+    r"""
+    stop_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        The stop head's logit at every position of a forward with thoughts (a model with `latent_stop_head`). The
+        position before each `<|latent|>` holds that thought's vector; its logit says whether the block ends after
+        that thought. Other positions are not meaningful.
+    stop_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Binary cross-entropy of `stop_logits` against the `stop_labels` passed in (not part of `loss`).
+    """
+
+    stop_logits: torch.FloatTensor | None = None
+    stop_loss: torch.FloatTensor | None = None
+
+
+def latent_stop_labels(
+    input_ids: torch.LongTensor, latent_token_id: int, rows: torch.BoolTensor | None = None
+) -> torch.Tensor:
+    """Targets `(batch_size, sequence_length)` of the stop head: at the position holding each thought's vector (the one
+    before each `<|latent|>`), 1.0 where the block ends after that thought and 0.0 where another follows; -100
+    elsewhere and in the rows not in `rows` (`(batch_size,)`, default all).
+
+    Example: a row `q <|start-latent|> <|latent|> <|latent|> <|end-latent|>` gets `[-100, 0, 1, -100, -100]`.
+    """
+    latent = input_ids == latent_token_id  # (B, T)
+    vector = torch.zeros_like(latent)
+    vector[:, :-1] = latent[:, 1:]  # the thought fed at column c + 1 is the final hidden state at column c
+    followed = torch.zeros_like(latent)
+    followed[:, :-2] = latent[:, 2:]  # another thought comes right after this one
+    labels = torch.full(input_ids.shape, -100.0, device=input_ids.device)
+    labels[vector] = (~followed[vector]).float()
+    if rows is not None:
+        labels[~rows.to(labels.device)] = -100.0
+    return labels
 
 
 @contextmanager
@@ -323,6 +369,19 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if self.generation_config is not None and any(token_id is not None for token_id in block_ids):
             suppressed = {*(self.generation_config.suppress_tokens or []), *(i for i in block_ids if i is not None)}
             self.generation_config.suppress_tokens = sorted(suppressed)
+        if config.latent_stop_head:
+            self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1)
+            self.post_init()
+
+    def add_latent_stop_head(self) -> nn.Linear:
+        """Give the model a freshly initialised stop head (and set `config.latent_stop_head`), on the LM head's device
+        and dtype; a model that has one keeps it. Returns the head."""
+        if getattr(self, "latent_stop_head", None) is None:
+            head = nn.Linear(self.config.text_config.hidden_size, 1)
+            self._init_weights(head)
+            self.latent_stop_head = head.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        self.config.latent_stop_head = True
+        return self.latent_stop_head
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, key_mapping: dict | None = None, **kwargs):
@@ -391,8 +450,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         sync_latent_passes: bool = False,
+        stop_labels: torch.Tensor | None = None,
         **kwargs,
-    ) -> tuple | InternVLCausalLMOutputWithPast:
+    ) -> tuple | CoconutCausalLMOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Token ids. Positions holding `config.latent_token_id` are continuous thoughts. Latents are found in
@@ -410,6 +470,10 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             pass count). Needed under FSDP and DeepSpeed ZeRO-3, where each forward call gathers parameters.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the language-modelling loss, shifted inside `self.loss_function`; -100 is ignored.
+        stop_labels (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets of the stop head (a model with `latent_stop_head`), as [`latent_stop_labels`] builds them: 1.0
+            where the block ends after the thought whose vector sits there, 0.0 where it goes on, -100 to ignore.
+            Their binary cross-entropy is returned as `stop_loss`, apart from `loss`; the trainer weighs it.
 
         With latents, rows whose thoughts start at different columns are moved inside the batch (their padding moves,
         see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
@@ -419,8 +483,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         sliding-window layers. Logits at padding columns (`attention_mask` 0) are not meaningful; give them the label
         -100.
 
-        Returns `InternVLCausalLMOutputWithPast` with logits for every position (or the last `logits_to_keep`), the
-        filled cache and the loss.
+        Returns [`CoconutCausalLMOutputWithPast`] with logits for every position (or the last `logits_to_keep`), the
+        filled cache and the loss; with latents and a stop head also `stop_logits` for every position and, given
+        `stop_labels`, `stop_loss`.
         """
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_image_inputs(input_ids, pixel_values, mm_encoder_outputs, past_length)
@@ -441,6 +506,11 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             device = input_ids.device if input_ids is not None else inputs_embeds.device
             ranges, num_passes = self._sync_passes(latent_mask, ranges, num_passes, device)
         if latent_mask is None and num_passes == 1:
+            if stop_labels is not None and (stop_labels != -100).any():
+                raise ValueError(
+                    "`stop_labels` marks thought vectors, but `input_ids` holds no `<|latent|>` token: the stop head "
+                    "has no thought to read. Build them with `latent_stop_labels(input_ids, latent_token_id)`."
+                )
             return super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -500,13 +570,37 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return InternVLCausalLMOutputWithPast(
+        stop_logits, stop_loss = self._stop_outputs(hidden_states, stop_labels)
+        return CoconutCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=pass_cache if use_cache else None,  # `None` too where checkpointing recomputed the prefixes
             hidden_states=layer_hidden_states,
             image_outputs=image_outputs,
+            stop_logits=stop_logits,
+            stop_loss=stop_loss,
         )
+
+    def _stop_outputs(self, hidden_states: torch.Tensor, stop_labels: torch.Tensor | None):
+        """The stop head's logits `(B, T)` on the final hidden states `(B, T, H)`, and their loss against
+        `stop_labels` (mean over the labelled positions); `(None, None)` without a head."""
+        head = getattr(self, "latent_stop_head", None)
+        if head is None:
+            if stop_labels is not None:
+                raise ValueError(
+                    "`stop_labels` were passed, but the model has no stop head (`config.latent_stop_head` is False). "
+                    "Add one with `model.add_latent_stop_head()` (`train_sft.py --latent_stop_head`)."
+                )
+            return None, None
+        stop_logits = head(hidden_states).squeeze(-1).float()  # (B, T)
+        if stop_labels is None:
+            return stop_logits, None
+        stop_labels = stop_labels.to(stop_logits.device, torch.float32)
+        labelled = stop_labels != -100
+        if not labelled.any():  # a batch without a block to learn from: no signal, but the head stays in the graph
+            return stop_logits, stop_logits.sum() * 0.0
+        loss = nn.functional.binary_cross_entropy_with_logits(stop_logits[labelled], stop_labels[labelled])
+        return stop_logits, loss
 
     def _sync_passes(self, latent_mask, ranges, num_passes, device):
         """Split this rank's passes further, or add passes without work, to make as many as the busiest rank."""
@@ -804,11 +898,83 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             new_mask[row, new_length - len(ids) :] = 1
         return new_ids, new_mask
 
+    @torch.no_grad()
+    def plan_latent_thoughts(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        max_latent_thoughts: int | None = None,
+        latent_stop_threshold: float | None = None,
+        **kwargs,
+    ) -> list[int]:
+        r"""
+        Each prompt's number of thoughts, chosen by the stop head: a prompt thinks until the head's stop probability
+        on its latest thought reaches `latent_stop_threshold`, or until it has `max_latent_thoughts` thoughts. Rows
+        decide independently; a row's count is what it would get alone.
+
+        One forward over the prompts with `max_latent_thoughts` thoughts each reads every thought's stop probability
+        at once: thought j depends only on the tokens and thoughts before it, so the thoughts after a row's stop change
+        nothing it decided.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts without a
+                latent block.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): their padding mask.
+            pixel_values (`torch.Tensor`, *optional*): the prompts' image tiles.
+            max_latent_thoughts (`int`, *optional*): the most thoughts a row gets; defaults to
+                `config.max_latent_thoughts`, which training sets.
+            latent_stop_threshold (`float`, *optional*): the stop probability that ends a block; defaults to
+                `config.latent_stop_threshold` (0.5).
+            kwargs: further model inputs (`image_sizes`, `sync_latent_passes`, ...).
+
+        Returns:
+            `list[int]`: the number of thoughts of each prompt, from 1 to `max_latent_thoughts`.
+        """
+        if getattr(self, "latent_stop_head", None) is None or self.config.latent_token_id is None:
+            reason = "no stop head" if self.config.latent_token_id is not None else "no `latent_token_id`"
+            raise ValueError(
+                f'`num_latent_thoughts="auto"` needs the stop head to choose the counts, but this model has {reason}. '
+                "Pass a count (`num_latent_thoughts=6`), or train the head (`train_sft.py --latent_stop_head`)."
+            )
+        if max_latent_thoughts is None:
+            max_latent_thoughts = self.config.max_latent_thoughts
+        if max_latent_thoughts is None:
+            raise ValueError(
+                '`num_latent_thoughts="auto"` needs `max_latent_thoughts`, the most thoughts a prompt may get, and the '
+                "config sets none. Pass it, e.g. `max_latent_thoughts=6` (the most the model was trained with)."
+            )
+        max_latent_thoughts = thought_count(max_latent_thoughts, "max_latent_thoughts")
+        if max_latent_thoughts < 1:
+            raise ValueError('`max_latent_thoughts` must be at least 1 with `num_latent_thoughts="auto"`, got 0.')
+        if latent_stop_threshold is None:
+            latent_stop_threshold = self.config.latent_stop_threshold
+        if not 0.0 <= latent_stop_threshold <= 1.0:
+            raise ValueError(
+                f"`latent_stop_threshold`={latent_stop_threshold} is not a probability; use a value in [0, 1]."
+            )
+        input_ids, attention_mask = self.append_latent_thoughts(input_ids, attention_mask, max_latent_thoughts)
+        outputs = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            logits_to_keep=1,
+            use_cache=False,
+            **kwargs,
+        )
+        # The block is the last max + 2 columns; thought j's vector sits at the column before its `<|latent|>`.
+        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 2 : -2])  # (B, max)
+        stops = stop_probabilities >= latent_stop_threshold
+        stops[:, -1] = True  # the last thought allowed ends every block that is still open
+        return (stops.int().argmax(dim=1) + 1).tolist()
+
     def generate(
         self,
         inputs: torch.LongTensor | None = None,
         generation_config: GenerationConfig | None = None,
-        num_latent_thoughts: int | list[int] | None = None,
+        num_latent_thoughts: int | list[int] | str | None = None,
+        max_latent_thoughts: int | None = None,
+        latent_stop_threshold: float | None = None,
         synced_gpus: bool | None = None,
         **kwargs,
     ):
@@ -820,10 +986,18 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         Args:
             inputs (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Left-padded prompt ids (or pass `input_ids=`). Prompts may already hold latent blocks.
-            num_latent_thoughts (`int` or `list[int]`, *optional*):
+            num_latent_thoughts (`int`, `list[int]` or `"auto"`, *optional*):
                 Append `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>` to every prompt (see
                 [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]); 0 appends the two markers alone,
-                `None` nothing.
+                `None` nothing. `"auto"` lets the stop head choose each prompt's k (see
+                [`~CoconutInternVLForConditionalGeneration.plan_latent_thoughts`]); prompts that end with an open
+                block, `<|start-latent|>` alone (the processor's `num_latent_thoughts="auto"`), are generated so too.
+                The returned sequences hold each prompt's block, so its count is the number of `<|latent|>` in it.
+            max_latent_thoughts (`int`, *optional*):
+                With `"auto"`: the most thoughts a prompt gets (default `config.max_latent_thoughts`).
+            latent_stop_threshold (`float`, *optional*):
+                With `"auto"`: the stop probability that ends a block (default `config.latent_stop_threshold`, 0.5).
+                Lower stops sooner (fewer thoughts, less latency); higher thinks longer.
             synced_gpus (`bool`, *optional*):
                 As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
                 passes, whatever its prompts' thoughts.
@@ -839,13 +1013,67 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         _check_pixel_values(kwargs.get("pixel_values"))
-        input_ids = self._prompt_with_thoughts(input_ids, num_latent_thoughts, generation_config, kwargs)
         if synced_gpus is None:
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
         if synced_gpus:
             kwargs["sync_latent_passes"] = True
+        input_ids, num_latent_thoughts = self._open_block_prompts(input_ids, num_latent_thoughts, kwargs)
+        if is_auto(num_latent_thoughts):
+            if input_ids is None or kwargs.get("inputs_embeds") is not None:
+                raise ValueError(
+                    '`num_latent_thoughts="auto"` reads the prompts\' `input_ids` and appends their blocks; pass the '
+                    "prompts as `input_ids` alone."
+                )
+            model_inputs = ("pixel_values", "image_sizes", "sync_latent_passes")
+            num_latent_thoughts = self.plan_latent_thoughts(
+                input_ids,
+                kwargs.get("attention_mask"),
+                max_latent_thoughts=max_latent_thoughts,
+                latent_stop_threshold=latent_stop_threshold,
+                **{name: kwargs[name] for name in model_inputs if kwargs.get(name) is not None},
+            )
+        elif max_latent_thoughts is not None or latent_stop_threshold is not None:
+            raise ValueError(
+                '`max_latent_thoughts` and `latent_stop_threshold` apply only to `num_latent_thoughts="auto"`, got '
+                f'`num_latent_thoughts`={num_latent_thoughts!r}. Pass `num_latent_thoughts="auto"`, or drop them.'
+            )
+        input_ids = self._prompt_with_thoughts(input_ids, num_latent_thoughts, generation_config, kwargs)
         return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
+
+    def _open_block_prompts(self, input_ids, num_latent_thoughts, kwargs):
+        """Prompts that end with `<|start-latent|>` alone (the processor's `"auto"`) lose that token and are
+        generated with `"auto"`; returns `(input_ids, num_latent_thoughts)` and updates `kwargs`'s attention mask."""
+        start = self.config.start_latent_token_id
+        if input_ids is None or start is None or input_ids.shape[1] == 0:
+            return input_ids, num_latent_thoughts
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.ndim == 2:
+            _check_left_padded(attention_mask)
+        open_rows = input_ids[:, -1] == start
+        block_ids = [i for i in (start, self.config.latent_token_id, self.config.end_latent_token_id) if i is not None]
+        real = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
+        earlier = torch.isin(input_ids[:, :-1], input_ids.new_tensor(block_ids))
+        if real is not None:
+            earlier &= real[:, :-1]
+        if not open_rows.any() or earlier.any():
+            # No open block; or blocks elsewhere in the prompts, which the block checks read (or refuse) as they are.
+            return input_ids, num_latent_thoughts
+        if not open_rows.all():
+            raise ValueError(
+                f"Prompts {open_rows.nonzero().flatten().tolist()} end with an open latent block (`<|start-latent|>` "
+                f"alone, for the stop head to fill) and prompts {(~open_rows).nonzero().flatten().tolist()} do not. "
+                'Build every prompt of a batch with `num_latent_thoughts="auto"`, or none.'
+            )
+        if num_latent_thoughts is not None and not is_auto(num_latent_thoughts):
+            raise ValueError(
+                f"The prompts end with an open latent block (`<|start-latent|>` alone, the processor's "
+                f'`num_latent_thoughts="auto"`), and `num_latent_thoughts`={num_latent_thoughts!r} would add a second '
+                'one. Leave `num_latent_thoughts` out (or pass "auto"), or build the prompts without a block.'
+            )
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, :-1]
+        return input_ids[:, :-1], "auto"
 
     def _prompt_with_thoughts(self, input_ids, num_latent_thoughts, generation_config, kwargs) -> torch.LongTensor:
         """The prompts with their latent blocks (appended for `num_latent_thoughts`, updating `kwargs`'s attention
@@ -883,9 +1111,11 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 CoconutInternVLForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "CoconutCausalLMOutputWithPast",
     "CoconutInternVLForConditionalGeneration",
     "LatentRowPlacement",
     "align_latent_rows",
     "plan_latent_passes",
     "agree_on_pass_count",
+    "latent_stop_labels",
 ]

@@ -20,6 +20,9 @@ IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER = "<image>", "<video>"
 START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
 LATENT_TOKENS = (START_LATENT, END_LATENT, LATENT)  # in the order the converter adds them
 ANSWER_MARKER = "### "
+# `num_latent_thoughts="auto"`: the prompt ends with an open block, `<|start-latent|>` alone, and the model's stop head
+# decides how many thoughts follow (`generate` closes the block).
+AUTO_THOUGHTS = "auto"
 
 # InternVL's chat format (Qwen2 ChatML), as transformers' official InternVL conversion writes it: an image in a
 # message becomes `<image>`, a video `<video>`, which the processor expands.
@@ -63,6 +66,11 @@ def thought_counts(value, batch_size: int, name: str = "num_latent_thoughts") ->
             "or one per prompt."
         )
     return counts
+
+
+def is_auto(num_latent_thoughts) -> bool:
+    """Whether `num_latent_thoughts` asks the stop head for the count (`"auto"`) rather than giving one."""
+    return isinstance(num_latent_thoughts, str) and num_latent_thoughts == AUTO_THOUGHTS
 
 
 def latent_block(num_thoughts: int, tokens: tuple = (START_LATENT, LATENT, END_LATENT)) -> str | list[int]:
@@ -314,9 +322,11 @@ class CoconutInternVLProcessor(InternVLProcessor):
                 Prompts; each `<image>` (or `<IMG_CONTEXT>`) marks where one image goes.
             videos (*optional*):
                 Videos for `<video>` placeholders; needs torchvision.
-            num_latent_thoughts (`int` or `list[int]`, *optional*):
+            num_latent_thoughts (`int`, `list[int]` or `"auto"`, *optional*):
                 Append a block of this many continuous thoughts to each prompt (one count for all, or one per prompt;
-                0 appends the two markers alone). Left out (`None`), no block is appended.
+                0 appends the two markers alone). `"auto"` appends `<|start-latent|>` alone, an open block that the
+                model's stop head fills: `generate` decides each prompt's count and closes the block. Left out
+                (`None`), no block is appended.
             kwargs:
                 Tokenizer and image-processor arguments (`return_tensors`, `padding_side`, `max_patches`, ...).
 
@@ -341,7 +351,9 @@ class CoconutInternVLProcessor(InternVLProcessor):
                 f"prompt: {counts}) but {num_images} images were passed; give exactly one image per placeholder."
             )
         text = [sample.replace(IMAGE_PLACEHOLDER, self.image_token) for sample in text]
-        if num_latent_thoughts is not None:
+        if is_auto(num_latent_thoughts):
+            text = [sample + START_LATENT for sample in text]
+        elif num_latent_thoughts is not None:
             counts = thought_counts(num_latent_thoughts, len(text))
             text = [sample + latent_block(count) for sample, count in zip(text, counts, strict=True)]
         return super().__call__(images=images, text=text, videos=videos, **kwargs)
@@ -350,13 +362,16 @@ class CoconutInternVLProcessor(InternVLProcessor):
         self,
         question: str,
         num_images: int = 0,
-        num_latent_thoughts: int | None = None,
+        num_latent_thoughts: int | str | None = None,
         system_prompt: str | None = None,
     ) -> str:
         """The Coconut prompt for `question`: a user turn with its `num_images` images (at the question's `<image>`
         placeholders, or all before it), then the assistant turn's opening and, unless `num_latent_thoughts` is
-        `None`, the latent block (see [`latent_block`]). Pass it with the images to `__call__`."""
+        `None`, the latent block (see [`latent_block`]; `"auto"`: `<|start-latent|>` alone, for the stop head to
+        fill). Pass it with the images to `__call__`."""
         prompt = chat_prompt(self, question, num_images, system_prompt)
+        if is_auto(num_latent_thoughts):
+            return prompt + START_LATENT
         return prompt if num_latent_thoughts is None else prompt + latent_block(num_latent_thoughts)
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:
@@ -392,12 +407,14 @@ CoconutInternVLProcessor.register_for_auto_class()
 
 __all__ = [
     "ANSWER_MARKER",
+    "AUTO_THOUGHTS",
     "CoconutInternVLProcessor",
     "DEFAULT_CHAT_TEMPLATE",
     "LATENT_TOKENS",
     "chat_prompt",
     "check_config_latent_ids",
     "extract_answer",
+    "is_auto",
     "latent_block",
     "thought_count",
     "thought_counts",

@@ -69,3 +69,23 @@ def original_coconut_greedy(model, ids: list[int], pixel_values, max_new_tokens:
             if token == eos_token_id:
                 break
     return new_tokens
+
+
+def reference_stop_count(
+    model, ids: list[int], pixel_values, max_thoughts: int, threshold: float, probabilities: bool = False
+):
+    """The number of thoughts the stop head gives one unpadded prompt (without a block), by a naive one-row loop.
+
+    For k = 1, 2, ...: append `<|start-latent|>` + k `<|latent|>` to the prompt, recompute every thought from scratch
+    ([`reference_embeddings`]) and read the stop probability of the k-th thought's vector; stop at the first that
+    reaches `threshold`, or at `max_thoughts`. With `probabilities`, the probabilities read instead of the count.
+    """
+    config, read = model.config, []
+    with torch.no_grad():
+        for count in range(1, max_thoughts + 1):
+            prompt = [*ids, config.start_latent_token_id, *[config.latent_token_id] * count]
+            thought = reference_embeddings(model, prompt, pixel_values)[0, -1]  # the k-th thought's vector
+            read.append(torch.sigmoid(model.latent_stop_head(thought).float()).item())
+            if read[-1] >= threshold:
+                break
+    return read if probabilities else len(read)
