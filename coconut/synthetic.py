@@ -25,9 +25,17 @@ every cell holds two arrows, drawn as its top and bottom halves, and a path may 
 at A1 and follow 3 arrows. Which can you reach, B2 or C3?": exactly one of the two cells is the end of some path of
 that many arrows. The steps write one such path; choosing a wrong arrow early leads to neither cell, so writing the
 path step by step needs the search done before the first step, while a continuous thought can keep several frontiers.
+
+The `dot` variant (`SyntheticTaskConfig(variant="dot")`, a board of at least max_hops + 3 cells) does not say how
+many arrows to follow: three cells carry a white dot (in their top-left corner, clear of the arrow), and "Start at B3
+and follow the arrows until you reach a cell with a dot. Where do you stop?" has the first dotted cell on the path as
+its answer. The path visits distinct cells up to that dot, reached after 2 to 6 arrows, one step each as in `chase`;
+the two other dots lie off the path. How many steps a question takes is only known by following the arrows, so a
+model cannot plan its number of thoughts from the question.
 """
 
 import hashlib
+import math
 import os
 import random
 import tempfile
@@ -45,10 +53,15 @@ from coconut.tokenizer import train_tokenizer
 DIRECTIONS = {"right": (0, 1), "down": (1, 0), "left": (0, -1), "up": (-1, 0)}  # (row, column) offsets
 COLOURS = {"right": (220, 50, 40), "down": (40, 90, 220), "left": (40, 160, 60), "up": (235, 195, 30)}
 SPLITS = ("train", "validation", "test")
-VARIANTS = ("chase", "branching")
+VARIANTS = ("chase", "branching", "dot")
 # The two arrows of a cell in the branching variant, in DIRECTIONS order (top half, bottom half of the cell).
 ARROW_PAIRS = [(a, b) for i, a in enumerate(DIRECTIONS) for b in list(DIRECTIONS)[i + 1 :]]
 COLUMN_LETTERS = "ABCDEFGH"
+# The dot variant: dotted cells per board (the target and two decoys off the path), and how many boards to draw for
+# one path through distinct cells before calling the setting impossible in practice (on a 3 x 3 board, one board in 16
+# has a path of 6 arrows through 7 distinct cells; on a 4 x 4 board, one in a thousand for 12 arrows).
+NUM_DOTS = 3
+MAX_DOT_BOARD_DRAWS = 100_000
 
 
 @dataclass
@@ -58,8 +71,8 @@ class SyntheticTaskConfig:
     variant: str = field(
         default="chase",
         metadata={
-            "help": "'chase' (one arrow per cell, where do you stop?) or 'branching' (two arrows per cell, which of "
-            "two cells can you reach?).",
+            "help": "'chase' (one arrow per cell, where do you stop?), 'branching' (two arrows per cell, which of "
+            "two cells can you reach?) or 'dot' (one arrow per cell, where is the first dotted cell you reach?).",
             "choices": list(VARIANTS),
         },
     )
@@ -96,6 +109,15 @@ class SyntheticTaskConfig:
             )
         if not 1 <= self.min_hops <= self.max_hops:
             raise ValueError(f"Need 1 <= `min_hops` <= `max_hops`, got {self.min_hops} and {self.max_hops}.")
+        if self.variant == "dot" and self.grid_size**2 < self.max_hops + NUM_DOTS:
+            side = math.isqrt(self.max_hops + NUM_DOTS - 1) + 1
+            raise ValueError(
+                f"`grid_size`={self.grid_size} and `max_hops`={self.max_hops}: the dot variant needs grid_size**2 >= "
+                f"max_hops + 3 (a path of max_hops arrows through max_hops + 1 distinct cells, and two dots off it), "
+                f"got {self.grid_size**2} < {self.max_hops + NUM_DOTS}. Lower `max_hops` to "
+                f"{self.grid_size**2 - NUM_DOTS} or use a {side} x {side} board (`grid_size`={side}); a 3 x 3 board "
+                "takes up to 6 arrows."
+            )
         for split in SPLITS:
             if self.split_size(split) < 0:
                 raise ValueError(f"`{split}_size` must be >= 0, got {self.split_size(split)}.")
@@ -149,23 +171,34 @@ class SyntheticTaskConfig:
 
     @property
     def num_questions(self) -> int:
-        """Distinct questions: boards x start cells x hop counts (x ordered pairs of cells, at most, if branching)."""
+        """Distinct questions: boards x start cells x hop counts (x ordered pairs of cells, at most, if branching).
+
+        For the dot variant an upper bound: for each number of arrows n, start cells x paths of n arrows through
+        distinct cells (at most 4 x 3**(n - 1) arrow sequences: no arrow points back) x boards with those n arrows
+        fixed x pairs of decoy dots off the path."""
         cells = self.grid_size**2
         hops = self.max_hops - self.min_hops + 1
         if self.variant == "branching":
             return len(ARROW_PAIRS) ** cells * cells * hops * cells * (cells - 1)
+        if self.variant == "dot":
+            return sum(
+                cells * 4 * 3 ** (n - 1) * len(DIRECTIONS) ** (cells - n) * math.comb(cells - n - 1, NUM_DOTS - 1)
+                for n in range(self.min_hops, self.max_hops + 1)
+            )
         return len(DIRECTIONS) ** cells * cells * hops
 
 
 @dataclass(frozen=True)
 class Puzzle:
     """One arrow-chase instance: `board[row][column]` is a direction (a pair of them if branching); `path` lists the
-    visited cells; `targets` are the two cells a branching question offers (the answer is the path's end)."""
+    visited cells; `targets` are the two cells a branching question offers (the answer is the path's end); `dots` are
+    the dotted cells of a dot question, in row-major order (the answer, the path's end, is one of them)."""
 
     board: tuple
     start: tuple[int, int]
     path: tuple[tuple[int, int], ...]
     targets: tuple[tuple[int, int], ...] = ()
+    dots: tuple[tuple[int, int], ...] = ()
 
     @property
     def hops(self) -> int:
@@ -173,7 +206,10 @@ class Puzzle:
 
     @property
     def question(self) -> tuple:
-        """What the model is asked: the board (the image), the start cell, the number of arrows (and the targets)."""
+        """What the model is asked: the board (the image), the start cell, the number of arrows (and the targets), or
+        for a dot question the board, the start cell and the dots (the number of arrows follows from them)."""
+        if self.dots:
+            return (self.board, self.start, self.dots)
         return (self.board, self.start, self.hops, *self.targets)
 
 
@@ -218,6 +254,8 @@ def reachable(board, start: tuple[int, int], hops: int) -> set[tuple[int, int]]:
 
 def _draw_puzzle(rng: random.Random, config: SyntheticTaskConfig) -> Puzzle | None:
     """One random puzzle of `config.variant`; None when a branching draw has no cell out of reach."""
+    if config.variant == "dot":
+        return _draw_dot_puzzle(rng, config)
     size, names = config.grid_size, list(DIRECTIONS)
     if config.variant == "chase":
         board = tuple(tuple(rng.choice(names) for _ in range(size)) for _ in range(size))
@@ -234,6 +272,28 @@ def _draw_puzzle(rng: random.Random, config: SyntheticTaskConfig) -> Puzzle | No
     target, decoy = rng.choice(sorted(ends)), rng.choice(elsewhere)
     targets = (target, decoy) if rng.random() < 0.5 else (decoy, target)
     return Puzzle(board, start, branching_path(board, start, hops, target), targets)
+
+
+def _draw_dot_puzzle(rng: random.Random, config: SyntheticTaskConfig) -> Puzzle:
+    """A dot puzzle: n arrows (uniform in [min_hops, max_hops]) through n + 1 distinct cells, so the dot at the
+    path's end is first reached at arrow n, and two decoy dots off the path."""
+    size, names = config.grid_size, list(DIRECTIONS)
+    hops = rng.randint(config.min_hops, config.max_hops)
+    # Redrawing board and start keeps the hop count uniform, and each path through distinct cells equally likely.
+    for _ in range(MAX_DOT_BOARD_DRAWS):
+        board = tuple(tuple(rng.choice(names) for _ in range(size)) for _ in range(size))
+        start = (rng.randrange(size), rng.randrange(size))
+        path = follow(board, start, hops)
+        if len(set(path)) == hops + 1:
+            break
+    else:
+        raise ValueError(
+            f"No path of {hops} arrows through {hops + 1} distinct cells in {MAX_DOT_BOARD_DRAWS} random "
+            f"{size} x {size} boards (dot variant): lower `max_hops`={config.max_hops} or use a larger board."
+        )
+    off_path = [(row, column) for row in range(size) for column in range(size) if (row, column) not in path]
+    decoys = rng.sample(off_path, NUM_DOTS - 1)
+    return Puzzle(board, start, path, dots=tuple(sorted([path[-1], *decoys])))
 
 
 def question_split(puzzle: Puzzle, config: SyntheticTaskConfig) -> str:
@@ -275,9 +335,10 @@ def generate_puzzles(split: str, config: SyntheticTaskConfig, num_records: int |
     return puzzles
 
 
-def render_board(board, image_size: int) -> Image.Image:
+def render_board(board, image_size: int, dots=()) -> Image.Image:
     """The board as an RGB image: each cell filled with its direction's colour, with a dark arrow head on it; a cell
-    with two arrows (branching variant) has the first one's colour and arrow in its top half, the second's below."""
+    with two arrows (branching variant) has the first one's colour and arrow in its top half, the second's below. The
+    cells in `dots` (dot variant) get a white dot with a dark outline in their top-left corner, clear of the arrow."""
     size = len(board)
     cell = image_size // size
     image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
@@ -297,20 +358,27 @@ def render_board(board, image_size: int) -> Image.Image:
                 # The arrow head of a half cell: the full cell's, scaled to half the height.
                 head = [(x, y + (v - top) / 2) for x, v in _arrow_head(direction, left, top, cell)]
                 draw.polygon(head, fill=(30, 30, 30))
+    for row, column in dots:
+        draw.ellipse(_dot_box(column * cell, row * cell, cell), fill=(255, 255, 255), outline=(30, 30, 30))
     return image
 
 
 def puzzle_record(puzzle: Puzzle, record_id: str, image_path: str) -> dict:
-    """The record of a puzzle: question, one step per hop, the final cell as answer, the board image."""
+    """The record of a puzzle: question, one step per hop, the final cell (a dotted one if dot) as answer, the board
+    image."""
     steps = []
     size = len(puzzle.board)
     for here, there in zip(puzzle.path[:-1], puzzle.path[1:], strict=True):
         arrows = puzzle.board[here[0]][here[1]]
         direction = next(d for d in ([arrows] if isinstance(arrows, str) else arrows) if step(here, d, size) == there)
         steps.append(f"{cell_name(here)} points {direction} to {cell_name(there)}.")
+    if puzzle.dots:
+        question = dot_question_text(puzzle.start)
+    else:
+        question = question_text(puzzle.start, puzzle.hops, puzzle.targets)
     return {
         "id": record_id,
-        "question": question_text(puzzle.start, puzzle.hops, puzzle.targets),
+        "question": question,
         "steps": steps,
         "answer": cell_name(puzzle.path[-1]),
         "images": [image_path],
@@ -325,6 +393,12 @@ def question_text(start: tuple[int, int], hops: int, targets=()) -> str:
     if targets:
         return f"{text} Which can you reach, {cell_name(targets[0])} or {cell_name(targets[1])}?"
     return f"{text} Where do you stop?"
+
+
+def dot_question_text(start: tuple[int, int]) -> str:
+    """The dot variant's question, without a number of arrows: `Start at B3 and follow the arrows until you reach a
+    cell with a dot. Where do you stop?`."""
+    return f"Start at {cell_name(start)} and follow the arrows until you reach a cell with a dot. Where do you stop?"
 
 
 def build_synthetic_split(
@@ -352,7 +426,7 @@ def build_synthetic_split(
         record_id = f"{split}-{index:05d}"
         path = folder / f"{record_id}.png"
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{record_id}-", suffix=".png", delete=False) as file:
-            render_board(puzzle.board, config.image_size).save(file, format="PNG")
+            render_board(puzzle.board, config.image_size, puzzle.dots).save(file, format="PNG")
         os.replace(file.name, path)
         records.append(puzzle_record(puzzle, record_id, str(path)))
     # Images were just written; checking them again would only re-read them.
@@ -367,8 +441,10 @@ def synthetic_corpus(config: SyntheticTaskConfig | None = None) -> list[str]:
     for hops in range(config.min_hops, config.max_hops + 1):
         if config.variant == "branching":
             texts += [question_text(cell, hops, (cell, other)) for cell in cells for other in cells]
-        else:
+        elif config.variant == "chase":
             texts += [question_text(cell, hops) for cell in cells]
+    if config.variant == "dot":  # the question has no number of arrows
+        texts += [dot_question_text(cell) for cell in cells]
     for cell in cells:
         for direction in DIRECTIONS:
             texts.append(f"{cell_name(cell)} points {direction} to {cell_name(cell)}.\n")
@@ -400,10 +476,18 @@ def _arrow_head(direction: str, left: int, top: int, cell: int) -> list[tuple[fl
     return [(left + x, top + y) for x, y in shapes[direction]]
 
 
+def _dot_box(left: int, top: int, cell: int) -> tuple[float, float, float, float]:
+    # A circle in the top-left corner, its centre 0.15 cell from the edges and radius 0.12 cell: it stays clear of the
+    # arrow head, which starts 0.25 cell in (7 px diameter, 5 px white inside, on a 28 px cell).
+    centre, radius = cell * 0.15, cell * 0.12
+    return (left + centre - radius, top + centre - radius, left + centre + radius, top + centre + radius)
+
+
 __all__ = [
     "ARROW_PAIRS",
     "COLOURS",
     "DIRECTIONS",
+    "NUM_DOTS",
     "SPLITS",
     "VARIANTS",
     "Puzzle",
@@ -411,6 +495,7 @@ __all__ = [
     "branching_path",
     "build_synthetic_split",
     "cell_name",
+    "dot_question_text",
     "follow",
     "generate_puzzles",
     "majority_baseline",

@@ -3,10 +3,14 @@
 import hashlib
 from collections import Counter
 
+import numpy as np
 import pytest
 from datasets import Dataset
+from trl import ModelConfig, TrlParser
 
+import train_sft
 from coconut.curriculum import CurriculumConfig, build_training_example
+from coconut.sft_config import CoconutSFTConfig
 from coconut.synthetic import (
     COLOURS,
     SyntheticTaskConfig,
@@ -18,7 +22,12 @@ from coconut.synthetic import (
     synthetic_corpus,
     synthetic_tokenizer,
 )
+from coconut.training_data import load_splits
 from processing_coconut_internvl import LATENT_TOKENS
+
+
+# The dot variant on 28 px cells, as it is meant to be trained.
+DOT_TASK = SyntheticTaskConfig(variant="dot", grid_size=3, image_size=84, min_hops=2, max_hops=6)
 
 
 def read_board(image, grid_size):
@@ -28,6 +37,22 @@ def read_board(image, grid_size):
     return [
         [by_colour[image.getpixel((c * cell + 1, r * cell + 1))] for c in range(grid_size)] for r in range(grid_size)
     ]
+
+
+def read_dotted_board(image, grid_size):
+    """Directions (the colour at each cell's top-right corner: the dot is top-left) and the dotted cells (those with
+    white pixels) read back from the pixels; a white pixel outside a cell's top-left corner fails."""
+    cell = image.width // grid_size
+    by_colour = {colour: direction for direction, colour in COLOURS.items()}
+    board = [
+        [by_colour[image.getpixel((c * cell + cell - 2, r * cell + 1))] for c in range(grid_size)]
+        for r in range(grid_size)
+    ]
+    white = Counter()
+    for y, x in zip(*np.nonzero((np.asarray(image) == 255).all(axis=-1)), strict=True):  # (H, W, 3) -> (H, W)
+        assert x % cell < cell // 4 and y % cell < cell // 4, f"white pixel at {(x, y)}, off a cell's corner"
+        white[int(y) // cell, int(x) // cell] += 1
+    return board, white
 
 
 def chase(board, start, hops):
@@ -192,8 +217,83 @@ def test_tokenizer_is_small_and_covers_the_task(tmp_path):
         ({"min_hops": 4, "max_hops": 3}, "Need 1 <= `min_hops` <= `max_hops`, got 4 and 3"),
         ({"test_size": -1}, "`test_size` must be >= 0, got -1"),
         ({"test_share": 0.5, "validation_share": 0.5}, "must be positive and leave a share for training"),
+        (
+            {"variant": "dot", "grid_size": 2},
+            "`grid_size`=2 and `max_hops`=6: the dot variant needs grid_size\\*\\*2 >= max_hops \\+ 3 .* got 4 < 9. "
+            "Lower `max_hops` to 1 or use a 3 x 3 board",
+        ),
+        (
+            {"variant": "dot", "grid_size": 3, "image_size": 84, "max_hops": 7},
+            "got 9 < 10. Lower `max_hops` to 6 or use a 4 x 4 board",
+        ),
     ],
 )
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         SyntheticTaskConfig(**overrides)
+
+
+def test_dot_questions_give_no_count_and_stop_at_the_first_dot(tmp_path):
+    """The question names no number of arrows: following the arrows read from the image until a dotted cell takes as
+    many arrows as the record has steps, and the answer is that cell."""
+    dataset = build_synthetic_split(tmp_path, "train", DOT_TASK, num_records=40)
+    assert dataset[0]["images"][0].filename.endswith("dot_3x3_2-6hops_84px_seed0/train/train-00000.png")
+    names = {cell_name((r, c)): (r, c) for r in range(3) for c in range(3)}
+    for record in dataset:
+        board, white = read_dotted_board(record["images"][0].convert("RGB"), 3)
+        dots = set(white)
+        # Three dots, each clearly visible: a white disc of 32 pixels on a 28 px cell (its top-left 7 x 7 pixels).
+        assert len(dots) == 3 and min(white.values()) >= 25
+        start = names[record["question"].split()[2]]
+        assert record["question"] == (
+            f"Start at {cell_name(start)} and follow the arrows until you reach a cell with a dot. Where do you stop?"
+        )
+        assert not any(character.isdigit() for character in record["question"].replace(cell_name(start), ""))
+        path = [start]
+        while path[-1] not in dots and len(path) <= 9:
+            path.append(chase(board, path[-1], 1))
+        assert cell_name(path[-1]) == record["answer"] and len(set(path)) == len(path)
+        assert len(record["steps"]) == len(path) - 1 and 2 <= len(record["steps"]) <= 6
+        for here, there, text in zip(path[:-1], path[1:], record["steps"], strict=True):  # "B3 points right to C3."
+            source, _, direction, _, target = text.rstrip(".").split()
+            assert (names[source], names[target]) == (here, there) and board[here[0]][here[1]] == direction
+    puzzles = generate_puzzles("train", DOT_TASK, 300)
+    # The decoy dots are off the path, whose end is the only dot on it; the number of arrows is uniform.
+    assert all(set(p.dots) & set(p.path) == {p.path[-1]} and len(p.dots) == 3 for p in puzzles)
+    hops = Counter(p.hops for p in puzzles)
+    assert sorted(hops) == [2, 3, 4, 5, 6] and min(hops.values()) >= 40
+    tokenizer = synthetic_tokenizer(DOT_TASK)
+    for text in (dataset[0]["question"], *dataset[0]["steps"]):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+
+
+def test_dot_questions_are_in_one_split_each():
+    """A 2 x 2 board with one arrow has 1024 dot questions (board, start, dots): the partition keeps splits apart."""
+    config = SyntheticTaskConfig(
+        variant="dot", grid_size=2, min_hops=1, max_hops=1, train_size=1000, validation_size=50, test_size=200
+    )
+    assert config.num_questions == 4**4 * 4
+    puzzles = {split: generate_puzzles(split, config) for split in ("train", "validation", "test")}
+    questions = {split: [p.question for p in puzzles[split]] for split in puzzles}
+    assert all(p.question == (p.board, p.start, p.dots) for split in puzzles for p in puzzles[split])
+    assert len(set(questions["validation"])) == 50 and len(set(questions["test"])) == 200
+    assert not set(questions["train"]) & set(questions["test"])
+    assert not set(questions["train"]) & set(questions["validation"])
+    assert not set(questions["validation"]) & set(questions["test"])
+    assert {question_split(p, config) for p in puzzles["test"]} == {"test"}
+
+
+def test_dot_variant_from_the_train_sft_flags(tmp_path):
+    parser = TrlParser((train_sft.ScriptArguments, CoconutSFTConfig, ModelConfig))
+    script_args, training_args, _ = parser.parse_args_and_config(
+        [
+            "--output_dir", str(tmp_path / "out"), "--dataset", "arrow_chase", "--synthetic_dir", str(tmp_path),
+            "--synthetic_variant", "dot", "--synthetic_grid_size", "3", "--synthetic_image_size", "84",
+            "--synthetic_train_size", "4", "--synthetic_validation_size", "2", "--synthetic_test_size", "2",
+            "--bf16", "false", "--use_cpu", "true", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    train, validation, task = load_splits(script_args, training_args.seed)
+    assert (task.variant, task.grid_size, task.max_hops, len(train), len(validation)) == ("dot", 3, 6, 4, 2)
+    assert all("until you reach a cell with a dot" in question for question in train["question"])
