@@ -47,6 +47,7 @@ from coconut.preflight import check_dataset_argument, check_push_arguments, chec
 from coconut.repository import push_folder, save_trained_repository
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
+from coconut.synthetic import VARIANTS
 from coconut.thought_scale import match_thought_scale
 from coconut.tiny import tiny_model_and_processor
 from coconut.training_data import check_lengths, load_splits
@@ -108,9 +109,10 @@ class ScriptArguments:
     synthetic_variant: str = field(
         default="chase",
         metadata={
-            "help": "'chase' (one arrow per cell) or 'branching' (two arrows per cell, which of two cells can you "
-            "reach? a board of at least 3 x 3).",
-            "choices": ["chase", "branching"],
+            "help": "'chase' (one arrow per cell), 'branching' (two arrows per cell, which of two cells can you "
+            "reach? a board of at least 3 x 3) or 'dot' (follow the arrows to the first dotted cell: the question "
+            "gives no number of arrows; at least max_hops + 3 cells).",
+            "choices": list(VARIANTS),
         },
     )
     synthetic_image_size: int = field(
@@ -155,6 +157,8 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
             base_model, model_args.model_revision, model_args.dtype, model_args.attn_implementation
         )
     license = model_license(base_model, model_args.model_revision)  # the card's: a base without one fails now
+    if training_args.latent_stop_head:
+        model.add_latent_stop_head()  # before LoRA, which then trains it whole
     if script_args.match_thought_scale:
         logger.info("Final norm rescaled by %.4g: thoughts at token embeddings' scale", match_thought_scale(model))
     train = check_lengths(train, processor, training_args, script_args.skip_invalid)

@@ -9,7 +9,8 @@ from trl.trainer.utils import pad
 
 from coconut.curriculum import CurriculumConfig, build_training_example
 from coconut.data import load_record_images
-from processing_coconut_internvl import LATENT_TOKENS
+from modeling_coconut_internvl import latent_stop_labels
+from processing_coconut_internvl import LATENT, LATENT_TOKENS
 
 
 logger = logging.get_logger(__name__)
@@ -41,6 +42,9 @@ class CoconutDataCollator:
             The curriculum settings.
         seed (`int`, *optional*, defaults to 0):
             Seed of the per-sample stage draws of `uniform_prob`.
+        stop_labels (`bool`, *optional*, defaults to `False`):
+            Add `stop_labels`, the stop head's targets ([`latent_stop_labels`]), for the rows whose block may teach
+            where a block ends ([`coconut.curriculum.teaches_stop`]); -100 in the other rows.
         max_length (`int`, *optional*):
             Longest sequence. A longer example is an error naming its record: cutting it would drop image tokens or
             thoughts from the prompt, or the answer and end of turn from the completion, and teach the model to stop
@@ -55,6 +59,7 @@ class CoconutDataCollator:
         curriculum: CurriculumConfig,
         seed: int = 0,
         max_length: int | None = None,
+        stop_labels: bool = False,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)  # a tokenizer alone serves text-only data
@@ -62,6 +67,8 @@ class CoconutDataCollator:
         self.curriculum = curriculum
         self.seed = seed
         self.max_length = max_length
+        self.stop_labels = stop_labels
+        self.latent_token_id = self.tokenizer.convert_tokens_to_ids(LATENT)
         self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
         self.pad_token_id = self.tokenizer.pad_token_id
 
@@ -120,6 +127,9 @@ class CoconutDataCollator:
         labels[torch.isin(input_ids, self.unlabelled_ids)] = IGNORE_INDEX
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.stop_labels:
+            rows = torch.tensor([example["teaches_stop"] for example in examples])
+            batch["stop_labels"] = latent_stop_labels(input_ids, self.latent_token_id, rows)  # (B, T)
         if "pixel_values" in prompts:
             batch["pixel_values"] = prompts["pixel_values"]  # (total_tiles, 3, H, W), every tile in row order
         return batch

@@ -179,7 +179,7 @@ def build_training_example(
     Returns:
         `dict` with `prompt` (chat template + question + latent block), `completion` (remaining steps, each followed
         by a newline, then `### ` + answer + EOS), `images` (the record's images, in placeholder order), `stage`
-        (the stage actually used) and `num_latents`.
+        (the stage actually used), `num_latents` and `teaches_stop` (see [`teaches_stop`]).
 
     Example:
 
@@ -207,7 +207,21 @@ def build_training_example(
         "images": list(record.get("images") or []),
         "stage": used_stage,
         "num_latents": layout.num_latents,
+        "teaches_stop": teaches_stop(len(steps), layout, config),
     }
+
+
+def teaches_stop(num_steps: int, layout: LatentLayout, config: CurriculumConfig) -> bool:
+    """Whether an example's latent block may teach the stop head where a block ends: its thoughts replace every one of
+    the record's steps, and there are as many as the final stage gives the record (min(steps, max_latent_stage) x c).
+
+    That holds at the final stage for every record, and at stage k for the records with exactly k steps. Elsewhere the
+    block length is the stage's, not the question's: at stage 2 a record with 4 steps gets 2 thoughts and writes the
+    other 2 steps, and one with 1 step gets 2 thoughts for it.
+    """
+    if config.method != "coconut" or layout.num_latents == 0 or layout.num_skipped_steps != num_steps:
+        return False
+    return layout.num_latents == evaluation_layout(num_steps, config.max_latent_stage + 1, config).num_latents
 
 
 def build_eval_prompt(record: dict, stage: int, tokenizer, config: CurriculumConfig) -> dict:

@@ -1,5 +1,6 @@
 """Training configuration of the Coconut curriculum: TRL's `SFTConfig` plus the curriculum fields."""
 
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import SFTConfig
@@ -83,6 +84,18 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             "epochs from there."
         },
     )
+    latent_stop_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a stop head with the curriculum (one is added to a model without it): a linear classifier "
+            "on each thought's vector that says whether the block ends there, for generate(num_latent_thoughts='auto'). "
+            "It learns from the blocks that replace all of a record's steps (coconut only)."
+        },
+    )
+    stop_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the stop head's binary cross-entropy, added to the language-modelling loss."},
+    )
     resume_with_fresh_optimizer: bool = field(
         default=False,
         metadata={
@@ -148,6 +161,21 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             raise ValueError(
                 f"`dataset_kwargs`={self.dataset_kwargs}: TRL must not tokenize the schedule, the collator builds each "
                 "sample for its stage. Leave `skip_prepare_dataset` out."
+            )
+        if self.latent_stop_head and self.method != "coconut":
+            raise ValueError(
+                f"`latent_stop_head` with `method`={self.method!r}: the head reads continuous thoughts, which only "
+                "`coconut` feeds back. Drop `--latent_stop_head`, or train with `--method coconut`."
+            )
+        if self.latent_stop_head and self.pad_latent_to_max:
+            raise ValueError(
+                "`latent_stop_head` with `pad_latent_to_max`: every final-stage block then has max_latent_stage x "
+                "c_thought thoughts, so the head could only learn to stop there. Drop one of the two."
+            )
+        if not (math.isfinite(self.stop_loss_weight) and self.stop_loss_weight > 0):
+            raise ValueError(
+                f"`stop_loss_weight`={self.stop_loss_weight} must be a positive finite number (1.0 weighs the stop "
+                "head's loss like the language-modelling loss); leave out `--latent_stop_head` to train no head."
             )
         if self.activation_checkpointing and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(

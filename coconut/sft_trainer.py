@@ -189,13 +189,15 @@ class RunRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks[type(self).__name__] = self.state()
 
 
-def add_latent_fused_lm_head(model) -> None:
+def add_latent_fused_lm_head(model, on_stop_loss=None) -> None:
     """TRL's fused-LM-head call, `model(..., labels=labels, fused_lm_head=True)`, answered from the model's own forward.
 
     [`~trl.SFTTrainer`] computes its loss and metrics (entropy, token accuracy) from the per-token fields of a
     [`~trl.trainer.utils.FusedCausalLMOutput`], which TRL's `add_fused_lm_head` computes on the inner backbone: that
     would skip the latent passes. Here the fields come from the logits of the model's own forward, which runs them.
     Call it after TRL's `add_fused_lm_head` (in `SFTTrainer.__init__`): other calls go on to TRL's forward unchanged.
+    TRL builds its loss from the per-token fields alone, so the stop head's loss of the same forward goes to
+    `on_stop_loss` (the trainer adds it to the loss).
     """
     forward = model.forward  # TRL's: without `fused_lm_head`, the model's own forward
 
@@ -208,7 +210,10 @@ def add_latent_fused_lm_head(model) -> None:
                 "`shift_labels` is passed under context or sequence parallelism, which splits the sequence; the "
                 "latent passes need it whole. Train without context or sequence parallelism."
             )
-        logits = forward(*args, **kwargs).logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
+        outputs = forward(*args, **kwargs)
+        if on_stop_loss is not None and getattr(outputs, "stop_loss", None) is not None:
+            on_stop_loss(outputs.stop_loss)
+        logits = outputs.logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
         labels = labels[:, 1:].to(logits.device)  # (B, T - 1)
         label_mask = labels != -100
         log_probs, entropy = selective_log_softmax_and_entropy(
@@ -282,8 +287,19 @@ class CoconutSFTTrainer(SFTTrainer):
         settings = run_settings(args, self.records)
         args = copy.copy(args)
         args.num_train_epochs = 1  # one pass over the schedule, which holds every curriculum epoch
+        if args.latent_stop_head:
+            model.add_latent_stop_head()
+            # What `generate(num_latent_thoughts="auto")` allows by default: the most thoughts a final-stage prompt gets.
+            final_stage = args.max_latent_stage + 1
+            counts = [evaluation_layout(n, final_stage, args.curriculum).num_latents for n in self.step_counts]
+            model.config.max_latent_thoughts = max([1, *counts])
         collator = CoconutDataCollator(
-            processing_class, self.records, args.curriculum, seed=args.seed, max_length=args.max_length
+            processing_class,
+            self.records,
+            args.curriculum,
+            seed=args.seed,
+            max_length=args.max_length,
+            stop_labels=args.latent_stop_head,
         )
         # Only integer columns: TRL reads `image`/`images` columns as its own vision format.
         schedule = Dataset.from_list(self.schedule.rows)
@@ -299,7 +315,16 @@ class CoconutSFTTrainer(SFTTrainer):
             **kwargs,
         )
         # SFTTrainer's fused LM head runs the inner backbone, without the latent passes: score the model's own logits.
-        add_latent_fused_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self.stop_losses = []  # the stop head's loss of each forward, until `compute_loss` adds it
+        add_latent_fused_lm_head(
+            self.model.get_base_model() if is_peft_model(self.model) else self.model,
+            on_stop_loss=self.stop_losses.append if args.latent_stop_head else None,
+        )
+        if args.latent_stop_head and not any(p.requires_grad for p in self.model.latent_stop_head.parameters()):
+            raise ValueError(
+                "`latent_stop_head` is set but the stop head's weights are frozen (a LoRA config without "
+                "`modules_to_save=['latent_stop_head']`?). `coconut.lora.coconut_peft_config` adds it."
+            )
         if args.method == "pause_as_thought":
             # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
             self.model.config.latent_token_id = None
@@ -433,11 +458,27 @@ class CoconutSFTTrainer(SFTTrainer):
         """`SFTTrainer.compute_loss` (loss and metrics) through the latent passes; watches for a non-finite loss."""
         if self.sync_latent_passes:
             inputs = {**inputs, "sync_latent_passes": True}
+        self.stop_losses.clear()
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.stop_losses:
+            result = self._add_stop_loss(result, return_outputs, num_items_in_batch)
         if model.training:
             loss = result[0] if return_outputs else result
             self.finite_loss.observe(loss.detach(), self.state.global_step + 1)
         return result
+
+    def _add_stop_loss(self, result, return_outputs: bool, num_items_in_batch):
+        """The loss plus `stop_loss_weight` x the stop head's loss (logged as `stop_loss`). The stop loss is a mean
+        per micro-batch: with `num_items_in_batch` the trainer leaves gradient accumulation to the loss, so it is
+        divided by the accumulation steps, as TRL does for the MoE auxiliary loss."""
+        stop_loss = self.stop_losses.pop()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["stop_loss"].append(self.accelerator.gather_for_metrics(stop_loss.detach()).mean().item())
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        weighted = self.args.stop_loss_weight * stop_loss / steps
+        if return_outputs:
+            return result[0] + weighted, result[1]
+        return result + weighted
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs carry the stage of the last step."""
@@ -531,6 +572,8 @@ RESUME_SETTINGS = (
     "pad_latent_to_max",
     "uniform_prob",
     "reset_optimizer",
+    "latent_stop_head",
+    "stop_loss_weight",
     # the schedule: which records, in which order, in which batches
     "num_train_epochs",
     "max_steps",
