@@ -341,6 +341,22 @@ def _check_latent_blocks(input_ids: torch.LongTensor, attention_mask: torch.Tens
             )
 
 
+def _close_block_gaps(output, gaps: torch.BoolTensor):
+    """`generate`'s output with the padding inside the `"auto"` blocks moved to the left of each row: the layout of
+    the same prompts with their counts appended by [`append_latent_thoughts`] (gaps `(batch_size, prompt width)`; rows
+    expanded for beams or several sequences per prompt follow their prompt)."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt_width = gaps.shape[1]
+    gaps = gaps.to(sequences.device).repeat_interleave(sequences.shape[0] // gaps.shape[0], dim=0)
+    order = torch.argsort((~gaps).int(), dim=1, stable=True)  # the gaps first, then every other column in order
+    prompts = sequences[:, :prompt_width].gather(1, order)
+    sequences = torch.cat([prompts, sequences[:, prompt_width:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return sequences
+    output.sequences = sequences
+    return output
+
+
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
     r"""
     [`InternVLForConditionalGeneration`] with Coconut's continuous thoughts. Without `<|latent|>` tokens in `input_ids`
@@ -931,6 +947,24 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         Returns:
             `list[int]`: the number of thoughts of each prompt, from 1 to `max_latent_thoughts`.
         """
+        max_latent_thoughts, latent_stop_threshold = self._auto_settings(max_latent_thoughts, latent_stop_threshold)
+        input_ids, attention_mask = self.append_latent_thoughts(input_ids, attention_mask, max_latent_thoughts)
+        outputs = self(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            logits_to_keep=1,
+            use_cache=False,
+            **kwargs,
+        )
+        # The block is the last max + 2 columns; thought j's vector sits at the column before its `<|latent|>`.
+        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 2 : -2])  # (B, max)
+        stops = stop_probabilities >= latent_stop_threshold
+        stops[:, -1] = True  # the last thought allowed ends every block that is still open
+        return (stops.int().argmax(dim=1) + 1).tolist()
+
+    def _auto_settings(self, max_latent_thoughts, latent_stop_threshold) -> tuple[int, float]:
+        """The most thoughts and the stop threshold of `"auto"`, from the arguments or the config, checked."""
         if getattr(self, "latent_stop_head", None) is None or self.config.latent_token_id is None:
             reason = "no stop head" if self.config.latent_token_id is not None else "no `latent_token_id`"
             raise ValueError(
@@ -953,20 +987,103 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             raise ValueError(
                 f"`latent_stop_threshold`={latent_stop_threshold} is not a probability; use a value in [0, 1]."
             )
-        input_ids, attention_mask = self.append_latent_thoughts(input_ids, attention_mask, max_latent_thoughts)
-        outputs = self(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            logits_to_keep=1,
-            use_cache=False,
-            **kwargs,
+        return max_latent_thoughts, float(latent_stop_threshold)
+
+    def _can_think_in_the_cache(self, generation_config, kwargs) -> bool:
+        """Whether `"auto"` can think in the KV cache that decoding then continues: a dynamic cache that `generate`
+        builds, no assistant, no positions or embeddings of the caller's. Elsewhere the counts are planned first."""
+        config = generation_config if generation_config is not None else self.generation_config
+        own_inputs = (
+            "cache",
+            "past_key_values",
+            "assistant_model",
+            "position_ids",
+            "inputs_embeds",
+            "mm_encoder_outputs",
         )
-        # The block is the last max + 2 columns; thought j's vector sits at the column before its `<|latent|>`.
-        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 2 : -2])  # (B, max)
-        stops = stop_probabilities >= latent_stop_threshold
-        stops[:, -1] = True  # the last thought allowed ends every block that is still open
-        return (stops.int().argmax(dim=1) + 1).tolist()
+        return (
+            not any(kwargs.get(name) is not None for name in own_inputs)
+            and kwargs.get("cache_implementation", config.cache_implementation) is None
+            and kwargs.get("use_cache", config.use_cache) is not False
+            and not kwargs.get("sync_latent_passes", False)
+            and self._full_attention_only()
+        )
+
+    @torch.no_grad()
+    def _think_until_stop(self, input_ids, max_latent_thoughts, latent_stop_threshold, kwargs) -> torch.BoolTensor:
+        """Run each prompt's thoughts in a KV cache until the stop head ends its block, and leave `generate` the prompts
+        with their blocks and that cache (in `kwargs`) to decode from.
+
+        One pass over the prompts and `<|start-latent|>` (images included), then one single-column pass per thought.
+        A row that has stopped gets a masked column (attention mask 0) while the others go on, so every row's thoughts
+        and positions are what it computes alone. The blocks come back as `<|start-latent|>`, a `<|latent|>` or a
+        padding token per thought column, and `<|end-latent|>`, which `generate` runs first.
+
+        Returns the `(batch_size, width)` mask of the padding columns inside the blocks (the gaps), which
+        [`_close_block_gaps`] moves to the left of the returned sequences.
+        """
+        config = self.config
+        max_latent_thoughts, threshold = self._auto_settings(max_latent_thoughts, latent_stop_threshold)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch_size = input_ids.shape[0]
+        column = input_ids.new_full((batch_size, 1), config.start_latent_token_id)
+        input_ids = torch.cat([input_ids, column], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(column, dtype=attention_mask.dtype)], dim=1)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=kwargs.pop("pixel_values", None),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=DynamicCache(config=config.text_config),
+            use_cache=True,
+            image_sizes=kwargs.pop("image_sizes", None),
+        )
+        cache, thought = outputs.cache, outputs.last_hidden_state[:, -1:]  # (B, 1, H): thought 1
+        next_position = position_ids[:, -1:] + 1  # (B, 1)
+        thinking = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
+        fed = []  # per thought column: (B,) whether the row takes a thought there
+        for count in range(1, max_latent_thoughts + 1):
+            stop = torch.sigmoid(self.latent_stop_head(thought).float()).view(batch_size) >= threshold
+            fed.append(thinking)
+            attention_mask = torch.cat([attention_mask, thinking[:, None].to(attention_mask.dtype)], dim=1)
+            step = self.model.language_model(
+                inputs_embeds=thought,
+                attention_mask=attention_mask,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+            )
+            cache, next_position = step.cache, next_position + thinking[:, None].long()
+            thinking = thinking & ~stop & (count < max_latent_thoughts)
+            if not thinking.any():
+                break
+            thought = step.last_hidden_state  # (B, 1, H): the next thought
+        fed = torch.stack(fed, dim=1)  # (B, K)
+        pad_token_id = self.generation_config.pad_token_id
+        pad_token_id = pad_token_id if pad_token_id is not None else config.text_config.pad_token_id or 0
+        block = torch.where(fed, config.latent_token_id, pad_token_id).to(input_ids.dtype)
+        end = input_ids.new_full((batch_size, 1), config.end_latent_token_id)
+        kwargs["attention_mask"] = torch.cat([attention_mask, torch.ones_like(end, dtype=attention_mask.dtype)], dim=1)
+        kwargs["cache"] = cache
+        gaps = torch.zeros((batch_size, input_ids.shape[1] + fed.shape[1] + 1), dtype=torch.bool)
+        gaps[:, input_ids.shape[1] : input_ids.shape[1] + fed.shape[1]] = ~fed.cpu()
+        return torch.cat([input_ids, block, end], dim=1), gaps
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """[`GenerationMixin._expand_inputs_for_generation`], and a cache of the unexpanded batch (the one `"auto"`
+        filled with the thoughts) expanded with it, for beam search and several returned sequences."""
+        cache = model_kwargs.get("cache")
+        batch_size = input_ids.shape[0] if input_ids is not None else None
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and isinstance(cache, DynamicCache) and cache.get_seq_length() > 0:
+            if cache.layers[0].keys.shape[0] == batch_size:
+                cache.batch_repeat_interleave(expand_size)
+        return input_ids, model_kwargs
 
     def generate(
         self,
@@ -1025,6 +1142,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                     '`num_latent_thoughts="auto"` reads the prompts\' `input_ids` and appends their blocks; pass the '
                     "prompts as `input_ids` alone."
                 )
+            if self._can_think_in_the_cache(generation_config, kwargs):
+                _check_pixel_values(kwargs.get("pixel_values"))
+                input_ids, gaps = self._think_until_stop(input_ids, max_latent_thoughts, latent_stop_threshold, kwargs)
+                output = super().generate(
+                    input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs
+                )
+                return _close_block_gaps(output, gaps)
             model_inputs = ("pixel_values", "image_sizes", "sync_latent_passes")
             num_latent_thoughts = self.plan_latent_thoughts(
                 input_ids,

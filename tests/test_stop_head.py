@@ -5,7 +5,18 @@ import sys
 
 import pytest
 import torch
-from conftest import END, FIRST_TEXT_ID, LATENT, PAD, START, Row, build_batch, subprocess_env, tiny_model
+from conftest import (
+    END,
+    FIRST_TEXT_ID,
+    LATENT,
+    PAD,
+    START,
+    Row,
+    build_batch,
+    counting_passes,
+    subprocess_env,
+    tiny_model,
+)
 from safetensors.torch import load_file, save_file
 
 from coconut.reference import reference_greedy, reference_stop_count
@@ -144,6 +155,20 @@ def test_auto_scores_equal_the_naive_logits(model, batch, threshold):
         for step, step_logits in enumerate(output.logits):
             worst = max(worst, (step_logits[b] - reference[real_prompt - 1 + step]).abs().max().item())
     assert worst < 1e-4, worst
+
+
+def test_auto_thinks_in_the_cache_it_decodes_from(model, batch, threshold):
+    """One pass over the prompts, one per thought column (as many as the most thoughts of a row), then one per new
+    token: the prompts are not run twice. A static cache cannot be handed over; there the counts are planned first
+    (a forward with the most thoughts allowed), then generated, with the same result."""
+    counts = naive_counts(model, batch, threshold)
+    settings = dict(num_latent_thoughts="auto", latent_stop_threshold=threshold, do_sample=False)
+    with counting_passes(model) as calls:
+        output = model.generate(**prompt_inputs(batch), max_new_tokens=1, min_new_tokens=1, **settings)
+    assert len(calls) == 1 + max(counts) + 1
+    assert latent_counts(output) == counts
+    static = model.generate(**prompt_inputs(batch), max_new_tokens=4, cache_implementation="static", **settings)
+    assert torch.equal(static, model.generate(**prompt_inputs(batch), max_new_tokens=4, **settings))
 
 
 def test_open_block_prompts_generate_as_auto(model, batch, threshold):
