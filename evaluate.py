@@ -16,6 +16,10 @@ python evaluate.py --model outputs/prosqa --dataset data/prosqa --split test --s
 python evaluate.py --model outputs/prosqa --dataset data/prosqa/prosqa_valid.json --num_latent_thoughts 6 \\
     --output_dir outputs/eval
 
+# The stop head (a model trained with `--latent_stop_head`) chooses each question's number of thoughts, up to 6
+python evaluate.py --model outputs/prosqa --dataset data/prosqa --split test --num_latent_thoughts auto \\
+    --max_latent_thoughts 6
+
 # A chain-of-thought baseline, and A-OKVQA from the Hub (direct-answer scores use the 10 annotators' answers)
 python evaluate.py --model outputs/cot --dataset data/prosqa --split test --method cot
 python evaluate.py --model my/coconut-internvl3-1b --dataset HuggingFaceM4/A-OKVQA --split validation --stage 3
@@ -25,7 +29,9 @@ python evaluate.py --config my_eval.yaml
 ```
 
 Writes `eval_results.json`, `eval_results.png`, `eval_results.md` and the predictions to `--output_dir` (default:
-`<model>/eval` for a local model), and with `--update_model_card` puts the table into the model's README.md.
+`<model>/eval` for a local model), and with `--update_model_card` puts the table into the model's README.md. The
+metrics hold the mean and most thoughts a question got (`mean_latent_thoughts`, `max_latent_thoughts`) and, for a
+coconut model with a stop head, how often the head chose the count of the curriculum's final stage (`stop_accuracy`).
 """
 
 import logging
@@ -42,6 +48,7 @@ from coconut.data import load_split
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
+    check_eval_model,
     check_eval_settings,
     evaluate_stage,
     write_table_into_card,
@@ -208,6 +215,7 @@ def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEval
     output_dir = script_args.results_dir
     check_writable(output_dir)  # before any data is rendered or generated
     model, processing_class = load_model_and_processor(script_args.model, device=script_args.device)
+    check_eval_model(model, eval_config)  # e.g. "auto" without a stop head, before any data is rendered
     records = load_eval_records(dataset, script_args.split, script_args.aokvqa_target, script_args.data_dir, task)
     if script_args.max_samples is not None:
         records = records.select(range(min(script_args.max_samples, len(records))))

@@ -19,7 +19,13 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from coconut.curriculum import CurriculumConfig, build_eval_prompt, build_training_example, question_prompt
+from coconut.curriculum import (
+    CurriculumConfig,
+    build_eval_prompt,
+    build_training_example,
+    evaluation_layout,
+    question_prompt,
+)
 from coconut.data import load_record_images
 from coconut.metrics import (
     correct_choice_index,
@@ -29,7 +35,7 @@ from coconut.metrics import (
     extract_answer,
     multiple_choice_score,
 )
-from processing_coconut_internvl import latent_block, thought_count
+from processing_coconut_internvl import AUTO_THOUGHTS, START_LATENT, is_auto, latent_block, thought_count
 
 
 logger = logging.getLogger(__name__)
@@ -39,7 +45,8 @@ RESULTS_FILE, PLOT_FILE, TABLE_FILE = "eval_results.json", "eval_results.png", "
 
 @dataclass
 class CoconutEvalConfig:
-    """How to evaluate: which stage's prompt (or a fixed latent count), batching and generation length.
+    """How to evaluate: which stage's prompt (or a fixed latent count, or the stop head's), batching and generation
+    length.
 
     The prompt layout itself (`method`, `c_thought`, `max_latent_stage`, `pad_latent_to_max`) comes from the model's
     [`coconut.curriculum.CurriculumConfig`], so evaluation prompts are built by the same rules as training examples.
@@ -53,9 +60,27 @@ class CoconutEvalConfig:
             "unless `num_latent_thoughts` is set."
         },
     )
-    num_latent_thoughts: int | None = field(
+    # `int | str`: the command line gives a string, "auto" or a count such as "3", which the check turns into an int.
+    num_latent_thoughts: int | str | None = field(
         default=None,
-        metadata={"help": "A fixed number of `<|latent|>` tokens for every record; overrides `stage`."},
+        metadata={
+            "help": "A fixed number of `<|latent|>` tokens for every record; overrides `stage`. `auto`: the model's "
+            "stop head chooses each record's number (a model trained with `--latent_stop_head`, method coconut)."
+        },
+    )
+    max_latent_thoughts: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `num_latent_thoughts` auto: the most thoughts a record gets. Default: the model config's "
+            "`max_latent_thoughts` (training writes it), else max_latent_stage x c_thought."
+        },
+    )
+    latent_stop_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "With `num_latent_thoughts` auto: the stop probability that ends a record's block; lower stops "
+            "sooner. Default: the model config's `latent_stop_threshold` (0.5)."
+        },
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})
     max_new_tokens: int | None = field(
@@ -89,19 +114,85 @@ class CoconutEvalConfig:
                 )
         if self.stage is not None and self.stage < 0:
             raise ValueError(f"`stage`={self.stage} must be 0 or more.")
-        if self.num_latent_thoughts is not None:
-            self.num_latent_thoughts = thought_count(self.num_latent_thoughts)
+        if self.num_latent_thoughts is not None and not is_auto(self.num_latent_thoughts):
+            self.num_latent_thoughts = _as_thought_count(self.num_latent_thoughts)
+        if not is_auto(self.num_latent_thoughts):
+            for name in ("max_latent_thoughts", "latent_stop_threshold"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"`{name}`={getattr(self, name)} applies only to `num_latent_thoughts`={AUTO_THOUGHTS!r} (the "
+                        f"stop head chooses the counts), got `num_latent_thoughts`={self.num_latent_thoughts!r}. Pass "
+                        f"`--num_latent_thoughts {AUTO_THOUGHTS}`, or drop `--{name}`."
+                    )
+        if self.max_latent_thoughts is not None:
+            self.max_latent_thoughts = thought_count(self.max_latent_thoughts, "max_latent_thoughts")
+            if self.max_latent_thoughts < 1:
+                raise ValueError("`max_latent_thoughts`=0 must be at least 1: the stop head reads a thought to stop.")
+        threshold = self.latent_stop_threshold
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`latent_stop_threshold`={threshold} is not a probability; use a value in [0, 1].")
+
+
+def _as_thought_count(value) -> int:
+    """`num_latent_thoughts` other than "auto" as a count; the command line's digit strings ("3") are counts too."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError(
+                f"`num_latent_thoughts`={value!r} must be {AUTO_THOUGHTS!r} (the stop head chooses each record's "
+                "count) or a whole number of thoughts, 0 or more."
+            )
+        value = int(value)
+    return thought_count(value)
 
 
 def check_eval_settings(curriculum: CurriculumConfig, config: CoconutEvalConfig) -> None:
     """Refuse a latent count the method's prompts cannot hold: `cot`, `no_cot` and `no_thought` prompts have no
-    latent block, so `num_latent_thoughts` > 0 would silently evaluate with none."""
+    latent block, so `num_latent_thoughts` > 0 would silently evaluate with none; `"auto"` needs `coconut`, whose
+    thoughts the stop head reads (the `<|latent|>` of `pause_as_thought` are learned pause tokens)."""
+    if is_auto(config.num_latent_thoughts) and curriculum.method != "coconut":
+        reason = (
+            "its `<|latent|>` tokens are learned pause tokens, not thoughts the model feeds back"
+            if curriculum.uses_markers
+            else "its prompts have no latent block"
+        )
+        raise ValueError(
+            f"`num_latent_thoughts`={config.num_latent_thoughts!r} with `method`={curriculum.method!r}: {reason}, so "
+            "there are no continuous thoughts for the stop head to count. Drop `--num_latent_thoughts`, or evaluate "
+            "a model trained with `--method coconut --latent_stop_head`."
+        )
     if config.num_latent_thoughts and not curriculum.uses_markers:
         raise ValueError(
             f"`num_latent_thoughts`={config.num_latent_thoughts} with `method`={curriculum.method!r}: its prompts have "
             "no latent block, so the model would be evaluated with 0 thoughts. Drop `--num_latent_thoughts`, or "
             "evaluate a model trained with `--method coconut` (or `pause_as_thought`) with that method."
         )
+
+
+def check_eval_model(model, config: CoconutEvalConfig) -> None:
+    """Refuse `num_latent_thoughts="auto"` for a model without a stop head before anything is generated (`generate`
+    would refuse it only at the first batch)."""
+    if is_auto(config.num_latent_thoughts) and getattr(model, "latent_stop_head", None) is None:
+        raise ValueError(
+            f"`num_latent_thoughts`={AUTO_THOUGHTS!r} lets the model's stop head choose each record's number of "
+            "thoughts, but this model has no stop head (`config.latent_stop_head` is False). Evaluate with a count "
+            "(`--stage`, or `--num_latent_thoughts 6`), or train the head (`train_sft.py --latent_stop_head`)."
+        )
+
+
+def latent_thought_cap(model, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> int:
+    """The most thoughts the stop head may give a record: `config.max_latent_thoughts`, else the model config's
+    `max_latent_thoughts`, else the most the curriculum gives (`max_latent_stage` x `c_thought`, at least 1)."""
+    for cap in (config.max_latent_thoughts, getattr(model.config, "max_latent_thoughts", None)):
+        if cap is not None:
+            return cap
+    return max(curriculum.max_latent_stage * curriculum.c_thought, 1)
+
+
+def final_stage_thoughts(record: dict, curriculum: CurriculumConfig) -> int:
+    """The thoughts `record` gets at the curriculum's final stage, min(steps, max_latent_stage) x c_thought (or
+    max_latent_stage x c_thought with `pad_latent_to_max`): the count the stop head learns to choose."""
+    steps = record.get("steps") or []
+    return evaluation_layout(len(steps), curriculum.max_latent_stage + 1, curriculum).num_latents
 
 
 def default_max_new_tokens(records: Sequence[dict], tokenizer, curriculum: CurriculumConfig, stage: int | None) -> int:
@@ -123,8 +214,13 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
     `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
-    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block.
+    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block. With `"auto"` the prompt ends with an open
+    block, `<|start-latent|>` alone, which `generate` fills with the stop head's count: `num_latents` is `None`
+    until then.
     """
+    if curriculum.uses_markers and is_auto(config.num_latent_thoughts):
+        prompt = question_prompt(record, processing_class) + START_LATENT
+        return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": None}
     if curriculum.uses_markers and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts
         prompt = question_prompt(record, processing_class) + latent_block(k)
@@ -140,8 +236,8 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
 
 
 class Generation(NamedTuple):
-    """One record's generation: its text (up to its end of turn), token count, thoughts, and whether it ended with
-    EOS (`False`: it ran to `max_new_tokens` and may be cut)."""
+    """One record's generation: its text (up to its end of turn), token count, thoughts (those the stop head chose,
+    with `"auto"`), and whether it ended with EOS (`False`: it ran to `max_new_tokens` and may be cut)."""
 
     text: str
     generated_tokens: int
@@ -183,6 +279,29 @@ class StageResult:
         return cls(data["stage"], data["label"], dict(data["metrics"]), predictions)
 
 
+def _batch_inputs(processing_class, texts: list[str], images: list[list], device) -> dict:
+    """The left-padded model inputs of `texts` (and their images, if any record has some), on `device`."""
+    kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
+    if any(images):
+        kwargs["images"] = images
+    return processing_class(**kwargs).to(device)
+
+
+def _chosen_blocks(output_ids: torch.Tensor, input_length: int, config) -> tuple[int, list[int]]:
+    """Where the generated tokens start in `generate`'s output for prompts that ended with an open block, and each
+    row's number of thoughts. `generate` replaced each open `<|start-latent|>` with the whole block and left-padded
+    the rows to the longest, so every row's block ends at the same column: the first one all `<|end-latent|>`."""
+    closing = (output_ids[:, input_length - 1 :] == config.end_latent_token_id).all(dim=0)  # (T - input_length + 1,)
+    if not closing.any():
+        raise RuntimeError(
+            "`generate` returned no closed latent block for prompts that ended with `<|start-latent|>`: the stop "
+            "head's counts cannot be read from its output."
+        )
+    prompt_length = input_length + int(closing.int().argmax())
+    counts = (output_ids[:, :prompt_length] == config.latent_token_id).sum(dim=1).tolist()  # (B,)
+    return prompt_length, counts
+
+
 def _check_ids(records: Sequence[dict]) -> list[str]:
     ids = [str(record.get("id", "")) for record in records]
     seen = set()
@@ -217,10 +336,13 @@ def generate_predictions(
 
     Returns:
         `(generations, timing)`: `{id: Generation}` and `{"seconds", "max_new_tokens",
-        "samples_per_second", "latency_seconds_per_batch"}` (generation time only, without prompt building).
+        "samples_per_second", "latency_seconds_per_batch"}` (generation time only, without prompt building; with
+        `"auto"` it includes choosing the counts, which `generate` does).
     """
     ids = _check_ids(records)
     check_eval_settings(curriculum, config)
+    check_eval_model(model, config)
+    auto = is_auto(config.num_latent_thoughts)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
@@ -241,25 +363,32 @@ def generate_predictions(
         eos_token_id=eos_ids,
         pad_token_id=pad_token_id,
     )
+    if auto:
+        generate_kwargs.update(
+            num_latent_thoughts=AUTO_THOUGHTS,
+            max_latent_thoughts=latent_thought_cap(model, curriculum, config),
+            latent_stop_threshold=config.latent_stop_threshold,
+        )
 
     generations, seconds, batch_seconds = {}, 0.0, []
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     for batch in tqdm(batches, desc="Evaluating", unit="batch", disable=config.disable_tqdm):
         texts = [prompts[i]["prompt"] for i in batch]
         images = [load_record_images(records[i], i) for i in batch]
-        kwargs = dict(text=texts, return_tensors="pt", padding=True, padding_side="left")
-        if any(images):
-            kwargs["images"] = images
-        inputs = processing_class(**kwargs).to(model.device)
+        inputs = _batch_inputs(processing_class, texts, images, model.device)
         start = time.perf_counter()
         output_ids = model.generate(**inputs, **generate_kwargs)
         batch_seconds.append(time.perf_counter() - start)
-        new_tokens = output_ids[:, inputs["input_ids"].shape[1] :].tolist()  # (B, new tokens)
-        for i, tokens in zip(batch, new_tokens, strict=True):
+        prompt_length = inputs["input_ids"].shape[1]
+        thoughts = [prompts[i]["num_latents"] for i in batch]
+        if auto:  # the blocks the stop head chose replaced the open ones: the prompts grew
+            prompt_length, thoughts = _chosen_blocks(output_ids, prompt_length, model.config)
+        new_tokens = output_ids[:, prompt_length:].tolist()  # (B, new tokens)
+        for i, tokens, k in zip(batch, new_tokens, thoughts, strict=True):
             count = count_generated_tokens(tokens, eos_ids, pad_token_id)
             text = tokenizer.decode(tokens[:count], skip_special_tokens=True)
             ended = count > 0 and tokens[count - 1] in eos_ids
-            generations[ids[i]] = Generation(text, count, prompts[i]["num_latents"], ended)
+            generations[ids[i]] = Generation(text, count, k, ended)
     seconds = sum(batch_seconds)
     timing = {
         "max_new_tokens": max_new_tokens,
@@ -268,6 +397,65 @@ def generate_predictions(
         "latency_seconds_per_batch": fmean(batch_seconds),
     }
     return generations, timing
+
+
+@torch.no_grad()
+def plan_stop_counts(
+    model,
+    processing_class,
+    records: Sequence[dict],
+    curriculum: CurriculumConfig,
+    config: CoconutEvalConfig,
+) -> dict[str, int]:
+    """Each record's number of thoughts as the model's stop head chooses it, keyed by record id.
+
+    [`CoconutInternVLForConditionalGeneration.plan_latent_thoughts`] on the prompts without a block, sorted and
+    batched as generation batches them, with at most [`latent_thought_cap`] thoughts and `config`'s threshold (else
+    the model config's).
+    """
+    ids = _check_ids(records)
+    prompts = [question_prompt(record, processing_class) for record in records]
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    cap = latent_thought_cap(model, curriculum, config)
+    counts = {}
+    for start in range(0, len(order), config.batch_size):
+        batch = order[start : start + config.batch_size]
+        images = [load_record_images(records[i], i) for i in batch]
+        inputs = _batch_inputs(processing_class, [prompts[i] for i in batch], images, model.device)
+        chosen = model.plan_latent_thoughts(
+            **inputs, max_latent_thoughts=cap, latent_stop_threshold=config.latent_stop_threshold
+        )
+        counts.update(zip((ids[i] for i in batch), chosen, strict=True))
+    return counts
+
+
+def stop_head_metrics(
+    model,
+    processing_class,
+    records: Sequence[dict],
+    curriculum: CurriculumConfig,
+    config: CoconutEvalConfig,
+    generations: dict[str, Generation] | None = None,
+) -> dict[str, float]:
+    """How well the stop head chooses the number of thoughts, for a `coconut` model with a head (else `{}`).
+
+    `stop_accuracy` is the share of records whose chosen count equals the one the curriculum gives them at its final
+    stage ([`final_stage_thoughts`]); `mean_stop_thoughts` the mean chosen count. The counts are those of the
+    `generations` of an `"auto"` evaluation, else planned by [`plan_stop_counts`].
+    """
+    if getattr(model, "latent_stop_head", None) is None or curriculum.method != "coconut":
+        return {}
+    ids = _check_ids(records)
+    if is_auto(config.num_latent_thoughts) and generations is not None:
+        chosen = {record_id: Generation(*generations[record_id]).num_latent_thoughts for record_id in ids}
+    else:
+        chosen = plan_stop_counts(model, processing_class, records, curriculum, config)
+    counts = [chosen[record_id] for record_id in ids]
+    expected = [final_stage_thoughts(record, curriculum) for record in records]
+    return {
+        "stop_accuracy": fmean(float(k == target) for k, target in zip(counts, expected, strict=True)),
+        "mean_stop_thoughts": fmean(counts),
+    }
 
 
 def score_generations(
@@ -279,7 +467,8 @@ def score_generations(
 
     Every record gets `accuracy` (exact match after the marker); records with `choices` add `multiple_choice_accuracy`
     and those with `direct_answers` add `direct_answer_score`, each averaged over the records that have them;
-    `num_truncated` counts the generations that ran out of tokens before their EOS.
+    `num_truncated` counts the generations that ran out of tokens before their EOS; `max_latent_thoughts` and
+    `mean_latent_thoughts` are the most and the mean thoughts a record got.
     """
     ids = _check_ids(records)
     missing = [record_id for record_id in ids if record_id not in generations]
@@ -307,6 +496,7 @@ def score_generations(
     ]
     if thoughts:
         metrics["max_latent_thoughts"] = max(thoughts)
+        metrics["mean_latent_thoughts"] = fmean(thoughts)
     metrics["num_truncated"] = sum(prediction.truncated for prediction in predictions)
     metrics["num_samples"] = len(predictions)
     return metrics, predictions
@@ -321,6 +511,11 @@ def evaluate_stage(
     label: str = "",
 ) -> StageResult:
     """Generate and score `records` at `config.stage` (or `config.num_latent_thoughts`): one row of the results.
+
+    A `coconut` model with a stop head also gets [`stop_head_metrics`] (`stop_accuracy`, `mean_stop_thoughts`): the
+    trainer's evaluation after each stage follows how well the head chooses the number of thoughts. The timing
+    (`samples_per_second`, `latency_seconds_per_batch`) covers `generate` alone, not this planning; with `"auto"`
+    `generate` chooses the counts itself, so its latency includes the head's work.
 
     Example:
 
@@ -337,9 +532,11 @@ def evaluate_stage(
     model.eval()
     try:
         generations, timing = generate_predictions(model, processing_class, records, curriculum, config)
+        stop_metrics = stop_head_metrics(model, processing_class, records, curriculum, config, generations)
     finally:
         model.train(was_training)
     metrics, predictions = score_generations(records, generations, config.direct_answer_subset_average)
+    metrics.update(stop_metrics)
     metrics.update(timing)
     logger.info("Evaluation %s stage %s: %s", label, config.stage, json.dumps(metrics))
     if metrics["num_truncated"]:
@@ -384,10 +581,14 @@ class EvalResults:
         return {"stages": rows, "overall": overall}
 
     def markdown_table(self) -> str:
-        """A Markdown table (one row per result) for the model card."""
+        """A Markdown table (one row per result) for the model card; the columns of metrics no result has (scores of
+        other datasets, the stop head's) are left out."""
         optional = [name for name in ("multiple_choice_accuracy", "direct_answer_score") if self._any(name)]
+        thoughts = [
+            name for name in ("mean_latent_thoughts", "stop_accuracy", "mean_stop_thoughts") if self._any(name)
+        ]
         header = ["Model" if self._labelled() else "Stage", "Accuracy", *_metric_titles(optional)]
-        header += ["Generated tokens", "Thoughts (max)", "Samples/s", "Samples"]
+        header += ["Generated tokens", "Thoughts (max)", *_metric_titles(thoughts), "Samples/s", "Samples"]
         truncated = any(r.metrics.get("num_truncated") for r in self.results)
         if truncated:
             header.append("Cut at max tokens")
@@ -395,8 +596,9 @@ class EvalResults:
         for r in self.results:
             m = r.metrics
             cells = [r.label if self._labelled() else str(r.stage), f"{100 * m['accuracy']:.1f}"]
-            cells += [f"{100 * m[name]:.1f}" if name in m else "-" for name in optional]
+            cells += [_metric_cell(name, m) for name in optional]
             cells += [f"{m['mean_generated_tokens']:.1f}", str(m.get("max_latent_thoughts", "-"))]
+            cells += [_metric_cell(name, m) for name in thoughts]
             cells += [f"{m['samples_per_second']:.2f}", str(m["num_samples"])]
             if truncated:
                 cells.append(str(m.get("num_truncated", "-")))
@@ -404,7 +606,8 @@ class EvalResults:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path):
-        """A PNG of accuracy and mean generated tokens against stage (or model)."""
+        """A PNG of accuracy (and the stop head's accuracy, where measured) and mean generated tokens against stage
+        (or model)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -415,7 +618,13 @@ class EvalResults:
         tokens = [r.metrics["mean_generated_tokens"] for r in self.results]
         x = list(range(len(names)))
         figure, accuracy_axis = plt.subplots(figsize=(6, 3.5))
-        accuracy_axis.plot(x, accuracy, "o-", color="tab:blue")
+        accuracy_axis.plot(x, accuracy, "o-", color="tab:blue", label="accuracy")
+        if self._any("stop_accuracy"):
+            stop = [
+                100 * r.metrics["stop_accuracy"] if "stop_accuracy" in r.metrics else math.nan for r in self.results
+            ]
+            accuracy_axis.plot(x, stop, "^:", color="tab:green", label="stop accuracy")
+            accuracy_axis.legend(loc="upper left", fontsize="small")
         accuracy_axis.set_xticks(x, names)
         accuracy_axis.set_xlabel("model" if self._labelled() else "stage")
         accuracy_axis.set_ylabel("accuracy (%)", color="tab:blue")
@@ -450,9 +659,24 @@ class EvalResults:
         return any(name in r.metrics for r in self.results)
 
 
+# The table's optional columns: title, and whether the metric is a share (shown in %) or a mean (two decimals).
+_OPTIONAL_METRICS = {
+    "multiple_choice_accuracy": ("MC accuracy", True),
+    "direct_answer_score": ("DA score", True),
+    "mean_latent_thoughts": ("Thoughts (mean)", False),
+    "stop_accuracy": ("Stop accuracy", True),
+    "mean_stop_thoughts": ("Stop thoughts (mean)", False),
+}
+
+
 def _metric_titles(names):
-    titles = {"multiple_choice_accuracy": "MC accuracy", "direct_answer_score": "DA score"}
-    return [titles[name] for name in names]
+    return [_OPTIONAL_METRICS[name][0] for name in names]
+
+
+def _metric_cell(name: str, metrics: dict) -> str:
+    if name not in metrics:
+        return "-"
+    return f"{100 * metrics[name]:.1f}" if _OPTIONAL_METRICS[name][1] else f"{metrics[name]:.2f}"
 
 
 CARD_TABLE_START, CARD_TABLE_END = "<!-- coconut-eval-results -->", "<!-- /coconut-eval-results -->"
@@ -485,11 +709,16 @@ __all__ = [
     "Generation",
     "Prediction",
     "StageResult",
+    "check_eval_model",
     "check_eval_settings",
     "default_max_new_tokens",
     "evaluate_stage",
+    "final_stage_thoughts",
     "generate_predictions",
     "eval_prompt",
+    "latent_thought_cap",
+    "plan_stop_counts",
     "score_generations",
+    "stop_head_metrics",
     "write_table_into_card",
 ]

@@ -2,12 +2,13 @@
 
 import json
 from pathlib import Path
+from statistics import fmean
 
 import pytest
 import torch
 from trl import TrlParser
 
-from coconut.curriculum import CurriculumConfig
+from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.data import load_coconut_json
 from coconut.evaluation import (
     CARD_TABLE_END,
@@ -24,19 +25,24 @@ from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT
 
 
 SLICE = Path(__file__).parent / "data" / "prosqa_valid_slice.json"
+PARSER = (ScriptArguments, CurriculumArguments, CoconutEvalConfig)
+
+
+def save_tiny_model(folder: Path, **config):
+    """A random tiny model (with its tokenizer and a README.md) saved in `folder`; `config` sets config fields."""
+    records = json.loads(SLICE.read_text())
+    tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=320)
+    torch.manual_seed(0)
+    model = CoconutInternVLForConditionalGeneration(tiny_coconut_config_for(tokenizer, **config)).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("# Tiny Coconut\n")
+    return folder, model, tokenizer
 
 
 @pytest.fixture
 def saved_model(tmp_path, hf_home):
-    records = json.loads(SLICE.read_text())
-    tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=320)
-    config = tiny_coconut_config_for(tokenizer)
-    torch.manual_seed(0)
-    model = CoconutInternVLForConditionalGeneration(config).eval()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "README.md").write_text("# Tiny Coconut\n")
-    return tmp_path / "model", model, tokenizer
+    return save_tiny_model(tmp_path / "model")
 
 
 def test_evaluate_script(saved_model, tmp_path):
@@ -44,9 +50,7 @@ def test_evaluate_script(saved_model, tmp_path):
     argv = ["--model", str(model_dir), "--dataset", str(SLICE.parent), "--split", "valid_slice", "--stage", "2"]
     argv += ["--max_latent_stage", "6", "--max_samples", "5", "--max_new_tokens", "6", "--batch_size", "2"]
     argv += ["--output_dir", str(tmp_path / "eval"), "--update_model_card", "--disable_tqdm"]
-    script_args, curriculum_args, eval_config = TrlParser(
-        (ScriptArguments, CurriculumArguments, CoconutEvalConfig)
-    ).parse_args_and_config(argv)
+    script_args, curriculum_args, eval_config = TrlParser(PARSER).parse_args_and_config(argv)
     assert (eval_config.stage, curriculum_args.max_latent_stage, script_args.max_samples) == (2, 6, 5)
 
     results = main(script_args, curriculum_args, eval_config)
@@ -62,6 +66,41 @@ def test_evaluate_script(saved_model, tmp_path):
     assert (tmp_path / "eval" / "eval_results.png").is_file()
     card = (model_dir / "README.md").read_text()
     assert card.startswith("# Tiny Coconut") and "| Stage | Accuracy |" in card
+
+
+def test_evaluate_script_lets_the_stop_head_choose(tmp_path, hf_home, capsys):
+    model_dir, model, tokenizer = save_tiny_model(tmp_path / "model", latent_stop_head=True)
+    argv = ["--model", str(model_dir), "--dataset", str(SLICE.parent), "--split", "valid_slice"]
+    # The random head's stop probabilities lie near 0.51: this threshold splits the questions, clear of them all.
+    argv += ["--num_latent_thoughts", "auto", "--max_latent_thoughts", "3", "--latent_stop_threshold", "0.511"]
+    argv += ["--max_latent_stage", "3", "--max_samples", "5", "--max_new_tokens", "6", "--batch_size", "2"]
+    argv += ["--output_dir", str(tmp_path / "eval"), "--disable_tqdm"]
+    parser = TrlParser(PARSER)
+    script_args, curriculum_args, eval_config = parser.parse_args_and_config(argv)
+    assert (eval_config.num_latent_thoughts, eval_config.max_latent_thoughts) == ("auto", 3)
+    assert parser.parse_args_and_config(["--model", "m", "--num_latent_thoughts", "3"])[2].num_latent_thoughts == 3
+
+    results = main(script_args, curriculum_args, eval_config)
+    records = load_coconut_json(SLICE).select(range(5))
+    planned = []  # each question's count as the stop head chooses it, the question alone
+    for record in records:
+        input_ids = tokenizer(question_prompt(record, tokenizer), return_tensors="pt")["input_ids"]
+        settings = dict(max_latent_thoughts=3, latent_stop_threshold=0.511)
+        planned += model.plan_latent_thoughts(input_ids, torch.ones_like(input_ids), **settings)
+    assert [p.num_latent_thoughts for p in results.results[0].predictions] == planned
+    final = [min(len(record["steps"]), 3) for record in records]  # the curriculum's last stage, c_thought 1
+    stop_accuracy = fmean(k == n for k, n in zip(planned, final, strict=True))
+    assert len(set(planned)) > 1 and 0 < stop_accuracy < 1, (planned, final)
+    overall = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["overall"]
+    assert overall["stop_accuracy"] == pytest.approx(stop_accuracy)
+    assert overall["mean_latent_thoughts"] == overall["mean_stop_thoughts"] == pytest.approx(fmean(planned))
+    printed = capsys.readouterr().out
+    assert "| Thoughts (mean) | Stop accuracy | Stop thoughts (mean) |" in printed
+
+    plain_dir = save_tiny_model(tmp_path / "plain")[0]
+    script_args.model, script_args.output_dir = str(plain_dir), str(tmp_path / "plain_eval")
+    with pytest.raises(ValueError, match="this model has no stop head"):
+        main(script_args, curriculum_args, eval_config)
 
 
 def test_missing_split_names_the_files(tmp_path):

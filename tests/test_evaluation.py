@@ -4,27 +4,32 @@ import json
 import logging
 import math
 import random
+from statistics import fmean
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import counting_passes, random_model
 
-from coconut.curriculum import CurriculumConfig
+from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.evaluation import (
     CoconutEvalConfig,
     EvalResults,
+    StageResult,
     check_eval_settings,
     default_max_new_tokens,
     eval_prompt,
     evaluate_stage,
+    final_stage_thoughts,
+    plan_stop_counts,
     score_generations,
+    stop_head_metrics,
 )
 from coconut.loading import load_model_and_processor
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
-from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT
+from processing_coconut_internvl import END_LATENT, LATENT, START_LATENT, latent_block
 
 
 NAMES = ["Tom", "Ann", "Bob", "Eve", "Max", "Sam"]
@@ -119,6 +124,8 @@ def test_evaluation_equals_direct_computation(trained):
     assert result.metrics["mean_generated_tokens"] == pytest.approx(sum(expected_tokens) / len(records))
     assert result.metrics["num_samples"] == 6, result.predictions
     assert result.metrics["samples_per_second"] > 0
+    assert result.metrics["mean_latent_thoughts"] == result.metrics["max_latent_thoughts"] == 1
+    assert "stop_accuracy" not in result.metrics  # the model has no stop head
 
 
 def test_predictions_follow_ids_not_batch_positions(trained):
@@ -150,6 +157,8 @@ def test_prompt_latent_count_from_stage_flag_and_method():
     assert latents(two, stage=5) == 6  # past the last stage, capped at the record's 3 steps
     assert latents(CurriculumConfig(c_thought=2, max_latent_stage=4, pad_latent_to_max=True), stage=5) == 8
     assert latents(two, stage=1, num_latent_thoughts=5) == 5
+    auto = eval_prompt(tokenizer, record, two, CoconutEvalConfig(num_latent_thoughts="auto"))
+    assert auto["prompt"] == question_prompt(record, tokenizer) + START_LATENT and auto["num_latents"] is None
     assert latents(CurriculumConfig(method="cot")) is None
     assert latents(CurriculumConfig(method="no_thought"), stage=3) is None  # the paper's ablation: no markers either
     with pytest.raises(ValueError, match="set `stage`"):
@@ -261,11 +270,13 @@ def test_thoughts_for_a_method_without_a_latent_block_are_refused(trained, metho
     ):
         evaluate_stage(model, tokenizer, make_records(), curriculum, config)
     check_eval_settings(curriculum, CoconutEvalConfig(num_latent_thoughts=0))  # zero thoughts is what it does
+    with pytest.raises(
+        ValueError, match=f"`num_latent_thoughts`='auto' with `method`='{method}': its prompts have no"
+    ):
+        check_eval_settings(curriculum, CoconutEvalConfig(num_latent_thoughts="auto"))
 
 
-def test_stage_results_table():
-    from coconut.evaluation import StageResult
-
+def test_stage_results_table(tmp_path):
     base = {"mean_generated_tokens": 10.0, "samples_per_second": 2.0, "num_samples": 4}
     results = EvalResults(
         [
@@ -279,16 +290,31 @@ def test_stage_results_table():
     overall = results.to_dict()["overall"]
     assert (overall["final_stage"], overall["best_stage"], overall["best_accuracy"]) == (1, 1, 0.75)
 
+    # The thought and stop-head columns appear where some result has them.
+    thoughts = {"max_latent_thoughts": 3, "mean_latent_thoughts": 2.5}
+    results.add(
+        StageResult(2, "", {"accuracy": 0.5, **thoughts, "stop_accuracy": 2 / 3, "mean_stop_thoughts": 2, **base}, [])
+    )
+    table = results.markdown_table().splitlines()
+    assert table[0] == (
+        "| Stage | Accuracy | Generated tokens | Thoughts (max) | Thoughts (mean) | Stop accuracy "
+        "| Stop thoughts (mean) | Samples/s | Samples |"
+    )
+    assert table[3] == "| 1 | 75.0 | 10.0 | 2 | - | - | - | 2.00 | 4 |"
+    assert table[4] == "| 2 | 50.0 | 10.0 | 3 | 2.50 | 66.7 | 2.00 | 2.00 | 4 |"
+    results.plot(tmp_path / "plot.png")  # the stop accuracy of the stages that have one
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
-def test_image_records_through_the_processor(tmp_path):
-    """Batched evaluation of image records (synthetic task, rendered PNGs) equals each record generated alone."""
+
+def image_records_and_processor(folder):
+    """Five records of the synthetic task (rendered PNGs) and a processor for its tiny tiles."""
     from transformers import GotOcr2ImageProcessorPil
 
     from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, synthetic_tokenizer
     from processing_coconut_internvl import CoconutInternVLProcessor
 
     task = SyntheticTaskConfig()
-    records = build_synthetic_split(tmp_path / "data", "validation", task, num_records=5)
+    records = build_synthetic_split(folder, "validation", task, num_records=5)
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": task.image_size, "width": task.image_size},
         max_patches=1,
@@ -298,6 +324,12 @@ def test_image_records_through_the_processor(tmp_path):
     processor = CoconutInternVLProcessor(
         image_processor=image_processor, tokenizer=synthetic_tokenizer(task), image_seq_length=4
     )
+    return records, processor
+
+
+def test_image_records_through_the_processor(tmp_path):
+    """Batched evaluation of image records (synthetic task, rendered PNGs) equals each record generated alone."""
+    records, processor = image_records_and_processor(tmp_path / "data")
     tokenizer = processor.tokenizer
     config = tiny_coconut_config_for(tokenizer)
     model = random_model(CoconutInternVLForConditionalGeneration, config)
@@ -316,3 +348,177 @@ def test_image_records_through_the_processor(tmp_path):
         assert prediction.id == record["id"]
         assert prediction.generation == tokenizer.decode(new[:count], skip_special_tokens=True)
         assert prediction.generated_tokens == count
+
+
+STOP_CURRICULUM = CurriculumConfig(method="coconut", c_thought=1, max_latent_stage=3)
+MAX_THOUGHTS = 4
+
+
+def stop_records() -> list[dict]:
+    """Six records of 1 to 4 steps (final-stage counts 1, 2, 3, 3, 1, 2) and of different lengths."""
+    chain = ["is a rompus.", "Every rompus is a wumpus.", "Every wumpus is a yumpus.", "Every yumpus is a zumpus."]
+    return [
+        {
+            "id": f"s{i}",
+            "question": f"{name} is a {'big ' * i}rompus. Is {name} a zumpus?",
+            "steps": [f"{name} {chain[0]}", *chain[1:]][: 1 + i % 4],
+            "answer": f"{name} is a zumpus.",
+        }
+        for i, name in enumerate(NAMES)
+    ]
+
+
+def prompt_ids(tokenizer, record, block: str = "") -> torch.Tensor:
+    return tokenizer(question_prompt(record, tokenizer) + block, return_tensors="pt")["input_ids"]
+
+
+def stop_probabilities(model, tokenizer, record) -> list[float]:
+    """The record's stop probability after each of MAX_THOUGHTS thoughts, alone (no padding)."""
+    input_ids, attention_mask = model.append_latent_thoughts(prompt_ids(tokenizer, record), None, MAX_THOUGHTS)
+    stop_logits = model(input_ids=input_ids, attention_mask=attention_mask).stop_logits  # (1, T)
+    return torch.sigmoid(stop_logits[0, -MAX_THOUGHTS - 2 : -2]).tolist()
+
+
+def planned_alone(model, tokenizer, record, **settings) -> int:
+    """The stop head's count of the record's prompt alone: the hand computation the evaluation must reproduce."""
+    input_ids = prompt_ids(tokenizer, record)
+    return model.plan_latent_thoughts(input_ids, torch.ones_like(input_ids), **settings)[0]
+
+
+@pytest.fixture(scope="module")
+def stop_model():
+    """A random tiny model with a sharp stop head; its config's threshold lies in a gap between the records' stop
+    probabilities where their counts differ most, so that padding cannot flip a decision."""
+    records = stop_records()
+    tokenizer = train_tokenizer([r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], vocab_size=300)
+    config = tiny_coconut_config_for(tokenizer, latent_stop_head=True, max_latent_thoughts=MAX_THOUGHTS)
+    model = random_model(CoconutInternVLForConditionalGeneration, config, seed=1)
+    with torch.no_grad():
+        model.latent_stop_head.weight.mul_(10.0)
+    probabilities = [stop_probabilities(model, tokenizer, record) for record in records]
+    values = sorted({p for row in probabilities for p in row})
+    middles = [(low + high) / 2 for low, high in zip(values[:-1], values[1:]) if high - low > 1e-2]
+
+    def counts(threshold):
+        return [next((j + 1 for j, p in enumerate(row) if p >= threshold), MAX_THOUGHTS) for row in probabilities]
+
+    model.config.latent_stop_threshold = max(middles, key=lambda threshold: len(set(counts(threshold))))
+    return model, tokenizer
+
+
+def test_auto_evaluation_uses_the_stop_heads_counts(stop_model):
+    model, tokenizer = stop_model
+    records = stop_records()
+    alone = [planned_alone(model, tokenizer, record) for record in records]
+    assert len(set(alone)) >= 2, f"the test needs records that stop at different thoughts, got {alone}"
+    config = CoconutEvalConfig(num_latent_thoughts="auto", batch_size=4, max_new_tokens=4, disable_tqdm=True)
+    result = evaluate_stage(model, tokenizer, records, STOP_CURRICULUM, config)
+
+    assert [p.num_latent_thoughts for p in result.predictions] == alone
+    for record, prediction, k in zip(records, result.predictions, alone, strict=True):
+        # The record generated alone with the head's count: what the batched, padded evaluation must reproduce.
+        input_ids = prompt_ids(tokenizer, record, latent_block(k))
+        special = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        mask = torch.ones_like(input_ids)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **special)
+        new = output[0, input_ids.shape[1] :].tolist()
+        count = count_generated_tokens(new, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        assert (prediction.generation, prediction.generated_tokens) == (
+            tokenizer.decode(new[:count], skip_special_tokens=True),
+            count,
+        ), record["id"]
+
+    final = [min(len(record["steps"]), STOP_CURRICULUM.max_latent_stage) for record in records]  # x c_thought 1
+    assert final == [1, 2, 3, 3, 1, 2]
+    stop_accuracy = sum(k == target for k, target in zip(alone, final, strict=True)) / len(records)
+    assert 0 < stop_accuracy < 1, (alone, final)
+    metrics = result.metrics
+    assert metrics["stop_accuracy"] == pytest.approx(stop_accuracy)
+    assert metrics["mean_latent_thoughts"] == metrics["mean_stop_thoughts"] == pytest.approx(fmean(alone))
+    assert metrics["max_latent_thoughts"] == max(alone)
+
+    # At a fixed stage the head is asked on the prompts without a block: the same counts, the same accuracy.
+    staged = evaluate_stage(model, tokenizer, records, STOP_CURRICULUM, CoconutEvalConfig(stage=1, max_new_tokens=2))
+    assert plan_stop_counts(model, tokenizer, records, STOP_CURRICULUM, CoconutEvalConfig(batch_size=4)) == {
+        record["id"]: k for record, k in zip(records, alone, strict=True)
+    }
+    assert staged.metrics["stop_accuracy"] == metrics["stop_accuracy"]
+    assert staged.metrics["mean_stop_thoughts"] == metrics["mean_stop_thoughts"]
+    assert staged.metrics["mean_latent_thoughts"] == 1.0  # the stage's thoughts are generated, not the head's
+    assert stop_head_metrics(model, tokenizer, records, CurriculumConfig(method="pause_as_thought"), config) == {}
+
+
+def test_auto_settings_reach_the_stop_head(stop_model):
+    model, tokenizer = stop_model
+    records = stop_records()[:3]
+
+    def thoughts(curriculum=STOP_CURRICULUM, **settings):
+        config = CoconutEvalConfig(num_latent_thoughts="auto", max_new_tokens=1, disable_tqdm=True, **settings)
+        return [
+            p.num_latent_thoughts for p in evaluate_stage(model, tokenizer, records, curriculum, config).predictions
+        ]
+
+    assert thoughts(latent_stop_threshold=0.0) == [1, 1, 1]  # every probability reaches 0: one thought each
+    assert thoughts(latent_stop_threshold=1.0, max_latent_thoughts=2) == [2, 2, 2]  # none reaches 1: the cap
+    assert thoughts(latent_stop_threshold=1.0) == [MAX_THOUGHTS] * 3  # the model config's cap
+    model.config.max_latent_thoughts = None
+    try:  # a model whose config sets no cap: the most the curriculum gives, max_latent_stage x c_thought
+        assert thoughts(CurriculumConfig(c_thought=2, max_latent_stage=1), latent_stop_threshold=1.0) == [2, 2, 2]
+    finally:
+        model.config.max_latent_thoughts = MAX_THOUGHTS
+
+
+def test_final_stage_thoughts_follow_the_curriculum():
+    record = {"steps": ["a", "b"]}
+    assert final_stage_thoughts(record, CurriculumConfig(c_thought=2, max_latent_stage=3)) == 4
+    assert final_stage_thoughts(record, CurriculumConfig(c_thought=2, max_latent_stage=3, pad_latent_to_max=True)) == 6
+    assert final_stage_thoughts({"steps": list("abcde")}, CurriculumConfig(c_thought=2, max_latent_stage=3)) == 6
+
+
+def test_bad_auto_settings_are_named(trained):
+    assert CoconutEvalConfig(num_latent_thoughts="3").num_latent_thoughts == 3  # as the command line passes it
+    for settings, message in (
+        (dict(num_latent_thoughts="many"), "`num_latent_thoughts`='many' must be 'auto'"),
+        (dict(num_latent_thoughts=-1), "`num_latent_thoughts` must be a whole number"),
+        (dict(max_latent_thoughts=4), "`max_latent_thoughts`=4 applies only to `num_latent_thoughts`='auto'"),
+        (dict(stage=2, latent_stop_threshold=0.3), "`latent_stop_threshold`=0.3 applies only to"),
+        (dict(num_latent_thoughts="auto", max_latent_thoughts=0), "`max_latent_thoughts`=0 must be at least 1"),
+        (dict(num_latent_thoughts="auto", latent_stop_threshold=1.5), "`latent_stop_threshold`=1.5 is not a prob"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            CoconutEvalConfig(**settings)
+    with pytest.raises(ValueError, match="`method`='pause_as_thought': its `<|latent|>` tokens are learned pause"):
+        check_eval_settings(CurriculumConfig(method="pause_as_thought"), CoconutEvalConfig(num_latent_thoughts="auto"))
+
+    model, tokenizer, _ = trained  # no stop head: refused before any pass, with the fix
+    config = CoconutEvalConfig(num_latent_thoughts="auto", disable_tqdm=True)
+    with counting_passes(model) as calls, pytest.raises(ValueError, match="this model has no stop head.*--stage"):
+        evaluate_stage(model, tokenizer, make_records(), COCONUT, config)
+    assert calls == []
+
+
+def test_image_records_with_the_stop_head(tmp_path):
+    """The stop head reads image records too: `"auto"` and the planned counts equal each record's count alone."""
+    records, processor = image_records_and_processor(tmp_path / "data")
+    config = tiny_coconut_config_for(processor.tokenizer, latent_stop_head=True, max_latent_thoughts=3)
+    model = random_model(CoconutInternVLForConditionalGeneration, config, seed=1)
+    curriculum = CurriculumConfig(c_thought=1, max_latent_stage=6)
+    # The first stop probabilities lie near 0.35 (the others below): this threshold splits the records, clear of them.
+    settings = dict(num_latent_thoughts="auto", latent_stop_threshold=0.3555)
+    eval_config = CoconutEvalConfig(**settings, batch_size=2, max_new_tokens=2, disable_tqdm=True)
+    result = evaluate_stage(model, processor, records, curriculum, eval_config)
+    alone = []
+    for record in records:
+        inputs = processor(
+            text=[question_prompt(record, processor)],
+            images=[[record["images"][0].convert("RGB")]],
+            return_tensors="pt",
+        )
+        alone += model.plan_latent_thoughts(**inputs, latent_stop_threshold=0.3555)
+    assert len(set(alone)) > 1, alone
+    assert [p.num_latent_thoughts for p in result.predictions] == alone
+    assert plan_stop_counts(model, processor, records, curriculum, eval_config) == {
+        record["id"]: k for record, k in zip(records, alone, strict=True)
+    }
+    final = [final_stage_thoughts(record, curriculum) for record in records]
+    assert result.metrics["stop_accuracy"] == pytest.approx(fmean(k == n for k, n in zip(alone, final, strict=True)))
