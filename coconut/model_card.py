@@ -247,12 +247,16 @@ def trained_model_card(
 
 def card_row(stage: int | str, metrics: dict) -> dict:
     """One row of the card's evaluation table."""
-    return {
+    row = {
         "stage": stage,
         "thoughts (max)": metrics.get("max_latent_thoughts", "-"),
+        "thoughts (mean)": metrics.get("mean_latent_thoughts", "-"),
         "accuracy": metrics["accuracy"],
         "generated tokens": metrics["mean_generated_tokens"],
     }
+    if "stop_accuracy" in metrics:  # a model with the stop head: how often it chose the final stage's count
+        row["stop head: right count"] = metrics["stop_accuracy"]
+    return row
 
 
 def accuracy_results(dataset: str, results: list[tuple[str, float]]) -> list[EvalResult]:

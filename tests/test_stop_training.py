@@ -129,3 +129,11 @@ def test_stop_head_settings_are_checked(tmp_path):
     for weight in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="`stop_loss_weight`"):
             sft_config(tmp_path, latent_stop_head=True, stop_loss_weight=weight)
+
+
+def test_the_card_reports_how_often_the_head_chose_the_count():
+    from coconut.model_card import card_row
+
+    metrics = {"accuracy": 0.9, "mean_generated_tokens": 4.0, "max_latent_thoughts": 6, "mean_latent_thoughts": 3.9}
+    assert "stop head: right count" not in card_row(7, metrics)
+    assert card_row(7, {**metrics, "stop_accuracy": 0.8})["stop head: right count"] == 0.8

@@ -198,5 +198,5 @@ def test_two_process_ddp_on_cpu(tmp_path, hf_home):
     assert model.config.latent_token_id is not None
     assert AutoProcessor.from_pretrained(output, trust_remote_code=True).image_seq_length == 4
     card = (output / "README.md").read_text()
-    assert "| stage | thoughts (max) | accuracy | generated tokens |" in card
+    assert "| stage | thoughts (max) | thoughts (mean) | accuracy | generated tokens |" in card
     assert "| 1, held-out test (8 questions) |" in card
