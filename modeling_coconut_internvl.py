@@ -872,16 +872,36 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """
         config = self.config
         block_ids = (config.start_latent_token_id, config.latent_token_id, config.end_latent_token_id)
+        counts = thought_counts(num_latent_thoughts, input_ids.shape[0])
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_room_for_blocks(input_ids, attention_mask, counts)
+        batch_size, real = input_ids.shape[0], attention_mask.bool()
+        if pad_token_id is None:
+            pad_token_id = self.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = config.text_config.pad_token_id or 0
+
+        new_length = input_ids.shape[1] + max(counts) + 2
+        new_ids = torch.full((batch_size, new_length), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        new_mask = torch.zeros((batch_size, new_length), dtype=attention_mask.dtype, device=attention_mask.device)
+        for row, count in enumerate(counts):
+            ids = torch.cat([input_ids[row][real[row]], input_ids.new_tensor(latent_block(count, block_ids))])
+            new_ids[row, new_length - len(ids) :] = ids
+            new_mask[row, new_length - len(ids) :] = 1
+        return new_ids, new_mask
+
+    def _check_room_for_blocks(self, input_ids, attention_mask, counts: list[int]) -> None:
+        """Raise a `ValueError` unless each left-padded prompt can take a block of its count appended: the config has
+        the block's ids, the prompt holds no block yet, and it stays within `max_position_embeddings`."""
+        config = self.config
+        block_ids = (config.start_latent_token_id, config.latent_token_id, config.end_latent_token_id)
         if None in block_ids:
             raise ValueError(
                 "`num_latent_thoughts` needs `latent_token_id`, `start_latent_token_id` and `end_latent_token_id` in "
                 f"the config, got {config.latent_token_id}, {config.start_latent_token_id}, "
                 f"{config.end_latent_token_id}. Convert the checkpoint with `convert_to_coconut.py` first."
             )
-        batch_size = input_ids.shape[0]
-        counts = thought_counts(num_latent_thoughts, batch_size)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         _check_left_padded(attention_mask)
         real = attention_mask.bool()
         with_block = (torch.isin(input_ids, input_ids.new_tensor(block_ids)) & real).any(dim=1)
@@ -900,19 +920,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 f"block, past the model's `max_position_embeddings` ({limit}). Use fewer thoughts, e.g. as many as "
                 "the model was trained with."
             )
-        if pad_token_id is None:
-            pad_token_id = self.generation_config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = config.text_config.pad_token_id or 0
-
-        new_length = input_ids.shape[1] + max(counts) + 2
-        new_ids = torch.full((batch_size, new_length), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-        new_mask = torch.zeros((batch_size, new_length), dtype=attention_mask.dtype, device=attention_mask.device)
-        for row, count in enumerate(counts):
-            ids = torch.cat([input_ids[row][real[row]], input_ids.new_tensor(latent_block(count, block_ids))])
-            new_ids[row, new_length - len(ids) :] = ids
-            new_mask[row, new_length - len(ids) :] = 1
-        return new_ids, new_mask
 
     @torch.no_grad()
     def plan_latent_thoughts(
@@ -1028,6 +1035,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch_size = input_ids.shape[0]
+        self._check_room_for_blocks(input_ids, attention_mask, [max_latent_thoughts] * batch_size)
         column = input_ids.new_full((batch_size, 1), config.start_latent_token_id)
         input_ids = torch.cat([input_ids, column], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(column, dtype=attention_mask.dtype)], dim=1)

@@ -231,6 +231,10 @@ def test_bad_auto_requests_are_named(model, batch):
     mixed[0, -1] = START
     with pytest.raises(ValueError, match=r"Prompts \[0\] end with an open latent block"):
         model.generate(input_ids=mixed, attention_mask=inputs["attention_mask"], max_new_tokens=2)
+    closed = build_batch([Row(latents=2, answer=0), Row(latents=0, answer=0)], padding_side="left")
+    for settings in (dict(), dict(cache_implementation="static")):  # thinking in the cache, or planning first
+        with pytest.raises(ValueError, match=r"Prompts \[0\] already hold a latent block"):
+            model.generate(**prompt_inputs(closed), num_latent_thoughts="auto", max_new_tokens=2, **settings)
     with pytest.raises(ValueError, match="stop head has no thought to read"):
         model(input_ids=inputs["input_ids"][:, -3:], stop_labels=torch.zeros(len(PROMPTS), 3))
     with pytest.raises(ValueError, match="not a probability"):
