@@ -3,6 +3,7 @@
     python -m benchmarks.bench_stop_head                  # seeds 0-2: CoT, Coconut with the stop head, 3 evaluations
     python -m benchmarks.bench_stop_head --seeds 3 4 5    # seeds the recipe was never tuned on
     python -m benchmarks.bench_stop_head -- --stop_loss_weight 0.5   # flags after `--` go to every Coconut run
+    python -m benchmarks.bench_stop_head --task counted  # the positive control: the question gives the count
 
 The task is the dot variant of the bundled arrow chase (`TASK_ARGS`): a 3 x 3 board with three dotted cells, and
 "Start at B3 and follow the arrows until you reach a cell with a dot. Where do you stop?". The first dot is 2 to 6
@@ -12,6 +13,10 @@ arguments, `train_sft.DEMO_ARGS`, with `TASK_ARGS`) trains:
 - `cot`: every step written (`COT_ARGS`), to convergence: the accuracy reachable with explicit reasoning;
 - `coconut`: the curriculum from that CoT model at stage 1 (`CURRICULUM_ARGS`), with `--latent_stop_head`. The head
   learns from the blocks that replace all of a record's steps: the final stage, and at stage k the records with k steps.
+
+The control (`--task counted`) is the embedded default's 2 x 2 chase with 1 to 3 arrows, whose question says how many
+("follow 3 arrows"): one Coconut run with the stop head per seed, the whole curriculum from scratch as `python
+train_sft.py` trains it. There the head can read the count, so `"auto"` should match the oracle's counts.
 
 Then every Coconut model answers the task's held-out test split (500 questions in no training or validation split)
 three ways, greedily, in this process, one evaluation at a time:
@@ -60,11 +65,19 @@ TASK_ARGS = [
 COT_ARGS = ["--num_train_epochs", "20"]
 # Stages 1-6 two epochs each, then the final stage (all steps thoughts, the head's main lesson) for four.
 CURRICULUM_ARGS = ["--start_stage", "1", "--epochs_per_stage", "2", "--num_train_epochs", "16", "--latent_stop_head", "true"]  # fmt: skip
+# The positive control: the embedded default's 2 x 2 chase, whose question says the count ("follow 3 arrows"), with 1
+# to 3 arrows, the whole curriculum from scratch as `python train_sft.py` trains it. The head can read the count.
+COUNTED_TASK_ARGS = ["--synthetic_min_hops", "1", "--latent_stop_head", "true"]
 WAYS = ("oracle", "padded", "auto")
 
 
-def train_seed(seed: int, output_dir: Path, threads: int, extra_args: list[str]) -> list[dict]:
-    """The CoT run of `seed`, then the Coconut run with the stop head that continues it."""
+def train_seed(seed: int, output_dir: Path, threads: int, task: str, extra_args: list[str]) -> list[dict]:
+    """The dot task: the CoT run of `seed`, then the Coconut run with the stop head that continues it. The counted
+    control: one Coconut run with the stop head, from scratch."""
+    if task == "counted":
+        coconut = run_training("coconut", seed, output_dir, threads, [*DEMO_ARGS, *COUNTED_TASK_ARGS, *extra_args])
+        print(f"coconut seed {seed}: test accuracy (true counts) {100 * coconut['accuracy']:.1f} %", flush=True)
+        return [coconut]
     base = [*DEMO_ARGS, *TASK_ARGS]
     cot = run_training("cot", seed, output_dir, threads, [*base, *COT_ARGS])
     print(f"cot seed {seed}: test accuracy {100 * cot['accuracy']:.1f} %", flush=True)
@@ -149,7 +162,9 @@ def summarize(evaluations: dict[int, dict], cot_runs: list[dict]) -> dict:
     summary["auto"]["points_below_oracle"] = round(
         summary["oracle"]["accuracy_mean"] - summary["auto"]["accuracy_mean"], 2
     )
-    summary["cot_accuracy_mean"] = round(100 * statistics.mean(run["accuracy"] for run in cot_runs), 2)
+    if cot_runs:
+        summary["cot_accuracy_mean"] = round(100 * statistics.mean(run["accuracy"] for run in cot_runs), 2)
+        summary["cot_accuracy_per_seed"] = [round(100 * run["accuracy"], 1) for run in cot_runs]
     return summary
 
 
@@ -172,7 +187,10 @@ def markdown_table(summary: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output_dir", default="outputs/bench_stop_head")
+    parser.add_argument(
+        "--task", default="dot", choices=["dot", "counted"], help="The dot task, or the control whose count is given."
+    )
+    parser.add_argument("--output_dir", default=None, help="Default: outputs/bench_stop_head (dot) or _counted.")
     parser.add_argument("--workers", type=int, default=2, help="Training runs at a time (one per CPU core).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per run (fixed for reproducibility).")
     parser.add_argument("--batch_size", type=int, default=50, help="Questions generated together in the evaluations.")
@@ -181,20 +199,21 @@ def main():
     for name in ("workers", "threads", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name}`={getattr(args, name)} must be at least 1.")
-    output_dir = Path(args.output_dir)
+    output_dir = Path(args.output_dir or ("outputs/bench_stop_head" + ("_counted" if args.task == "counted" else "")))
     output_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        runs = dict(
-            zip(args.seeds, pool.map(lambda s: train_seed(s, output_dir, args.threads, args.extra_args), args.seeds))
+        trained = pool.map(
+            lambda seed: train_seed(seed, output_dir, args.threads, args.task, args.extra_args), args.seeds
         )
+        runs = dict(zip(args.seeds, trained))
     training_minutes = (time.perf_counter() - start) / 60
     evaluations = {
         seed: evaluate_three_ways(output_dir / f"coconut-seed{seed}", args.threads, args.batch_size)
         for seed in args.seeds
     }
-    summary = summarize(evaluations, [runs[seed][0] for seed in args.seeds])
+    summary = summarize(evaluations, [runs[seed][0] for seed in args.seeds if runs[seed][0]["method"] == "cot"])
     report = {
         "summary": summary,
         "evaluations": {str(seed): value for seed, value in evaluations.items()},
