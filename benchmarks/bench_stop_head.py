@@ -165,6 +165,8 @@ def summarize(evaluations: dict[int, dict], cot_runs: list[dict]) -> dict:
     if cot_runs:
         summary["cot_accuracy_mean"] = round(100 * statistics.mean(run["accuracy"] for run in cot_runs), 2)
         summary["cot_accuracy_per_seed"] = [round(100 * run["accuracy"], 1) for run in cot_runs]
+        # How often CoT's first written step (reading the start cell's arrow) is right: the perception it rests on.
+        summary["cot_first_step_accuracy_per_seed"] = [round(100 * run["first_step_accuracy"], 1) for run in cot_runs]
     return summary
 
 
