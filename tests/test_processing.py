@@ -178,6 +178,24 @@ def test_latent_block_per_sample_and_left_padding(processor):
     assert not (without_block == processor.start_latent_token_id).any()
 
 
+def test_auto_ends_each_prompt_with_an_open_block_that_generate_fills(processor):
+    prompts = ["Is Tom a wump?", "Every wump is a zhorpus. Is Tom a wump?"]
+    inputs = processor(text=prompts, num_latent_thoughts="auto", return_tensors="pt")
+    plain = processor(text=prompts, return_tensors="pt")
+    assert (inputs["input_ids"][:, -1] == processor.start_latent_token_id).all()
+    assert torch.equal(inputs["input_ids"][:, :-1], plain["input_ids"])
+    assert processor.build_prompt("Is Tom a wump?", num_latent_thoughts="auto").endswith("<|start-latent|>")
+
+    model = processor_model(processor, seed=1)
+    model.add_latent_stop_head()
+    settings = dict(
+        max_latent_thoughts=3, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+    )
+    auto = model.generate(**inputs, **settings)
+    assert torch.equal(auto, model.generate(**plain, num_latent_thoughts="auto", **settings))
+    assert ((auto == processor.latent_token_id).sum(dim=1) >= 1).all()
+
+
 @pytest.mark.parametrize("count", INTEGRAL_COUNTS)
 def test_integral_thought_counts_of_any_type_are_accepted(processor, count):
     prompts = ["Is Tom a wump?", "Every wump is a zhorpus. Is Tom a wump?"]
