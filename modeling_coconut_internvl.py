@@ -70,9 +70,9 @@ INTERNVL_KEY_MAPPING = {
 class CoconutCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
     r"""
     stop_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length)`, *optional*):
-        The stop head's logit at every position of a forward with thoughts (a model with `latent_stop_head`). The
-        position before each `<|latent|>` holds that thought's vector; its logit says whether the block ends after
-        that thought. Other positions are not meaningful.
+        The stop head's logit at every position of a forward with thoughts (a model with `latent_stop_head`). At each
+        `<|latent|>` position, the final hidden state is computed with that thought fed in; its logit says whether the
+        block ends after that thought. Other positions are not meaningful.
     stop_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Binary cross-entropy of `stop_logits` against the `stop_labels` passed in (not part of `loss`).
     """
@@ -84,19 +84,17 @@ class CoconutCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
 def latent_stop_labels(
     input_ids: torch.LongTensor, latent_token_id: int, rows: torch.BoolTensor | None = None
 ) -> torch.Tensor:
-    """Targets `(batch_size, sequence_length)` of the stop head: at the position holding each thought's vector (the one
-    before each `<|latent|>`), 1.0 where the block ends after that thought and 0.0 where another follows; -100
-    elsewhere and in the rows not in `rows` (`(batch_size,)`, default all).
+    """Targets `(batch_size, sequence_length)` of the stop head: at each `<|latent|>` position (whose final hidden state
+    is computed with that thought fed in), 1.0 where the block ends after that thought and 0.0 where another follows;
+    -100 elsewhere and in the rows not in `rows` (`(batch_size,)`, default all).
 
-    Example: a row `q <|start-latent|> <|latent|> <|latent|> <|end-latent|>` gets `[-100, 0, 1, -100, -100]`.
+    Example: a row `q <|start-latent|> <|latent|> <|latent|> <|end-latent|>` gets `[-100, -100, 0, 1, -100]`.
     """
     latent = input_ids == latent_token_id  # (B, T)
-    vector = torch.zeros_like(latent)
-    vector[:, :-1] = latent[:, 1:]  # the thought fed at column c + 1 is the final hidden state at column c
     followed = torch.zeros_like(latent)
-    followed[:, :-2] = latent[:, 2:]  # another thought comes right after this one
+    followed[:, :-1] = latent[:, 1:]  # another thought comes right after this one
     labels = torch.full(input_ids.shape, -100.0, device=input_ids.device)
-    labels[vector] = (~followed[vector]).float()
+    labels[latent] = (~followed[latent]).float()
     if rows is not None:
         labels[~rows.to(labels.device)] = -100.0
     return labels
@@ -524,7 +522,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if latent_mask is None and num_passes == 1:
             if stop_labels is not None and (stop_labels != -100).any():
                 raise ValueError(
-                    "`stop_labels` marks thought vectors, but `input_ids` holds no `<|latent|>` token: the stop head "
+                    "`stop_labels` marks thought positions, but `input_ids` holds no `<|latent|>` token: the stop head "
                     "has no thought to read. Build them with `latent_stop_labels(input_ids, latent_token_id)`."
                 )
             return super().forward(
@@ -937,8 +935,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         decide independently; a row's count is what it would get alone.
 
         One forward over the prompts with `max_latent_thoughts` thoughts each reads every thought's stop probability
-        at once: thought j depends only on the tokens and thoughts before it, so the thoughts after a row's stop change
-        nothing it decided.
+        at once: the state at thought j depends only on the tokens and thoughts up to it, so the thoughts after a row's
+        stop change nothing it decided.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): left-padded prompts without a
@@ -964,8 +962,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             use_cache=False,
             **kwargs,
         )
-        # The block is the last max + 2 columns; thought j's vector sits at the column before its `<|latent|>`.
-        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 2 : -2])  # (B, max)
+        # The block is the last max + 2 columns: `<|start-latent|>`, the `<|latent|>` columns, `<|end-latent|>`.
+        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 1 : -1])  # (B, max)
         stops = stop_probabilities >= latent_stop_threshold
         stops[:, -1] = True  # the last thought allowed ends every block that is still open
         return (stops.int().argmax(dim=1) + 1).tolist()
@@ -1054,7 +1052,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         thinking = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
         fed = []  # per thought column: (B,) whether the row takes a thought there
         for count in range(1, max_latent_thoughts + 1):
-            stop = torch.sigmoid(self.latent_stop_head(thought).float()).view(batch_size) >= threshold
             fed.append(thinking)
             attention_mask = torch.cat([attention_mask, thinking[:, None].to(attention_mask.dtype)], dim=1)
             step = self.model.language_model(
@@ -1065,10 +1062,11 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 use_cache=True,
             )
             cache, next_position = step.cache, next_position + thinking[:, None].long()
+            thought = step.last_hidden_state  # (B, 1, H): the state with thought `count` fed in, and the next thought
+            stop = torch.sigmoid(self.latent_stop_head(thought).float()).view(batch_size) >= threshold
             thinking = thinking & ~stop & (count < max_latent_thoughts)
             if not thinking.any():
                 break
-            thought = step.last_hidden_state  # (B, 1, H): the next thought
         fed = torch.stack(fed, dim=1)  # (B, K)
         pad_token_id = self.generation_config.pad_token_id
         pad_token_id = pad_token_id if pad_token_id is not None else config.text_config.pad_token_id or 0

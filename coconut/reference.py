@@ -77,15 +77,17 @@ def reference_stop_count(
     """The number of thoughts the stop head gives one unpadded prompt (without a block), by a naive one-row loop.
 
     For k = 1, 2, ...: append `<|start-latent|>` + k `<|latent|>` to the prompt, recompute every thought from scratch
-    ([`reference_embeddings`]) and read the stop probability of the k-th thought's vector; stop at the first that
-    reaches `threshold`, or at `max_thoughts`. With `probabilities`, the probabilities read instead of the count.
+    ([`reference_embeddings`]), run the whole sequence again and read the stop probability of the final hidden state
+    at the k-th thought; stop at the first that reaches `threshold`, or at `max_thoughts`. With `probabilities`, the
+    probabilities read instead of the count.
     """
     config, read = model.config, []
     with torch.no_grad():
         for count in range(1, max_thoughts + 1):
             prompt = [*ids, config.start_latent_token_id, *[config.latent_token_id] * count]
-            thought = reference_embeddings(model, prompt, pixel_values)[0, -1]  # the k-th thought's vector
-            read.append(torch.sigmoid(model.latent_stop_head(thought).float()).item())
+            embeds = reference_embeddings(model, prompt, pixel_values)
+            state = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0, -1]
+            read.append(torch.sigmoid(model.latent_stop_head(state).float()).item())
             if read[-1] >= threshold:
                 break
     return read if probabilities else len(read)

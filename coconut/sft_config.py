@@ -88,7 +88,7 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         default=False,
         metadata={
             "help": "Train a stop head with the curriculum (one is added to a model without it): a linear classifier "
-            "on each thought's vector that says whether the block ends there, for generate(num_latent_thoughts='auto'). "
+            "on the state at each thought that says whether the block ends there, for generate(num_latent_thoughts='auto'). "
             "It learns from the blocks that replace all of a record's steps (coconut only)."
         },
     )

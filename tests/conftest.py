@@ -174,3 +174,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def stop_probability_rows(model, prompts, max_thoughts: int) -> list[list[float]]:
+    """Each prompt's stop probability after each of `max_thoughts` thoughts, the prompt alone: `prompts` holds
+    `(input_ids of shape (1, T), pixel_values or None)` pairs."""
+    rows = []
+    with torch.no_grad():
+        for input_ids, pixel_values in prompts:
+            ids, mask = model.append_latent_thoughts(input_ids, None, max_thoughts)
+            stop_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).stop_logits
+            rows.append(torch.sigmoid(stop_logits[0, -max_thoughts - 1 : -1]).tolist())  # at each `<|latent|>`
+    return rows
+
+
+def splitting_threshold(rows: list[list[float]], gap: float = 1e-3) -> float:
+    """The threshold, halfway between two of the rows' stop probabilities at least `gap` apart, that gives the rows the
+    most different counts: no probability sits near it, so padding cannot flip a decision."""
+    values = sorted({p for row in rows for p in row})
+    middles = [(low + high) / 2 for low, high in zip(values[:-1], values[1:]) if high - low > gap]
+
+    def counts(threshold):
+        return [next((j + 1 for j, p in enumerate(row) if p >= threshold), len(row)) for row in rows]
+
+    return max(middles, key=lambda threshold: len(set(counts(threshold))))

@@ -6,6 +6,7 @@ from statistics import fmean
 
 import pytest
 import torch
+from conftest import splitting_threshold, stop_probability_rows
 from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig, question_prompt
@@ -70,9 +71,11 @@ def test_evaluate_script(saved_model, tmp_path):
 
 def test_evaluate_script_lets_the_stop_head_choose(tmp_path, hf_home, capsys):
     model_dir, model, tokenizer = save_tiny_model(tmp_path / "model", latent_stop_head=True)
+    records = load_coconut_json(SLICE).select(range(5))
+    prompts = [(tokenizer(question_prompt(r, tokenizer), return_tensors="pt")["input_ids"], None) for r in records]
+    threshold = splitting_threshold(stop_probability_rows(model, prompts, 3))  # splits the questions' counts
     argv = ["--model", str(model_dir), "--dataset", str(SLICE.parent), "--split", "valid_slice"]
-    # The random head's stop probabilities lie near 0.51: this threshold splits the questions, clear of them all.
-    argv += ["--num_latent_thoughts", "auto", "--max_latent_thoughts", "3", "--latent_stop_threshold", "0.511"]
+    argv += ["--num_latent_thoughts", "auto", "--max_latent_thoughts", "3", "--latent_stop_threshold", repr(threshold)]
     argv += ["--max_latent_stage", "3", "--max_samples", "5", "--max_new_tokens", "6", "--batch_size", "2"]
     argv += ["--output_dir", str(tmp_path / "eval"), "--disable_tqdm"]
     parser = TrlParser(PARSER)
@@ -81,11 +84,10 @@ def test_evaluate_script_lets_the_stop_head_choose(tmp_path, hf_home, capsys):
     assert parser.parse_args_and_config(["--model", "m", "--num_latent_thoughts", "3"])[2].num_latent_thoughts == 3
 
     results = main(script_args, curriculum_args, eval_config)
-    records = load_coconut_json(SLICE).select(range(5))
     planned = []  # each question's count as the stop head chooses it, the question alone
     for record in records:
         input_ids = tokenizer(question_prompt(record, tokenizer), return_tensors="pt")["input_ids"]
-        settings = dict(max_latent_thoughts=3, latent_stop_threshold=0.511)
+        settings = dict(max_latent_thoughts=3, latent_stop_threshold=threshold)
         planned += model.plan_latent_thoughts(input_ids, torch.ones_like(input_ids), **settings)
     assert [p.num_latent_thoughts for p in results.results[0].predictions] == planned
     final = [min(len(record["steps"]), 3) for record in records]  # the curriculum's last stage, c_thought 1

@@ -8,7 +8,7 @@ from statistics import fmean
 
 import pytest
 import torch
-from conftest import counting_passes, random_model
+from conftest import counting_passes, random_model, splitting_threshold, stop_probability_rows
 
 from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.evaluation import (
@@ -372,13 +372,6 @@ def prompt_ids(tokenizer, record, block: str = "") -> torch.Tensor:
     return tokenizer(question_prompt(record, tokenizer) + block, return_tensors="pt")["input_ids"]
 
 
-def stop_probabilities(model, tokenizer, record) -> list[float]:
-    """The record's stop probability after each of MAX_THOUGHTS thoughts, alone (no padding)."""
-    input_ids, attention_mask = model.append_latent_thoughts(prompt_ids(tokenizer, record), None, MAX_THOUGHTS)
-    stop_logits = model(input_ids=input_ids, attention_mask=attention_mask).stop_logits  # (1, T)
-    return torch.sigmoid(stop_logits[0, -MAX_THOUGHTS - 2 : -2]).tolist()
-
-
 def planned_alone(model, tokenizer, record, **settings) -> int:
     """The stop head's count of the record's prompt alone: the hand computation the evaluation must reproduce."""
     input_ids = prompt_ids(tokenizer, record)
@@ -395,14 +388,9 @@ def stop_model():
     model = random_model(CoconutInternVLForConditionalGeneration, config, seed=1)
     with torch.no_grad():
         model.latent_stop_head.weight.mul_(10.0)
-    probabilities = [stop_probabilities(model, tokenizer, record) for record in records]
-    values = sorted({p for row in probabilities for p in row})
-    middles = [(low + high) / 2 for low, high in zip(values[:-1], values[1:]) if high - low > 1e-2]
-
-    def counts(threshold):
-        return [next((j + 1 for j, p in enumerate(row) if p >= threshold), MAX_THOUGHTS) for row in probabilities]
-
-    model.config.latent_stop_threshold = max(middles, key=lambda threshold: len(set(counts(threshold))))
+    prompts = [(prompt_ids(tokenizer, record), None) for record in records]
+    rows = stop_probability_rows(model, prompts, MAX_THOUGHTS)
+    model.config.latent_stop_threshold = splitting_threshold(rows, gap=1e-2)
     return model, tokenizer
 
 
@@ -503,8 +491,13 @@ def test_image_records_with_the_stop_head(tmp_path):
     config = tiny_coconut_config_for(processor.tokenizer, latent_stop_head=True, max_latent_thoughts=3)
     model = random_model(CoconutInternVLForConditionalGeneration, config, seed=1)
     curriculum = CurriculumConfig(c_thought=1, max_latent_stage=6)
-    # The first stop probabilities lie near 0.35 (the others below): this threshold splits the records, clear of them.
-    settings = dict(num_latent_thoughts="auto", latent_stop_threshold=0.3555)
+    prompts = []
+    for record in records:
+        text, images = [question_prompt(record, processor)], [[record["images"][0].convert("RGB")]]
+        inputs = processor(text=text, images=images, return_tensors="pt")
+        prompts.append((inputs["input_ids"], inputs["pixel_values"]))
+    threshold = splitting_threshold(stop_probability_rows(model, prompts, 3))
+    settings = dict(num_latent_thoughts="auto", latent_stop_threshold=threshold)
     eval_config = CoconutEvalConfig(**settings, batch_size=2, max_new_tokens=2, disable_tqdm=True)
     result = evaluate_stage(model, processor, records, curriculum, eval_config)
     alone = []
@@ -514,7 +507,7 @@ def test_image_records_with_the_stop_head(tmp_path):
             images=[[record["images"][0].convert("RGB")]],
             return_tensors="pt",
         )
-        alone += model.plan_latent_thoughts(**inputs, latent_stop_threshold=0.3555)
+        alone += model.plan_latent_thoughts(**inputs, latent_stop_threshold=threshold)
     assert len(set(alone)) > 1, alone
     assert [p.num_latent_thoughts for p in result.predictions] == alone
     assert plan_stop_counts(model, processor, records, curriculum, eval_config) == {

@@ -93,7 +93,7 @@ def test_stop_labels_mark_each_thought_vector():
     q = FIRST_TEXT_ID
     input_ids = torch.tensor([[q, START, LATENT, LATENT, END, q], [q, q, START, LATENT, END, q]])
     labels = latent_stop_labels(input_ids, LATENT)
-    assert labels.tolist() == [[-100, 0, 1, -100, -100, -100], [-100, -100, 1, -100, -100, -100]]
+    assert labels.tolist() == [[-100, -100, 0, 1, -100, -100], [-100, -100, -100, 1, -100, -100]]
     only_second = latent_stop_labels(input_ids, LATENT, rows=torch.tensor([False, True]))
     assert (only_second[0] == -100).all() and only_second[1].tolist() == labels[1].tolist()
 
@@ -110,7 +110,7 @@ def test_stop_loss_is_the_binary_cross_entropy_and_trains_head_and_thoughts(mode
     assert torch.allclose(outputs.stop_loss, expected)
     outputs.stop_loss.backward()
     assert model.latent_stop_head.weight.grad.abs().sum() > 0
-    # The first thought's vector feeds the second: the loss reaches the layers through the thoughts too.
+    # The state at the first thought is computed from that thought: the loss reaches the layers through the thoughts.
     assert model.model.language_model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
     model.zero_grad()
 
