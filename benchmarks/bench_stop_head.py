@@ -45,7 +45,8 @@ import torch
 
 from benchmarks.bench_learning import run_training
 from coconut.checkpoints import read_training_record
-from coconut.curriculum import CurriculumConfig, evaluation_layout
+from coconut.curriculum import CurriculumConfig, evaluation_layout, question_prompt
+from coconut.data import load_record_images
 from coconut.evaluation import CoconutEvalConfig, evaluate_stage
 from coconut.loading import load_model_and_processor
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
@@ -107,7 +108,7 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
         r["id"]: evaluation_layout(len(r["steps"]), curriculum.max_latent_stage + 1, curriculum).num_latents
         for r in records
     }
-    results = {}
+    results = {"stop_curves": stop_curves(model, processor, records, true_counts, batch_size)}
     for way, config in configs.items():
         config.disable_tqdm = True
         result = evaluate_stage(model, processor, records, curriculum, config, label=way)
@@ -138,6 +139,30 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
             flush=True,
         )
     return results
+
+
+@torch.no_grad()
+def stop_curves(model, processor, records: list[dict], true_counts: dict, batch_size: int) -> dict:
+    """The head's mean stop probability after each thought, by the question's true count: a head that reads the
+    thoughts rises at each question's own count; one that learned only how often blocks end at each length (the
+    hazard of the count distribution) draws the same curve for every count."""
+    most = model.config.max_latent_thoughts
+    curves = {}
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        texts = [question_prompt(record, processor) for record in batch]
+        images = [load_record_images(record, index) for index, record in enumerate(batch)]
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+        input_ids, attention_mask = model.append_latent_thoughts(inputs["input_ids"], inputs["attention_mask"], most)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+                        logits_to_keep=1, use_cache=False)  # fmt: skip
+        probabilities = torch.sigmoid(outputs.stop_logits[:, -most - 1 : -1])  # (B, most): at each `<|latent|>`
+        for record, row in zip(batch, probabilities, strict=True):
+            curves.setdefault(str(true_counts[record["id"]]), []).append(row)
+    return {
+        count: [round(value, 3) for value in torch.stack(rows).mean(dim=0).tolist()]
+        for count, rows in sorted(curves.items(), key=lambda item: int(item[0]))
+    }
 
 
 def summarize(evaluations: dict[int, dict], cot_runs: list[dict]) -> dict:
