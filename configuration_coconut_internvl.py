@@ -18,8 +18,8 @@ class CoconutInternVLConfig(InternVLConfig):
     end_latent_token_id (`int`, *optional*):
         Id of `<|end-latent|>`, the token that closes a block of continuous thoughts.
     latent_stop_head (`bool`, *optional*, defaults to `False`):
-        Add the stop head: a linear classifier on each thought's vector that says whether the latent block ends after
-        that thought. It lets `generate(num_latent_thoughts="auto")` choose each question's number of thoughts.
+        Add the stop head: a linear classifier on the final hidden state at each `<|latent|>` (computed with that
+        thought fed in) that says whether the latent block ends after that thought. It lets `generate(num_latent_thoughts="auto")` choose each question's number of thoughts.
     latent_stop_threshold (`float`, *optional*, defaults to 0.5):
         Stop probability at or above which `num_latent_thoughts="auto"` ends a row's block.
     max_latent_thoughts (`int`, *optional*):
