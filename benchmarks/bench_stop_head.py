@@ -72,7 +72,9 @@ COUNTED_TASK_ARGS = ["--synthetic_min_hops", "1", "--latent_stop_head", "true"]
 WAYS = ("oracle", "padded", "auto")
 
 
-def train_seed(seed: int, output_dir: Path, threads: int, task: str, extra_args: list[str]) -> list[dict]:
+def train_seed(
+    seed: int, output_dir: Path, threads: int, task: str, extra_args: list[str], cot_dir: Path | None = None
+) -> list[dict]:
     """The dot task: the CoT run of `seed`, then the Coconut run with the stop head that continues it. The counted
     control: one Coconut run with the stop head, from scratch."""
     if task == "counted":
@@ -80,11 +82,12 @@ def train_seed(seed: int, output_dir: Path, threads: int, task: str, extra_args:
         print(f"coconut seed {seed}: test accuracy (true counts) {100 * coconut['accuracy']:.1f} %", flush=True)
         return [coconut]
     base = [*DEMO_ARGS, *TASK_ARGS]
-    cot = run_training("cot", seed, output_dir, threads, [*base, *COT_ARGS])
+    cot_dir = cot_dir or output_dir
+    cot = run_training("cot", seed, cot_dir, threads, [*base, *COT_ARGS])
     print(f"cot seed {seed}: test accuracy {100 * cot['accuracy']:.1f} %", flush=True)
-    cot_dir = str(output_dir / f"cot-seed{seed}")
+    cot_model = str(cot_dir / f"cot-seed{seed}")
     coconut = run_training(
-        "coconut", seed, output_dir, threads, [*base, *CURRICULUM_ARGS, "--model_name_or_path", cot_dir, *extra_args]
+        "coconut", seed, output_dir, threads, [*base, *CURRICULUM_ARGS, "--model_name_or_path", cot_model, *extra_args]
     )
     print(f"coconut seed {seed}: test accuracy (true counts) {100 * coconut['accuracy']:.1f} %", flush=True)
     return [cot, coconut]
@@ -218,6 +221,11 @@ def main():
         "--task", default="dot", choices=["dot", "counted"], help="The dot task, or the control whose count is given."
     )
     parser.add_argument("--output_dir", default=None, help="Default: outputs/bench_stop_head (dot) or _counted.")
+    parser.add_argument(
+        "--cot_dir",
+        default=None,
+        help="Folder of the CoT runs to continue (default: --output_dir): a variant can share another run's CoT models.",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Training runs at a time (one per CPU core).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per run (fixed for reproducibility).")
     parser.add_argument("--batch_size", type=int, default=50, help="Questions generated together in the evaluations.")
@@ -231,8 +239,9 @@ def main():
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        cot_dir = Path(args.cot_dir) if args.cot_dir else None
         trained = pool.map(
-            lambda seed: train_seed(seed, output_dir, args.threads, args.task, args.extra_args), args.seeds
+            lambda seed: train_seed(seed, output_dir, args.threads, args.task, args.extra_args, cot_dir), args.seeds
         )
         runs = dict(zip(args.seeds, trained))
     training_minutes = (time.perf_counter() - start) / 60
