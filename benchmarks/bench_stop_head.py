@@ -49,7 +49,7 @@ from coconut.curriculum import CurriculumConfig, evaluation_layout, question_pro
 from coconut.data import load_record_images
 from coconut.evaluation import CoconutEvalConfig, evaluate_stage
 from coconut.loading import load_model_and_processor
-from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
+from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles, step
 from train_sft import DEMO_ARGS
 
 
@@ -112,6 +112,8 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
         for r in records
     }
     results = {"stop_curves": stop_curves(model, processor, records, true_counts, batch_size)}
+    if task.variant == "dot":
+        results["incoming_arrow_baseline"] = incoming_arrow_baseline(task)
     for way, config in configs.items():
         config.disable_tqdm = True
         result = evaluate_stage(model, processor, records, curriculum, config, label=way)
@@ -142,6 +144,18 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
             flush=True,
         )
     return results
+
+
+def incoming_arrow_baseline(task: SyntheticTaskConfig) -> float:
+    """Expected test accuracy of a reader that follows no arrow: pick at random among the dots that some neighbour's
+    arrow points into. The answer always has one (the path enters it); a decoy has none about a third of the time."""
+    size, scores = task.grid_size, []
+    for puzzle in generate_puzzles("test", task):
+        cells = [(row, column) for row in range(size) for column in range(size)]
+        pointed_at = {step(cell, puzzle.board[cell[0]][cell[1]], size) for cell in cells}
+        candidates = [dot for dot in puzzle.dots if dot in pointed_at]
+        scores.append(1 / len(candidates) if puzzle.path[-1] in candidates else 0.0)
+    return statistics.mean(scores)
 
 
 @torch.no_grad()
@@ -190,6 +204,9 @@ def summarize(evaluations: dict[int, dict], cot_runs: list[dict]) -> dict:
     summary["auto"]["points_below_oracle"] = round(
         summary["oracle"]["accuracy_mean"] - summary["auto"]["accuracy_mean"], 2
     )
+    baselines = [evaluations[seed].get("incoming_arrow_baseline") for seed in sorted(evaluations)]
+    if all(value is not None for value in baselines):
+        summary["incoming_arrow_baseline_per_seed"] = [round(100 * value, 1) for value in baselines]
     if cot_runs:
         summary["cot_accuracy_mean"] = round(100 * statistics.mean(run["accuracy"] for run in cot_runs), 2)
         summary["cot_accuracy_per_seed"] = [round(100 * run["accuracy"], 1) for run in cot_runs]
