@@ -953,7 +953,25 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             `list[int]`: the number of thoughts of each prompt, from 1 to `max_latent_thoughts`.
         """
         max_latent_thoughts, latent_stop_threshold = self._auto_settings(max_latent_thoughts, latent_stop_threshold)
-        input_ids, attention_mask = self.append_latent_thoughts(input_ids, attention_mask, max_latent_thoughts)
+        probabilities = self.latent_stop_probabilities(
+            input_ids, attention_mask, pixel_values, max_latent_thoughts, **kwargs
+        )
+        stops = probabilities >= latent_stop_threshold
+        stops[:, -1] = True  # the last thought allowed ends every block that is still open
+        return (stops.int().argmax(dim=1) + 1).tolist()
+
+    @torch.no_grad()
+    def latent_stop_probabilities(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        num_latent_thoughts: int,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The stop head's probability after each of `num_latent_thoughts` thoughts of every left-padded prompt
+        (without a block), never stopping: `(batch_size, num_latent_thoughts)`, from one forward."""
+        input_ids, attention_mask = self.append_latent_thoughts(input_ids, attention_mask, num_latent_thoughts)
         outputs = self(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -962,11 +980,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             use_cache=False,
             **kwargs,
         )
-        # The block is the last max + 2 columns: `<|start-latent|>`, the `<|latent|>` columns, `<|end-latent|>`.
-        stop_probabilities = torch.sigmoid(outputs.stop_logits[:, -max_latent_thoughts - 1 : -1])  # (B, max)
-        stops = stop_probabilities >= latent_stop_threshold
-        stops[:, -1] = True  # the last thought allowed ends every block that is still open
-        return (stops.int().argmax(dim=1) + 1).tolist()
+        # The block is the last k + 2 columns: `<|start-latent|>`, the `<|latent|>` columns, `<|end-latent|>`.
+        return torch.sigmoid(outputs.stop_logits[:, -num_latent_thoughts - 1 : -1])
 
     def _auto_settings(self, max_latent_thoughts, latent_stop_threshold) -> tuple[int, float]:
         """The most thoughts and the stop threshold of `"auto"`, from the arguments or the config, checked."""

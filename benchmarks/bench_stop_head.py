@@ -45,9 +45,9 @@ import torch
 
 from benchmarks.bench_learning import run_training
 from coconut.checkpoints import read_training_record
-from coconut.curriculum import CurriculumConfig, evaluation_layout, question_prompt
+from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.data import load_record_images
-from coconut.evaluation import CoconutEvalConfig, evaluate_stage
+from coconut.evaluation import CoconutEvalConfig, evaluate_stage, final_stage_thoughts
 from coconut.loading import load_model_and_processor
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles, step
 from train_sft import DEMO_ARGS
@@ -107,10 +107,7 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
         "padded": CoconutEvalConfig(num_latent_thoughts=most, batch_size=batch_size),
         "auto": CoconutEvalConfig(num_latent_thoughts="auto", batch_size=batch_size),
     }
-    true_counts = {
-        r["id"]: evaluation_layout(len(r["steps"]), curriculum.max_latent_stage + 1, curriculum).num_latents
-        for r in records
-    }
+    true_counts = {record["id"]: final_stage_thoughts(record, curriculum) for record in records}
     results = {"stop_curves": stop_curves(model, processor, records, true_counts, batch_size)}
     if task.variant == "dot":
         results["incoming_arrow_baseline"] = incoming_arrow_baseline(task)
@@ -170,6 +167,7 @@ def stop_curves(model, processor, records: list[dict], true_counts: dict, batch_
         texts = [question_prompt(record, processor) for record in batch]
         images = [load_record_images(record, index) for index, record in enumerate(batch)]
         inputs = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+        # The saved model runs the code it was trained with, which may predate `latent_stop_probabilities`: its forward.
         input_ids, attention_mask = model.append_latent_thoughts(inputs["input_ids"], inputs["attention_mask"], most)
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
                         logits_to_keep=1, use_cache=False)  # fmt: skip

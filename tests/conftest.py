@@ -179,13 +179,10 @@ def free_port() -> int:
 def stop_probability_rows(model, prompts, max_thoughts: int) -> list[list[float]]:
     """Each prompt's stop probability after each of `max_thoughts` thoughts, the prompt alone: `prompts` holds
     `(input_ids of shape (1, T), pixel_values or None)` pairs."""
-    rows = []
-    with torch.no_grad():
-        for input_ids, pixel_values in prompts:
-            ids, mask = model.append_latent_thoughts(input_ids, None, max_thoughts)
-            stop_logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values).stop_logits
-            rows.append(torch.sigmoid(stop_logits[0, -max_thoughts - 1 : -1]).tolist())  # at each `<|latent|>`
-    return rows
+    return [
+        model.latent_stop_probabilities(input_ids, None, pixel_values, max_thoughts)[0].tolist()
+        for input_ids, pixel_values in prompts
+    ]
 
 
 def splitting_threshold(rows: list[list[float]], gap: float = 1e-3) -> float:

@@ -14,6 +14,7 @@ from conftest import (
     Row,
     build_batch,
     counting_passes,
+    splitting_threshold,
     subprocess_env,
     tiny_model,
 )
@@ -77,9 +78,7 @@ def batch():
 def threshold(model, batch):
     """The threshold, halfway between two of the rows' stop probabilities, that spreads the rows' counts most: rows
     then stop at different thoughts (checked), and no probability sits near the threshold."""
-    probabilities = sorted(set(torch.tensor(stop_probabilities(model, batch)).flatten().tolist()))
-    middles = [(low + high) / 2 for low, high in zip(probabilities[:-1], probabilities[1:]) if high - low > 1e-3]
-    threshold = max(middles, key=lambda middle: len(set(naive_counts(model, batch, middle))))
+    threshold = splitting_threshold(stop_probabilities(model, batch))
     counts = naive_counts(model, batch, threshold)
     assert len(set(counts)) >= 3, f"the test needs rows that stop at different thoughts, got {counts}"
     return threshold
