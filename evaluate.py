@@ -34,6 +34,7 @@ metrics hold the mean and most thoughts a question got (`mean_latent_thoughts`, 
 coconut model with a stop head, how often the head chose the count of the curriculum's final stage (`stop_accuracy`).
 """
 
+import json
 import logging
 from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
@@ -50,12 +51,17 @@ from coconut.evaluation import (
     EvalResults,
     check_eval_model,
     check_eval_settings,
+    eval_prompt,
     evaluate_stage,
     write_table_into_card,
 )
+from coconut.interventions import INTERVENTIONS, check_interventions, evaluate_interventions
 from coconut.loading import load_model_and_processor
 from coconut.preflight import require_at_least
+from coconut.step_supervision import THOUGHT_DECODER_DIR
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
+from coconut.thought_reader import load_thought_decoder, read_thoughts, reader_scores
+from processing_coconut_internvl import is_auto
 
 
 logger = logging.getLogger(__name__)
@@ -96,9 +102,27 @@ class ScriptArguments:
         default=False, metadata={"help": "Write the results table into the local model folder's README.md."}
     )
     device: str | None = field(default=None, metadata={"help": "Device to run on, e.g. `cuda`; default CPU."})
+    interventions: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Causal test of the thoughts (coconut models): answer the split again with every fed-back thought "
+            f"replaced, once per name: {', '.join(INTERVENTIONS)}. Accuracies go to eval_results.json "
+            "(`interventions`)."
+        },
+    )
+    read_thoughts: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Decode each thought into text and score it against its step (`thought_reader` in "
+            "eval_results.json), with the model's thought_decoder/ when it has one, else its own LM head. Default: "
+            "on when the model folder has a thought_decoder/."
+        },
+    )
+    intervention_seed: int = field(default=0, metadata={"help": "Seed of the `noise` intervention."})
 
     def __post_init__(self):
         require_at_least(self, 1, {"max_samples": "leave it out to evaluate the whole split"})
+        check_interventions(self.interventions)
         if self.update_model_card and not Path(self.model).is_dir():
             raise ValueError(
                 f"`--update_model_card` writes into a local model folder's README.md; {self.model!r} is not one. Drop "
@@ -212,6 +236,7 @@ def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEval
     record = check_model(script_args.model)
     dataset, curriculum, task = settings_from_record(record, script_args, curriculum_args, eval_config)
     check_eval_settings(curriculum, eval_config)
+    read = check_thought_arguments(script_args, curriculum, eval_config)
     output_dir = script_args.results_dir
     check_writable(output_dir)  # before any data is rendered or generated
     model, processing_class = load_model_and_processor(script_args.model, device=script_args.device)
@@ -221,13 +246,98 @@ def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEval
         records = records.select(range(min(script_args.max_samples, len(records))))
     result = evaluate_stage(model, processing_class, records, curriculum, eval_config)
     results = EvalResults([result])
+    max_new_tokens = result.metrics["max_new_tokens"]  # the interventions generate as much as the unchanged run
+    thought_results = evaluate_thoughts(
+        script_args, read, model, processing_class, records, curriculum, eval_config, max_new_tokens
+    )
 
     paths = results.save(output_dir)
+    tables = [results.markdown_table()]
+    if thought_results:
+        add_to_results_file(paths["json"], thought_results)
+        tables += thought_tables(result.metrics["accuracy"], thought_results)
     if script_args.update_model_card:
         write_table_into_card(Path(script_args.model) / "README.md", results.markdown_table())
-    print(results.markdown_table())
+        for heading, table in zip(("## Thought interventions", "## Decoded thoughts"), tables[1:], strict=False):
+            write_table_into_card(Path(script_args.model) / "README.md", table, heading=heading)
+    print("\n\n".join(tables))
     logger.info("Wrote %s", ", ".join(str(path) for path in paths.values()))
     return results
+
+
+def check_thought_arguments(script_args: ScriptArguments, curriculum: CurriculumConfig, eval_config) -> bool:
+    """Whether the thoughts are read; interventions and reading need a coconut model with a fixed count."""
+    has_decoder = Path(script_args.model, THOUGHT_DECODER_DIR).is_dir()
+    read = script_args.read_thoughts if script_args.read_thoughts is not None else has_decoder
+    if (script_args.interventions or read) and curriculum.method != "coconut":
+        raise ValueError(
+            f"`--interventions`/`--read_thoughts` with `method`={curriculum.method!r}: only a coconut model feeds "
+            "thoughts back. Drop the flags, or evaluate a coconut model."
+        )
+    if (script_args.interventions or read) and is_auto(eval_config.num_latent_thoughts):
+        raise ValueError(
+            "`--interventions`/`--read_thoughts` with `--num_latent_thoughts auto`: the thoughts are replaced or read "
+            "at a fixed count. Pass a stage or a number of thoughts."
+        )
+    return read
+
+
+def evaluate_thoughts(
+    script_args, read: bool, model, processing_class, records, curriculum, eval_config, max_new_tokens: int
+) -> dict:
+    """The interventions' accuracies and the thought reader's scores (with three decoded examples), as asked."""
+    thought_results = {}
+    if script_args.interventions:
+        prompts = [eval_prompt(processing_class, record, curriculum, eval_config)["prompt"] for record in records]
+        details = evaluate_interventions(
+            model,
+            processing_class,
+            records,
+            prompts,
+            script_args.interventions,
+            max_new_tokens=max_new_tokens,
+            batch_size=eval_config.batch_size,
+            seed=script_args.intervention_seed,
+        )
+        thought_results["interventions"] = {name: row["accuracy"] for name, row in details.items()}
+        thought_results["intervention_details"] = details
+    if read:
+        decoder, source = load_thought_decoder(script_args.model, model, model.device)
+        stage = eval_config.stage if eval_config.num_latent_thoughts is None else curriculum.max_latent_stage + 1
+        readings = read_thoughts(model, processing_class, decoder, records, curriculum, stage, eval_config.batch_size)
+        thought_results["thought_reader"] = {**reader_scores(readings), "decoder": source, "examples": readings[:3]}
+    return thought_results
+
+
+def add_to_results_file(path: Path, thought_results: dict) -> None:
+    """Add `interventions` and `thought_reader` to eval_results.json."""
+    saved = json.loads(Path(path).read_text())
+    saved.update(thought_results)
+    Path(path).write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def thought_tables(accuracy: float, thought_results: dict) -> list[str]:
+    """Markdown: accuracy under each intervention beside the unchanged run; the reader's scores and examples."""
+    tables = []
+    if "interventions" in thought_results:
+        rows = [f"| unchanged | {100 * accuracy:.1f} |"]
+        rows += [f"| {name} | {100 * value:.1f} |" for name, value in thought_results["interventions"].items()]
+        tables.append("| thoughts | accuracy (%) |\n|---|---|\n" + "\n".join(rows))
+    if "thought_reader" in thought_results:
+        reader = thought_results["thought_reader"]
+        by_step = " / ".join(f"{100 * value:.1f}" for value in reader["right_cell_by_step"].values())
+        lines = [
+            f"Thoughts decoded by {reader['decoder']}: {100 * (reader['right_cell'] or 0):.1f} % name the right cell "
+            f"({by_step} % for thoughts {' / '.join(reader['right_cell_by_step'])}; {reader['num_thoughts']} thoughts).",
+            "",
+            "| question | thought | decoded | gold step |",
+            "|---|---|---|---|",
+        ]
+        for example in reader["examples"]:
+            for thought in example["thoughts"]:
+                lines.append(f"| {example['id']} | {thought['step']} | {thought['text']} | {thought['gold']} |")
+        tables.append("\n".join(lines))
+    return tables
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Save + model card, after the final model has answered the bundled task's held-out test split
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
+    trainer.save_thought_decoder(output_dir)  # with --step_supervision: the step decoder, beside the model
     if not trainer.accelerator.is_main_process:
         return trainer
     test = evaluate_held_out_test(trainer, task, script_args.synthetic_dir) if task and task.test_size > 0 else None

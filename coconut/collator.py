@@ -9,6 +9,7 @@ from trl.trainer.utils import pad
 
 from coconut.curriculum import CurriculumConfig, build_training_example
 from coconut.data import load_record_images
+from coconut.step_supervision import step_targets
 from modeling_coconut_internvl import latent_stop_labels
 from processing_coconut_internvl import LATENT, LATENT_TOKENS
 
@@ -45,6 +46,9 @@ class CoconutDataCollator:
         stop_labels (`bool`, *optional*, defaults to `False`):
             Add `stop_labels`, the stop head's targets ([`latent_stop_labels`]), for the rows whose block may teach
             where a block ends ([`coconut.curriculum.teaches_stop`]); -100 in the other rows.
+        step_supervision (`bool`, *optional*, defaults to `False`):
+            Add the step decoder's batch ([`coconut.step_supervision.step_targets`]): for each step that thoughts
+            replace, the columns of its thought vectors and the step's tokens.
         max_length (`int`, *optional*):
             Longest sequence. A longer example is an error naming its record: cutting it would drop image tokens or
             thoughts from the prompt, or the answer and end of turn from the completion, and teach the model to stop
@@ -60,6 +64,7 @@ class CoconutDataCollator:
         seed: int = 0,
         max_length: int | None = None,
         stop_labels: bool = False,
+        step_supervision: bool = False,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)  # a tokenizer alone serves text-only data
@@ -68,6 +73,7 @@ class CoconutDataCollator:
         self.seed = seed
         self.max_length = max_length
         self.stop_labels = stop_labels
+        self.step_supervision = step_supervision
         self.latent_token_id = self.tokenizer.convert_tokens_to_ids(LATENT)
         self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -130,6 +136,11 @@ class CoconutDataCollator:
         if self.stop_labels:
             rows = torch.tensor([example["teaches_stop"] for example in examples])
             batch["stop_labels"] = latent_stop_labels(input_ids, self.latent_token_id, rows)  # (B, T)
+        if self.step_supervision:
+            replaced = [example["replaced_steps"] for example in examples]
+            batch.update(
+                step_targets(input_ids, self.latent_token_id, replaced, self.tokenizer, self.curriculum.c_thought)
+            )
         if "pixel_values" in prompts:
             batch["pixel_values"] = prompts["pixel_values"]  # (total_tiles, 3, H, W), every tile in row order
         return batch

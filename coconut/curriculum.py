@@ -179,7 +179,8 @@ def build_training_example(
     Returns:
         `dict` with `prompt` (chat template + question + latent block), `completion` (remaining steps, each followed
         by a newline, then `### ` + answer + EOS), `images` (the record's images, in placeholder order), `stage`
-        (the stage actually used), `num_latents` and `teaches_stop` (see [`teaches_stop`]).
+        (the stage actually used), `num_latents`, `teaches_stop` (see [`teaches_stop`]) and `replaced_steps`
+        (see [`replaced_steps`]).
 
     Example:
 
@@ -208,7 +209,17 @@ def build_training_example(
         "stage": used_stage,
         "num_latents": layout.num_latents,
         "teaches_stop": teaches_stop(len(steps), layout, config),
+        "replaced_steps": replaced_steps(steps, layout, config),
     }
+
+
+def replaced_steps(steps: list[str], layout: LatentLayout, config: CurriculumConfig) -> list[str]:
+    """The dropped steps that have thoughts in the block, in order: step `i` (from 0) is replaced by the thoughts
+    `i * c_thought .. (i + 1) * c_thought - 1`. A stage past a record's step count gives it thoughts that replace no
+    step (the reference layout), and `no_thought` drops steps without thoughts; neither appears here."""
+    if layout.num_latents == 0:
+        return []
+    return list(steps[: min(layout.num_skipped_steps, layout.num_latents // config.c_thought)])
 
 
 def teaches_stop(num_steps: int, layout: LatentLayout, config: CurriculumConfig) -> bool:
@@ -271,6 +282,7 @@ __all__ = [
     "evaluation_layout",
     "max_example_length",
     "question_prompt",
+    "replaced_steps",
     "sample_stage",
     "training_layout",
 ]

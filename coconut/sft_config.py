@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from trl import SFTConfig
 
 from coconut.curriculum import CurriculumConfig
+from coconut.step_supervision import STEP_LOSS_NORMALIZATIONS
 
 
 @dataclass
@@ -96,6 +97,25 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         default=1.0,
         metadata={"help": "Weight of the stop head's binary cross-entropy, added to the language-modelling loss."},
     )
+    step_supervision: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a step decoder beside the model (SIM-CoT): a copy of the language model and LM head that "
+            "reads the thoughts replacing each step and must write that step's text; its loss flows into the "
+            "thoughts. Saved in <output_dir>/thought_decoder, not part of the model (coconut and pause_as_thought)."
+        },
+    )
+    step_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the step decoder's loss, added to the language-modelling loss."}
+    )
+    step_loss_normalization: str = field(
+        default="step",
+        metadata={
+            "help": "'step': each step's token losses summed, averaged over steps (SIM-CoT's); 'token': averaged over "
+            "every step token.",
+            "choices": list(STEP_LOSS_NORMALIZATIONS),
+        },
+    )
     resume_with_fresh_optimizer: bool = field(
         default=False,
         metadata={
@@ -177,11 +197,40 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
                 f"`stop_loss_weight`={self.stop_loss_weight} must be a positive finite number (1.0 weighs the stop "
                 "head's loss like the language-modelling loss); leave out `--latent_stop_head` to train no head."
             )
+        self.validate_step_supervision()
         if self.activation_checkpointing and (self.activation_checkpointing_kwargs or {}).get("use_reentrant"):
             raise ValueError(
                 f"`activation_checkpointing_kwargs`={self.activation_checkpointing_kwargs}: reentrant checkpointing "
                 "cuts the gradient that flows from later thoughts into earlier keys and values. Use "
                 "`{'use_reentrant': False}` (the transformers default) or leave the kwargs out."
+            )
+
+    def validate_step_supervision(self):
+        if self.step_loss_normalization not in STEP_LOSS_NORMALIZATIONS:
+            raise ValueError(
+                f"`step_loss_normalization`={self.step_loss_normalization!r} must be one of {STEP_LOSS_NORMALIZATIONS}."
+            )
+        if not self.step_supervision:
+            changed = [
+                f"`{name}`={getattr(self, name)!r}"
+                for name, default in (("step_loss_weight", 1.0), ("step_loss_normalization", "step"))
+                if getattr(self, name) != default
+            ]
+            if changed:
+                raise ValueError(
+                    f"{' and '.join(changed)} without `step_supervision`: there is no step decoder to weigh. Add "
+                    "`--step_supervision true`, or drop the flag."
+                )
+            return
+        if self.method not in ("coconut", "pause_as_thought"):
+            raise ValueError(
+                f"`step_supervision` with `method`={self.method!r}: the step decoder reads the states at the thought "
+                "(or pause) positions, which only `coconut` and `pause_as_thought` have. Drop `--step_supervision`."
+            )
+        if not (math.isfinite(self.step_loss_weight) and self.step_loss_weight > 0):
+            raise ValueError(
+                f"`step_loss_weight`={self.step_loss_weight} must be a positive finite number (1.0 weighs the step "
+                "decoder's loss like the language-modelling loss); drop `--step_supervision` to train no decoder."
             )
 
     @property

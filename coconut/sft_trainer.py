@@ -1,12 +1,10 @@
 """`CoconutSFTTrainer`: TRL's `SFTTrainer` running Coconut's staged curriculum through the model's own forward."""
 
 import copy
-import functools
 import hashlib
 import json
 import math
 import os
-import types
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -21,7 +19,6 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
-from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
 
 from coconut.checkpoints import (
     TRAINING_RECORD,
@@ -36,7 +33,16 @@ from coconut.checkpoints import (
 from coconut.collator import CoconutDataCollator
 from coconut.curriculum import evaluation_layout
 from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
+from coconut.fused_lm_head import add_latent_fused_lm_head
 from coconut.sft_config import CoconutSFTConfig
+from coconut.step_supervision import (
+    THOUGHT_DECODER_DIR,
+    build_thought_decoder,
+    load_decoder_state,
+    save_decoder_state,
+    save_thought_decoder,
+    step_supervision_loss,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -166,6 +172,30 @@ class FiniteLossCallback(TrainerCallback):
         )
 
 
+# The step decoder's state in a checkpoint folder (LoRA matrices included), beside the model's weights.
+DECODER_STATE_NAME = "thought_decoder.safetensors"
+
+
+class ThoughtDecoderCallback(TrainerCallback):
+    """Clips the step decoder's gradients like the model's (`max_grad_norm`), zeroes them after each optimizer step, and
+    saves the decoder's state in each checkpoint."""
+
+    def __init__(self, trainer: "CoconutSFTTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainer.thought_decoder.parameters(), args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.thought_decoder.zero_grad(set_to_none=True)  # Trainer zeroes the model's gradients only
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.is_world_process_zero():
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            save_decoder_state(self.trainer.thought_decoder, checkpoint / DECODER_STATE_NAME)
+
+
 class RunRecord(TrainerCallback, ExportableState):
     """The run's settings and the evaluation after each stage (metrics and predictions).
 
@@ -187,48 +217,6 @@ class RunRecord(TrainerCallback, ExportableState):
             self.stage_results = list(saved["args"].get("stage_results", []))
         # Trainer stores each stateful callback under its name, and fails on a checkpoint saved without this one.
         state.stateful_callbacks[type(self).__name__] = self.state()
-
-
-def add_latent_fused_lm_head(model, on_stop_loss=None) -> None:
-    """TRL's fused-LM-head call, `model(..., labels=labels, fused_lm_head=True)`, answered from the model's own forward.
-
-    [`~trl.SFTTrainer`] computes its loss and metrics (entropy, token accuracy) from the per-token fields of a
-    [`~trl.trainer.utils.FusedCausalLMOutput`], which TRL's `add_fused_lm_head` computes on the inner backbone: that
-    would skip the latent passes. Here the fields come from the logits of the model's own forward, which runs them.
-    Call it after TRL's `add_fused_lm_head` (in `SFTTrainer.__init__`): other calls go on to TRL's forward unchanged.
-    TRL builds its loss from the per-token fields alone, so the stop head's loss of the same forward goes to
-    `on_stop_loss` (the trainer adds it to the loss).
-    """
-    forward = model.forward  # TRL's: without `fused_lm_head`, the model's own forward
-
-    @functools.wraps(type(model).forward)
-    def latent_fused_forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            return forward(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
-        if kwargs.get("shift_labels") is not None:
-            raise ValueError(
-                "`shift_labels` is passed under context or sequence parallelism, which splits the sequence; the "
-                "latent passes need it whole. Train without context or sequence parallelism."
-            )
-        outputs = forward(*args, **kwargs)
-        if on_stop_loss is not None and getattr(outputs, "stop_loss", None) is not None:
-            on_stop_loss(outputs.stop_loss)
-        logits = outputs.logits[:, :-1].float()  # (B, T - 1, V): the next-token logits
-        labels = labels[:, 1:].to(logits.device)  # (B, T - 1)
-        label_mask = labels != -100
-        log_probs, entropy = selective_log_softmax_and_entropy(
-            logits, labels.masked_fill(~label_mask, 0), entropy_requires_grad=False, row_mask=label_mask
-        )
-        num_tokens = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(
-            loss=-log_probs.sum() / num_tokens,
-            log_probs=log_probs,
-            entropy=entropy,
-            is_top1=(logits.argmax(dim=-1) == labels) & label_mask,
-            label_mask=label_mask,
-        )
-
-    model.forward = types.MethodType(latent_fused_forward, model)
 
 
 class CoconutSFTTrainer(SFTTrainer):
@@ -300,11 +288,24 @@ class CoconutSFTTrainer(SFTTrainer):
             seed=args.seed,
             max_length=args.max_length,
             stop_labels=args.latent_stop_head,
+            step_supervision=args.step_supervision,
         )
+        self.thought_decoder = None
+        if args.step_supervision:
+            if args.world_size > 1:
+                raise ValueError(
+                    f"`step_supervision` runs on one process; this run has {args.world_size}. The step decoder is not "
+                    "wrapped for data parallelism, so its gradients would not be averaged across processes. Train on "
+                    "one process, or drop `--step_supervision`."
+                )
+            # A copy of the language model and LM head as they are now, before PEFT wraps the model.
+            self.thought_decoder = build_thought_decoder(model, kwargs.get("peft_config"))
         # Only integer columns: TRL reads `image`/`images` columns as its own vision format.
         schedule = Dataset.from_list(self.schedule.rows)
         self.finite_loss = FiniteLossCallback(self)
         own_callbacks = [self.finite_loss, CurriculumCallback(self), RunRecord(settings)]
+        if self.thought_decoder is not None:
+            own_callbacks.append(ThoughtDecoderCallback(self))
         super().__init__(
             model=model,
             args=args,
@@ -315,10 +316,11 @@ class CoconutSFTTrainer(SFTTrainer):
             **kwargs,
         )
         # SFTTrainer's fused LM head runs the inner backbone, without the latent passes: score the model's own logits.
-        self.stop_losses = []  # the stop head's loss of each forward, until `compute_loss` adds it
+        self.auxiliary_losses = {}  # the stop head's and the step decoder's loss of a forward, until `compute_loss`
+        self.step_batch = None  # the step decoder's inputs for the forward under way
         add_latent_fused_lm_head(
             self.model.get_base_model() if is_peft_model(self.model) else self.model,
-            on_stop_loss=self.stop_losses.append if args.latent_stop_head else None,
+            on_outputs=self._auxiliary_losses_of,
         )
         if args.latent_stop_head and not any(p.requires_grad for p in self.model.latent_stop_head.parameters()):
             raise ValueError(
@@ -413,6 +415,8 @@ class CoconutSFTTrainer(SFTTrainer):
         if resume_from_checkpoint:
             logger.info(f"Resuming from {resume_from_checkpoint}")
             self.check_checkpoint(resume_from_checkpoint)
+            if self.thought_decoder is not None:
+                load_decoder_state(self.thought_decoder, Path(resume_from_checkpoint) / DECODER_STATE_NAME)
         else:
             record = Path(output_dir) / TRAINING_RECORD
             if record.is_file():
@@ -438,6 +442,12 @@ class CoconutSFTTrainer(SFTTrainer):
                 )
         check_weight_files(checkpoint)
         check_resume_files(checkpoint)
+        if self.thought_decoder is not None and not (checkpoint / DECODER_STATE_NAME).is_file():
+            raise ValueError(
+                f"Checkpoint {str(checkpoint)!r} has no {DECODER_STATE_NAME}: it was saved by a run without "
+                "`step_supervision`, so the step decoder's training cannot be resumed. Resume without "
+                "`--step_supervision`, or start again with `--overwrite_output_dir`."
+            )
         saved = saved_run_settings(checkpoint, RunRecord.__name__)
         self.refuse_other_settings(saved, f"Checkpoint {str(checkpoint)!r}")
 
@@ -455,30 +465,72 @@ class CoconutSFTTrainer(SFTTrainer):
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`SFTTrainer.compute_loss` (loss and metrics) through the latent passes; watches for a non-finite loss."""
+        """`SFTTrainer.compute_loss` (loss and metrics) through the latent passes, plus the stop head's and the step
+        decoder's losses; watches for a non-finite loss."""
+        inputs = dict(inputs)
         if self.sync_latent_passes:
-            inputs = {**inputs, "sync_latent_passes": True}
-        self.stop_losses.clear()
+            inputs["sync_latent_passes"] = True
+        step_keys = ("step_thought_index", "step_input_ids", "step_attention_mask")
+        self.step_batch = {key: inputs.pop(key) for key in step_keys if key in inputs} or None
+        self.auxiliary_losses.clear()
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.stop_losses:
-            result = self._add_stop_loss(result, return_outputs, num_items_in_batch)
+        self.step_batch = None
+        weights = {"stop_loss": self.args.stop_loss_weight, "step_loss": self.args.step_loss_weight}
+        for name, auxiliary_loss in self.auxiliary_losses.items():
+            result = self._add_auxiliary_loss(result, name, auxiliary_loss, weights[name], num_items_in_batch)
         if model.training:
             loss = result[0] if return_outputs else result
             self.finite_loss.observe(loss.detach(), self.state.global_step + 1)
         return result
 
-    def _add_stop_loss(self, result, return_outputs: bool, num_items_in_batch):
-        """The loss plus `stop_loss_weight` x the stop head's loss (logged as `stop_loss`). The stop loss is a mean
-        per micro-batch: with `num_items_in_batch` the trainer leaves gradient accumulation to the loss, so it is
-        divided by the accumulation steps, as TRL does for the MoE auxiliary loss."""
-        stop_loss = self.stop_losses.pop()
+    def _auxiliary_losses_of(self, outputs):
+        """Called with the model's own outputs inside the forward TRL scores: keeps the stop head's loss and computes
+        the step decoder's from the final hidden states."""
+        if getattr(outputs, "stop_loss", None) is not None:
+            self.auxiliary_losses["stop_loss"] = outputs.stop_loss
+        if self.thought_decoder is not None and self.step_batch is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            self.thought_decoder.train(model.training)  # dropout as in the model
+            step_loss = step_supervision_loss(
+                self.thought_decoder,
+                model.get_input_embeddings(),
+                outputs.hidden_states[-1],
+                **self.step_batch,
+                normalization=self.args.step_loss_normalization,
+            )
+            if step_loss is not None:
+                self.auxiliary_losses["step_loss"] = step_loss
+
+    def _add_auxiliary_loss(self, result, name: str, auxiliary_loss, weight: float, num_items_in_batch):
+        """The loss plus `weight` x an auxiliary loss (logged under `name`). The auxiliary loss is a mean per
+        micro-batch: with `num_items_in_batch` the trainer leaves gradient accumulation to the loss, so it is divided
+        by the accumulation steps, as TRL does for the MoE auxiliary loss."""
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["stop_loss"].append(self.accelerator.gather_for_metrics(stop_loss.detach()).mean().item())
+        self._metrics[mode][name].append(self.accelerator.gather_for_metrics(auxiliary_loss.detach()).mean().item())
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        weighted = self.args.stop_loss_weight * stop_loss / steps
-        if return_outputs:
+        weighted = weight * auxiliary_loss / steps
+        if isinstance(result, tuple):
             return result[0] + weighted, result[1]
         return result + weighted
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the step decoder's trainable weights as a group of their own."""
+        optimizer = super().create_optimizer(model)
+        if self.thought_decoder is not None:
+            parameters = [p for p in self.thought_decoder.parameters() if p.requires_grad]
+            getattr(optimizer, "optimizer", optimizer).add_param_group(
+                {"params": parameters, "weight_decay": self.args.weight_decay}
+            )
+        return optimizer
+
+    def save_thought_decoder(self, output_dir: str | Path) -> Path | None:
+        """Save the step decoder in `<output_dir>/thought_decoder` as a standalone causal LM (LoRA merged in)."""
+        if self.thought_decoder is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        folder = Path(output_dir) / THOUGHT_DECODER_DIR
+        return save_thought_decoder(self.thought_decoder, model.get_input_embeddings(), folder, tokenizer)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs carry the stage of the last step."""
@@ -574,6 +626,9 @@ RESUME_SETTINGS = (
     "reset_optimizer",
     "latent_stop_head",
     "stop_loss_weight",
+    "step_supervision",
+    "step_loss_weight",
+    "step_loss_normalization",
     # the schedule: which records, in which order, in which batches
     "num_train_epochs",
     "max_steps",
@@ -673,5 +728,5 @@ __all__ = [
     "CurriculumSchedule",
     "FiniteLossCallback",
     "RunRecord",
-    "add_latent_fused_lm_head",
+    "ThoughtDecoderCallback",
 ]
