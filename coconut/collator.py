@@ -7,7 +7,7 @@ import torch
 from transformers.utils import logging
 from trl.trainer.utils import pad
 
-from coconut.curriculum import CurriculumConfig, build_training_example
+from coconut.curriculum import CurriculumConfig, build_training_example, question_prompt
 from coconut.data import load_record_images
 from coconut.step_supervision import step_targets
 from modeling_coconut_internvl import latent_stop_labels
@@ -74,6 +74,7 @@ class CoconutDataCollator:
         self.max_length = max_length
         self.stop_labels = stop_labels
         self.step_supervision = step_supervision
+        self.cache = {}  # sample -> (record, chat prompt)
         self.latent_token_id = self.tokenizer.convert_tokens_to_ids(LATENT)
         self.unlabelled_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(LATENT_TOKENS)))
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -82,11 +83,20 @@ class CoconutDataCollator:
         """The text pieces `{"prompt", "completion", "images"}` of each schedule row."""
         examples = []
         for feature in features:
-            record = self.records[feature["sample"]]
+            record, prompt = self.record_and_prompt(feature["sample"])
             rng = random.Random(f"{self.seed}-{feature['epoch']}-{feature['sample']}")
-            example = build_training_example(record, feature["stage"], self.tokenizer, self.curriculum, rng)
+            example = build_training_example(record, feature["stage"], self.tokenizer, self.curriculum, rng, prompt)
             examples.append({**example, "images": load_record_images(record, feature["sample"])})
         return examples
+
+    def record_and_prompt(self, sample: int) -> tuple[dict, str]:
+        """Record `sample` and its chat prompt, built once: every epoch visits every record again, and neither the
+        record (a row decoded from the dataset's Arrow table) nor its chat template's output changes with the stage."""
+        cached = self.cache.get(sample)
+        if cached is None:
+            record = self.records[sample]
+            cached = self.cache[sample] = (record, question_prompt(record, self.tokenizer))
+        return cached
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         examples = self.examples(features)

@@ -165,6 +165,7 @@ def build_training_example(
     tokenizer,
     config: CurriculumConfig,
     rng: random.Random | None = None,
+    prompt: str | None = None,
 ) -> dict:
     """The training example for `record` at curriculum `stage`, as text pieces.
 
@@ -175,6 +176,8 @@ def build_training_example(
         tokenizer: a tokenizer with InternVL's chat template and an `eos_token`.
         config ([`CurriculumConfig`]): the curriculum settings.
         rng (`random.Random`, *optional*): required when `config.uniform_prob > 0`.
+        prompt (`str`, *optional*): the record's [`question_prompt`], when the caller keeps it (it does not change
+            with the stage).
 
     Returns:
         `dict` with `prompt` (chat template + question + latent block), `completion` (remaining steps, each followed
@@ -203,7 +206,7 @@ def build_training_example(
     completion = "".join(step + "\n" for step in steps[layout.num_skipped_steps :])
     completion += ANSWER_MARKER + answer + tokenizer.eos_token
     return {
-        "prompt": question_prompt(record, tokenizer) + layout.block,
+        "prompt": (prompt if prompt is not None else question_prompt(record, tokenizer)) + layout.block,
         "completion": completion,
         "images": list(record.get("images") or []),
         "stage": used_stage,
