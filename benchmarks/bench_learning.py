@@ -47,14 +47,15 @@ from train_sft import DEMO_ARGS
 
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("cot", "no_cot", "no_thought", "pause_as_thought", "coconut")
-CURRICULUM_METHODS = ("coconut", "pause_as_thought", "no_thought")
+METHODS = ("cot", "no_cot", "no_thought", "pause_as_thought", "coconut", "coconut_plain")
+CURRICULUM_METHODS = ("coconut", "coconut_plain", "pause_as_thought", "no_thought")
 NAMES = {
     "cot": "CoT",
     "no_cot": "No-CoT",
     "no_thought": "w/o thought",
-    "pause_as_thought": "pause as thought",
-    "coconut": "Coconut",
+    "pause_as_thought": "pause as thought (step-supervised)",
+    "coconut": "Coconut (step-supervised)",
+    "coconut_plain": "Coconut, the paper's recipe",
 }
 # The task with headroom: a 3 x 3 board (one image token per cell), 2 to 4 arrows.
 TASK_ARGS = [
@@ -68,8 +69,23 @@ TASK_ARGS = [
 ]  # fmt: skip
 # CoT and No-CoT: one learning-rate schedule over all epochs.
 COT_ARGS = ["--num_train_epochs", "20"]
-# The curriculum from the CoT model of the same seed: stages 1..max_latent_stage, then the final stage.
-CURRICULUM_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
+# The curriculum continues the CoT model of the same seed at stage 1, through stages 1..max_latent_stage, then the
+# final stage. The paper's recipe: 3 epochs a stage, each stage with a fresh Adam and schedule.
+PLAIN_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
+# The recipe found on seed 0 (docs/learning.md): the stage lengths, and the step decoder for the methods with thoughts.
+STAGE_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
+STEP_SUPERVISION_ARGS = ["--step_supervision", "true"]
+# Per method: train_sft.py's `--method` and the method's own flags.
+METHOD_ARGS = {
+    "cot": ("cot", COT_ARGS),
+    "no_cot": ("no_cot", COT_ARGS),
+    "no_thought": ("no_thought", STAGE_ARGS),
+    "pause_as_thought": ("pause_as_thought", [*STAGE_ARGS, *STEP_SUPERVISION_ARGS]),
+    "coconut": ("coconut", [*STAGE_ARGS, *STEP_SUPERVISION_ARGS]),
+    "coconut_plain": ("coconut", PLAIN_ARGS),
+}
+# The causal test of each Coconut run's thoughts (`evaluate.py --interventions`), on its held-out test split.
+INTERVENTIONS = ("zero", "noise", "shuffle", "other_board")
 
 
 def run_training(method: str, seed: int, output_dir: Path, threads: int, args: list[str]) -> dict:
@@ -77,7 +93,7 @@ def run_training(method: str, seed: int, output_dir: Path, threads: int, args: l
     run_dir = output_dir / f"{method}-seed{seed}"
     args = [
         *args,
-        "--method", method,
+        "--method", METHOD_ARGS[method][0],
         "--seed", str(seed),
         "--output_dir", str(run_dir),
         "--synthetic_dir", str(run_dir / "data"),  # runs at the same time must not share image files
@@ -123,8 +139,33 @@ def run_training(method: str, seed: int, output_dir: Path, threads: int, args: l
         "seconds": seconds,
         "args": args,
     }
+    if METHOD_ARGS[method][0] == "coconut":
+        run.update(thought_tests(run_dir, env))
     record_path.write_text(json.dumps(run, indent=2) + "\n")
     return run
+
+
+def thought_tests(run_dir: Path, env: dict) -> dict:
+    """The causal test and the thought reader of a Coconut run, on its held-out test split (`evaluate.py`)."""
+    eval_dir = run_dir / "thought_tests"
+    command = [
+        sys.executable, "evaluate.py", "--model", str(run_dir), "--split", "test", "--data_dir", str(run_dir / "data"),
+        "--output_dir", str(eval_dir), "--interventions", *INTERVENTIONS, "--read_thoughts", "true",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    (run_dir / "thought_tests.log").write_text(completed.stdout + completed.stderr)
+    if completed.returncode != 0:
+        raise RuntimeError(f"evaluate.py failed on {run_dir}; its log: {run_dir / 'thought_tests.log'}")
+    results = json.loads((eval_dir / "eval_results.json").read_text())
+    reader = results["thought_reader"]
+    return {
+        "interventions": {"unchanged": results["overall"]["accuracy"], **results["interventions"]},
+        "reader_right_cell": reader["right_cell"],
+        "reader_right_cell_by_step": reader["right_cell_by_step"],
+        "reader_decoder": reader["decoder"],
+        "reader_examples": reader["examples"],
+    }
 
 
 def accuracy_by_hops(run_dir: Path, predictions: list[dict]) -> dict:
@@ -157,12 +198,11 @@ def run_all(jobs: list[tuple[str, int]], output_dir: Path, threads: int, workers
             for method, seed in list(pending):
                 if len(running) == workers:
                     break
+                args = [*base, *METHOD_ARGS[method][1]]
                 if method in CURRICULUM_METHODS:
                     if ("cot", seed) not in done:
                         continue
-                    args = [*base, *CURRICULUM_ARGS, "--model_name_or_path", str(output_dir / f"cot-seed{seed}")]
-                else:
-                    args = [*base, *COT_ARGS]
+                    args += ["--model_name_or_path", str(output_dir / f"cot-seed{seed}")]
                 pending.remove((method, seed))
                 future = pool.submit(run_training, method, seed, output_dir, threads, [*args, *extra_args])
                 running[future] = (method, seed)
@@ -202,6 +242,14 @@ def summarize(runs: list[dict], methods: list[str]) -> dict:
             },
             "first_step_accuracy": round(100 * statistics.mean(first_steps), 1) if first_steps else None,
         }
+        if all("interventions" in run for run in own) and own:
+            names = own[0]["interventions"]
+            summary[method]["interventions"] = {
+                name: round(100 * statistics.mean(run["interventions"][name] for run in own), 1) for name in names
+            }
+            summary[method]["reader_right_cell"] = round(
+                100 * statistics.mean(run["reader_right_cell"] or 0 for run in own), 1
+            )
     if "coconut" in summary:
         coconut = summary["coconut"]["accuracy_per_seed"]
         summary["coconut"]["welch_p"] = {
@@ -234,6 +282,22 @@ def markdown_table(summary: dict) -> str:
             f"| {NAMES[method]} | {row['accuracy_mean']:.1f} ± {row['accuracy_std']:.1f} | {per_seed} | {by_hops} | "
             f"{row['tokens_mean']:.1f} | {row['thoughts_mean']:.1f} | {'-' if p is None else f'{p:.3g}'} |"
         )
+    return "\n".join(lines)
+
+
+def thought_table(summary: dict) -> str:
+    """Accuracy under each intervention and the thought reader's score, for the methods that have them."""
+    rows = {method: row for method, row in summary.items() if "interventions" in row}
+    if not rows:
+        return ""
+    names = list(next(iter(rows.values()))["interventions"])
+    lines = [
+        "| method | " + " | ".join(names) + " | thoughts read as the right cell (%) |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for method, row in rows.items():
+        values = " | ".join(f"{row['interventions'][name]:.1f}" for name in names)
+        lines.append(f"| {NAMES[method]} | {values} | {row['reader_right_cell']:.1f} |")
     return "\n".join(lines)
 
 
@@ -276,7 +340,7 @@ def run_probe(output_dir: Path, seeds: list[int], methods: list[str]) -> dict:
     for seed in seeds:
         results = {
             NAMES[method]: probe_model(output_dir / f"{method}-seed{seed}", output_dir / "probe_data")
-            for method in ("coconut", "pause_as_thought")
+            for method in ("coconut", "pause_as_thought", "coconut_plain")
             if method in methods
         }
         probes[seed] = results
@@ -302,7 +366,7 @@ def main():
     output_dir.mkdir(parents=True, exist_ok=True)
 
     # CoT first (the curriculum runs continue from it) and No-CoT (the headroom rests on it), then the slowest runs.
-    order = ("cot", "no_cot", "coconut", "pause_as_thought", "no_thought")
+    order = ("cot", "no_cot", "coconut", "pause_as_thought", "coconut_plain", "no_thought")
     needed = set(args.methods) | ({"cot"} if set(args.methods) & set(CURRICULUM_METHODS) else set())
     jobs = [(method, seed) for method in order if method in needed for seed in args.seeds]
     start = time.perf_counter()
@@ -325,17 +389,23 @@ def main():
         "workers": args.workers,
         "threads_per_run": args.threads,
         "train_sft_args": {
-            "cot": [*DEMO_ARGS, *TASK_ARGS, *COT_ARGS, *args.extra_args],
-            "curriculum": [*DEMO_ARGS, *TASK_ARGS, *CURRICULUM_ARGS, *args.extra_args],
+            method: [*DEMO_ARGS, *TASK_ARGS, "--method", name, *own, *args.extra_args]
+            for method, (name, own) in METHOD_ARGS.items()
+            if method in methods
         },
     }
     (output_dir / "bench_learning.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table)
+    if thought_table(summary):
+        print(f"Test accuracy (%) with the thoughts replaced, and the thought reader:\n{thought_table(summary)}")
     print(
         f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} at a time, {args.threads} thread(s) each); "
         f"wrote {output_dir / 'bench_learning.json'} and {output_dir / 'bench_learning.png'}"
     )
-    keys = ("accuracy_mean", "accuracy_std", "tokens_mean", "thoughts_mean", "seeds", "welch_p")
+    keys = (
+        "accuracy_mean", "accuracy_std", "tokens_mean", "thoughts_mean", "seeds", "welch_p", "interventions",
+        "reader_right_cell",
+    )  # fmt: skip
     print(json.dumps({method: {key: row[key] for key in keys if key in row} for method, row in summary.items()}))
 
 
