@@ -37,14 +37,19 @@ from pathlib import Path
 
 from trl import ModelConfig, TrlParser
 
-from coconut.checkpoints import check_writable
-from coconut.evaluation import EvalResults
-from coconut.held_out_test import evaluate_held_out_test, write_test_results
+from coconut.held_out_evaluation import evaluate_held_out_test, write_test_results
 from coconut.loading import load_model_and_processor
 from coconut.lora import coconut_peft_config
 from coconut.model_card import model_license, trained_model_card
-from coconut.preflight import check_dataset_argument, check_push_arguments, check_script_sizes, with_demo_defaults
+from coconut.preflight import (
+    check_dataset_argument,
+    check_push_arguments,
+    check_script_sizes,
+    check_writable,
+    with_demo_defaults,
+)
 from coconut.repository import push_folder, save_trained_repository
+from coconut.results import EvalResults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import VARIANTS

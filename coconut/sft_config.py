@@ -40,7 +40,7 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         eval_max_new_tokens (`int`, *optional*):
             Tokens generated per validation question in the greedy exact-match evaluation after each stage
             ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`). Default: the longest
-            target of the validation records at that stage x 1.5 ([`coconut.evaluation.default_max_new_tokens`]).
+            target of the validation records at that stage x 1.5 ([`coconut.eval_prompts.default_max_new_tokens`]).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Train from scratch into an `output_dir` that holds checkpoints or a trained model: its `checkpoint-*`
             folders are deleted first. Without it a run resumes from the last complete checkpoint, and refuses to

@@ -6,7 +6,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import types
+import zipfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -19,23 +21,18 @@ from datasets import Dataset
 from transformers import SchedulerType, TrainerCallback, get_scheduler
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import sort_checkpoints
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from trl import SFTTrainer
 from trl.trainer.utils import FusedCausalLMOutput, selective_log_softmax_and_entropy
 
-from coconut.checkpoints import (
-    TRAINING_RECORD,
-    check_resume_files,
-    check_weight_files,
-    is_complete,
-    last_complete_checkpoint,
-    remove_checkpoints,
-    saved_run_settings,
-    settings_differences,
-)
 from coconut.collator import CoconutDataCollator
 from coconut.curriculum import evaluation_layout
-from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
+from coconut.eval_config import CoconutEvalConfig
+from coconut.evaluation import evaluate_stage
+from coconut.loading import check_weight_files
+from coconut.repository import TRAINING_RECORD
+from coconut.results import EvalResults, StageResult
 from coconut.sft_config import CoconutSFTConfig
 
 
@@ -61,7 +58,7 @@ class CurriculumSchedule:
     rows: list[dict]
     rows_per_step: int
     steps_per_epoch: int
-    stage_of_epoch: list[int]
+    epoch_stages: list[int]
 
     @classmethod
     def build(cls, args: CoconutSFTConfig, records: Sequence[dict], rows_per_step: int) -> "CurriculumSchedule":
@@ -83,7 +80,7 @@ class CurriculumSchedule:
             stage = args.stage_of_epoch(epoch)
             stages.append(stage)
             rows += [{"epoch": epoch, "sample": sample, "stage": stage} for sample in order]
-        return cls(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, stage_of_epoch=stages)
+        return cls(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, epoch_stages=stages)
 
     @property
     def total_steps(self) -> int:
@@ -91,7 +88,7 @@ class CurriculumSchedule:
 
     def stage_of_step(self, step: int) -> int:
         """The scheduled stage of optimizer step `step` (counted from 0)."""
-        return self.stage_of_epoch[min(step // self.steps_per_epoch, len(self.stage_of_epoch) - 1)]
+        return self.epoch_stages[min(step // self.steps_per_epoch, len(self.epoch_stages) - 1)]
 
     def stage_spans(self) -> list[tuple[int, int, int]]:
         """`(stage, first_step, num_steps)` of each run of consecutive steps at the same stage."""
@@ -665,6 +662,98 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
             f"`max_latent_stage`={args.max_latent_stage}, but the longest training record has {longest} steps: "
             f"evaluation prompts get at most {longest} x c_thought = {longest * args.c_thought} thoughts."
         )
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether `Trainer` finished saving `checkpoint`: its last file, `trainer_state.json`, is there and parses."""
+    try:
+        json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest complete checkpoint in `folder` (`None` without one); newer incomplete ones are skipped, with a
+    warning that names them (a run killed while saving leaves one behind)."""
+    # Not `get_last_checkpoint`: it returns the newest `checkpoint-N` folder even when its save never finished.
+    skipped = []
+    for checkpoint in reversed(sort_checkpoints(str(folder))):
+        if is_complete(checkpoint):
+            if skipped:
+                logger.warning(
+                    "Skipping incomplete checkpoint(s) %s (no readable %s: the run stopped while saving them); "
+                    "resuming from %s. Delete the incomplete folders to silence this warning.",
+                    ", ".join(map(str, skipped)),
+                    TRAINER_STATE_NAME,
+                    checkpoint,
+                )
+            return str(checkpoint)
+        skipped.append(checkpoint)
+    if skipped:
+        logger.warning(
+            "No complete checkpoint in %s: %s have no readable %s (the run stopped while saving them); training "
+            "starts from the beginning.",
+            folder,
+            ", ".join(map(str, skipped)),
+            TRAINER_STATE_NAME,
+        )
+    return None
+
+
+# The torch files `Trainer` loads when it resumes, besides the weights (`rng_state_<rank>.pth` with several processes).
+RESUME_FILE_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")
+
+
+def check_resume_files(checkpoint: str | Path) -> None:
+    """Raise a `ValueError` naming the first torch file of `checkpoint` that `Trainer` would load on resume and that
+    is damaged: cut short (not a whole zip archive) or with data that fails its CRC-32 (torch writes one per entry,
+    and `torch.load` does not check it, so a flipped bit would load silently). Reading costs one pass over the
+    files, no unpickling."""
+    checkpoint = Path(checkpoint)
+    for pattern in RESUME_FILE_PATTERNS:
+        for path in sorted(checkpoint.glob(pattern)):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad_entry = archive.testzip()
+                problem = f"entry {bad_entry!r} fails its checksum" if bad_entry is not None else None
+            except (zipfile.BadZipFile, OSError, EOFError) as error:
+                problem = f"not a whole torch file ({type(error).__name__}: {error})"
+            if problem is not None:
+                raise ValueError(
+                    f"Checkpoint file {str(path)!r} is damaged: {problem}. Delete the checkpoint {str(checkpoint)!r} "
+                    "to resume from the one before it (or `--overwrite_output_dir` to start again)."
+                )
+
+
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """`"name: saved -> current"` for every setting that differs (a setting missing on one side differs too)."""
+    missing = object()
+    differences = []
+    for name in sorted(set(saved) | set(current)):
+        before, after = saved.get(name, missing), current.get(name, missing)
+        if before != after:
+            show = [("(not set)" if value is missing else repr(value)) for value in (before, after)]
+            differences.append(f"{name}: {show[0]} -> {show[1]}")
+    return differences
+
+
+def saved_run_settings(checkpoint: str | Path, callback_name: str) -> dict | None:
+    """The settings a callback named `callback_name` stored in `checkpoint`'s trainer state (`None` without them)."""
+    state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    saved = (state.get("stateful_callbacks") or {}).get(callback_name)
+    return (saved or {}).get("args", {}).get("settings")
+
+
+def remove_checkpoints(folder: str | Path) -> list[str]:
+    """Delete the `checkpoint-N` folders of `folder` (for `--overwrite_output_dir`); returns their names."""
+    removed = []
+    for checkpoint in sort_checkpoints(str(folder)):
+        shutil.rmtree(checkpoint)
+        removed.append(Path(checkpoint).name)
+    if removed:
+        logger.warning("`overwrite_output_dir`: removed %s from %s.", ", ".join(removed), folder)
+    return removed
 
 
 __all__ = [

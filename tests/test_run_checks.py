@@ -18,7 +18,8 @@ import evaluate
 import train_sft
 from coconut.curriculum import CurriculumConfig, max_example_length
 from coconut.data import image_token_counter, records_to_dataset, validate_dataset
-from coconut.evaluation import CoconutEvalConfig, evaluate_stage
+from coconut.eval_config import CoconutEvalConfig
+from coconut.evaluation import evaluate_stage
 from coconut.sft_config import CoconutSFTConfig
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 from coconut.tiny import tiny_model_and_processor

@@ -199,10 +199,10 @@ def test_start_stage_continues_the_curriculum(tmp_path):
     records = [{"steps": ["a"] * 3} for _ in range(8)]
     args = sft_config(tmp_path, num_train_epochs=7, epochs_per_stage=2, max_latent_stage=3, start_stage=1)
     schedule = CurriculumSchedule.build(args, records, rows_per_step=4)
-    assert schedule.stage_of_epoch == [1, 1, 2, 2, 3, 3, 4]
+    assert schedule.epoch_stages == [1, 1, 2, 2, 3, 3, 4]
     assert schedule.stage_spans()[0] == (1, 0, 4)
     final = sft_config(tmp_path, num_train_epochs=2, max_latent_stage=3, start_stage=4)
-    assert CurriculumSchedule.build(final, records, rows_per_step=4).stage_of_epoch == [4, 4]
+    assert CurriculumSchedule.build(final, records, rows_per_step=4).epoch_stages == [4, 4]
     with pytest.raises(ValueError, match=r"`start_stage`=5 must be between 0 and the final stage .* = 4"):
         sft_config(tmp_path, max_latent_stage=3, start_stage=5)
     with pytest.raises(ValueError, match="method 'cot' has no stages"):
@@ -214,7 +214,7 @@ def test_stages_past_the_last_merge_into_one_final_stage(tmp_path, tokenizer, pa
     """Past max_latent_stage every stage builds the same examples: one final stage for all the remaining epochs."""
     args = sft_config(tmp_path, num_train_epochs=9, epochs_per_stage=2, max_latent_stage=2, pad_latent_to_max=pad)
     schedule = CurriculumSchedule.build(args, RECORDS, rows_per_step=4)  # 8 records: 2 steps per epoch
-    assert schedule.stage_of_epoch == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert schedule.epoch_stages == [0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert schedule.stage_spans() == [(0, 0, 4), (1, 4, 4), (2, 8, 4), (3, 12, 6)]  # one reset, one lr schedule
     one_step = {**RECORDS[0], "steps": RECORDS[0]["steps"][:1]}
     for record in [*RECORDS[:2], one_step]:
@@ -434,7 +434,7 @@ def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplo
     with pytest.raises(ValueError, match="checkpoint-4' is incomplete or missing: it has no readable trainer_state"):
         make_trainer(tmp_path / "run", tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=str(incomplete))
     resumed = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED)
-    with caplog.at_level(logging.WARNING, logger="coconut.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="coconut.sft_trainer"):
         resumed.train(resume_from_checkpoint=True)
     assert "Skipping incomplete checkpoint(s)" in caplog.text and "checkpoint-4 (no readable" in caplog.text
     assert "resuming from " + str(tmp_path / "run" / "out" / "checkpoint-3") in caplog.text
