@@ -25,7 +25,6 @@ from pathlib import Path
 from transformers import HfArgumentParser
 from transformers.utils import logging
 
-from coconut.checkpoints import check_writable
 from coconut.convert import (
     add_latent_tokens,
     build_generation_config,
@@ -34,6 +33,7 @@ from coconut.convert import (
     read_base_config,
 )
 from coconut.model_card import build_model_card, model_license
+from coconut.preflight import check_writable
 from coconut.repository import push_folder, save_repository
 from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
 

@@ -42,22 +42,19 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from trl import TrlParser
 
-from coconut.checkpoints import check_weight_files, check_writable, looks_like_local_path, read_training_record
 from coconut.convert import require_coconut_checkpoint
 from coconut.curriculum import CurriculumConfig
 from coconut.data import load_split
-from coconut.evaluation import (
-    CoconutEvalConfig,
-    EvalResults,
-    check_eval_model,
-    check_eval_settings,
-    eval_prompt,
-    evaluate_stage,
-    write_table_into_card,
-)
+from coconut.eval_config import CoconutEvalConfig, check_eval_model, check_eval_settings
+from coconut.eval_prompts import eval_prompt
+from coconut.evaluation import evaluate_stage
+from coconut.hub import is_local_path
 from coconut.interventions import INTERVENTIONS, check_interventions, evaluate_interventions
-from coconut.loading import load_model_and_processor
-from coconut.preflight import require_at_least
+from coconut.loading import check_weight_files, load_model_and_processor
+from coconut.model_card import write_table_into_card
+from coconut.preflight import check_writable, require_at_least
+from coconut.repository import read_training_record
+from coconut.results import EvalResults
 from coconut.step_supervision import THOUGHT_DECODER_DIR
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 from coconut.thought_reader import load_thought_decoder, read_thoughts, reader_scores
@@ -169,7 +166,7 @@ def check_model(model: str) -> dict | None:
         require_coconut_checkpoint(model)
         check_weight_files(path)
         return read_training_record(path)
-    if looks_like_local_path(model) or model.count("/") != 1:
+    if is_local_path(model):
         raise ValueError(
             f"`--model` {model!r} does not exist: pass a model folder (train_sft.py writes one in its `--output_dir`) "
             "or a Hub id `namespace/name`."

@@ -24,10 +24,10 @@ accelerate launch --multi_gpu --num_processes 2 train_sft.py --dataset arrow_cha
     --synthetic_train_size 200 --num_train_epochs 4 --bf16 false --use_cpu true --report_to none --save_strategy no
 ```
 
-A run resumes from the last complete checkpoint in `--output_dir` (or `--resume_from_checkpoint PATH`), with its
-stage, that stage's optimizer state, the data order and the evaluations so far, provided the checkpoint was saved with
-the same training and curriculum settings; `--overwrite_output_dir` starts from scratch instead (docs/errors.md lists
-every check and how to recover). `--push_to_hub --hub_model_id you/name` pushes at the end.
+A run resumes from `--resume_from_checkpoint PATH`, else from the newest checkpoint in `--output_dir`, with its stage,
+that stage's optimizer state, the data order and the evaluations so far, provided the checkpoint was saved with the
+same curriculum settings; another `--output_dir` starts from scratch (docs/errors.md says how to recover from each
+failure). `--push_to_hub --hub_model_id you/name` pushes at the end.
 """
 
 import logging
@@ -35,16 +35,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, TrlParser
 
-from coconut.checkpoints import check_writable
-from coconut.evaluation import EvalResults
-from coconut.held_out_test import evaluate_held_out_test, write_test_results
+from coconut.held_out_evaluation import evaluate_held_out_test, write_test_results
 from coconut.loading import load_model_and_processor
 from coconut.lora import coconut_peft_config
 from coconut.model_card import model_license, trained_model_card
-from coconut.preflight import check_dataset_argument, check_push_arguments, check_script_sizes, with_demo_defaults
+from coconut.preflight import (
+    check_dataset_argument,
+    check_push_arguments,
+    check_script_sizes,
+    check_writable,
+    with_demo_defaults,
+)
 from coconut.repository import push_folder, save_trained_repository
+from coconut.results import EvalResults
 from coconut.sft_config import CoconutSFTConfig
 from coconut.sft_trainer import CoconutSFTTrainer
 from coconut.synthetic import VARIANTS
@@ -173,7 +179,10 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
         processing_class=processor,
         peft_config=coconut_peft_config(model_args, model),
     )
-    trainer.train()  # resumes from --resume_from_checkpoint or the newest complete checkpoint of --output_dir
+    checkpoint = training_args.resume_from_checkpoint or get_last_checkpoint(training_args.output_dir)
+    if checkpoint:
+        logger.info("Resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     logger.info("Trained %d steps on %d processes", trainer.state.global_step, trainer.accelerator.num_processes)
 
     # Save + model card, after the final model has answered the bundled task's held-out test split

@@ -33,6 +33,7 @@ t-test p-value of Coconut's accuracies against each other method's.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -105,9 +106,11 @@ def run_training(method: str, seed: int, output_dir: Path, threads: int, args: l
         if earlier["args"] == args:
             return earlier
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    for checkpoint in run_dir.glob("checkpoint-*"):  # train_sft.py would resume an earlier run's checkpoints
+        shutil.rmtree(checkpoint)
     start = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "train_sft.py", *args, "--overwrite_output_dir", "true"],
+        [sys.executable, "train_sft.py", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

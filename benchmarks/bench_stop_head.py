@@ -44,11 +44,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_learning import run_training
-from coconut.checkpoints import read_training_record
 from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.data import load_record_images
-from coconut.evaluation import CoconutEvalConfig, evaluate_stage, final_stage_thoughts
+from coconut.eval_config import CoconutEvalConfig
+from coconut.eval_prompts import final_stage_thoughts
+from coconut.evaluation import evaluate_stage
 from coconut.loading import load_model_and_processor
+from coconut.repository import read_training_record
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles, step
 from train_sft import DEMO_ARGS
 

@@ -34,7 +34,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import is_torchvision_available, logging
 
-from coconut.checkpoints import looks_like_local_path
+from coconut.hub import is_local_path
 from configuration_coconut_internvl import CoconutInternVLConfig
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 from processing_coconut_internvl import LATENT_TOKENS, VIDEO_PLACEHOLDER
@@ -204,18 +204,13 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _is_local_path(base: str) -> bool:
-    """Whether `base` names a local path rather than a Hub id (`name` or `owner/name`)."""
-    return Path(base).expanduser().exists() or base.startswith((".", "/", "~")) or base.count("/") > 1
-
-
 def read_base_config(base: str) -> dict:
     """The `config.json` of `base` (a folder, or a Hub id: only that file is downloaded), checked to be InternVL.
 
     Raises a `ValueError` for a folder without `config.json`, a Coconut-InternVL checkpoint, and any checkpoint that is
     not InternVL, before anything large is downloaded or allocated.
     """
-    if _is_local_path(base):
+    if is_local_path(base):
         folder = Path(base).expanduser()
         if not (folder / "config.json").is_file():
             raise ValueError(
@@ -256,7 +251,7 @@ def check_output_folder(base: str, output: str) -> None:
 
 def resolve_base(base: str) -> Path:
     """A local folder for `base`: the path itself, or the Hub snapshot of the repository id (downloaded if needed)."""
-    if _is_local_path(base):
+    if is_local_path(base):
         return Path(base).expanduser()
     return Path(
         snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "README.md"])
@@ -474,7 +469,7 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
     folder", not a Hub look-up.
     """
     path = Path(model_name_or_path).expanduser()
-    if looks_like_local_path(model_name_or_path) and not path.is_dir():
+    if is_local_path(model_name_or_path) and not path.is_dir():
         raise ValueError(
             f"{model_name_or_path!r}: no such folder{' (it is a file)' if path.exists() else ''}. Pass the folder "
             "convert_to_coconut.py (`--output`) or train_sft.py (`--output_dir`) saved the model in, or a Hub id "

@@ -37,8 +37,8 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 from transformers.image_transforms import convert_to_rgb
 
-from coconut.checkpoints import looks_like_local_path
 from coconut.curriculum import CurriculumConfig, max_example_length
+from coconut.hub import is_local_path
 from processing_coconut_internvl import (
     ANSWER_MARKER,
     IMAGE_PLACEHOLDER,
@@ -648,7 +648,7 @@ def load_split(
         aokvqa_target (`str`): `"multiple_choice"` or `"direct"`, for A-OKVQA.
         skip_invalid (`bool`): drop invalid records (and log how many) instead of raising.
 
-    A name meant as a local path (see [`coconut.checkpoints.looks_like_local_path`]) that does not exist is an
+    A name meant as a local path (see [`coconut.hub.is_local_path`]) that does not exist is an
     error saying so, not a Hub look-up.
     """
     path = Path(dataset)
@@ -661,7 +661,7 @@ def load_split(
                 "pass a split that names exactly one, or the file itself."
             )
         return load_coconut_json(matches[0], skip_invalid=skip_invalid)
-    if looks_like_local_path(dataset) and not path.exists():
+    if is_local_path(dataset) and not path.exists():
         parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
         raise ValueError(
             f"`dataset` {dataset!r}: no such file or folder (the nearest existing folder is {str(parent)!r}). Fix the "

@@ -106,7 +106,8 @@ def evaluate_interventions(
 ) -> dict[str, dict]:
     """Accuracy of `records` answered from `prompts` (their evaluation prompts, with latent blocks) under each
     intervention: `{name: {"accuracy", "unchanged", "num_samples"}}`. Batches follow the records' order."""
-    from coconut.evaluation import Generation, score_generations
+    from coconut.generation import Generation
+    from coconut.scoring import score_generations
 
     tokenizer = getattr(processor, "tokenizer", processor)
     eos_ids = model.generation_config.eos_token_id

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from coconut.curriculum import CurriculumConfig
-from coconut.evaluation import CoconutEvalConfig, eval_prompt
+from coconut.eval_config import CoconutEvalConfig
+from coconut.eval_prompts import eval_prompt
 from coconut.loading import load_model_and_processor
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles
 from processing_coconut_internvl import LATENT_TOKENS

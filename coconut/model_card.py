@@ -8,8 +8,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from coconut.checkpoints import looks_like_local_path
 from coconut.data import load_record_images
+from coconut.hub import is_local_path
 from processing_coconut_internvl import thought_count
 
 
@@ -185,7 +185,7 @@ def model_license(base_model: str | None, revision: str | None = None) -> str:
     if base_model is None:
         return REPOSITORY_LICENSE
     try:
-        if looks_like_local_path(base_model):
+        if is_local_path(base_model):
             readme = Path(base_model).expanduser() / "README.md"
             license = ModelCard.load(readme).data.license if readme.is_file() else None
         else:
@@ -214,7 +214,7 @@ def trained_model_card(
 ) -> tuple[dict, ModelCard]:
     """The training record (`coconut_training.json`) and card of the model `trainer` trained on `dataset`: the stage
     reached, not the one planned; the evaluations after each stage, then the held-out `test` result if there is one
-    (a [`coconut.evaluation.StageResult`]); `task` is the bundled task's settings, `None` for another dataset."""
+    (a [`coconut.results.StageResult`]); `task` is the bundled task's settings, `None` for another dataset."""
     args = trainer.args
     record = {**trainer.training_record(), "dataset": dataset, "task": asdict(task) if task else None}
     stopped = (
@@ -277,7 +277,7 @@ def accuracy_results(dataset: str, results: list[tuple[str, float]]) -> list[Eva
 
 def run_results(dataset: str, validation_split: str, stage_results: list, test=None) -> list[EvalResult]:
     """`model-index` entries of a training run: the last evaluation after a stage (the saved model's) on
-    `validation_split`, and the held-out `test` result if there is one (both [`coconut.evaluation.StageResult`])."""
+    `validation_split`, and the held-out `test` result if there is one (both [`coconut.results.StageResult`])."""
     pairs = [(validation_split, stage_results[-1].metrics["accuracy"])] if stage_results else []
     if test is not None:
         pairs.append(("test", test.metrics["accuracy"]))
@@ -304,7 +304,33 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CARD_TABLE_START, CARD_TABLE_END = "<!-- coconut-eval-results -->", "<!-- /coconut-eval-results -->"
+
+
+def write_table_into_card(card_path: str | Path, table: str, heading: str = "## Evaluation") -> str:
+    """Put `table` into the model card at `card_path`, replacing the table an earlier evaluation wrote there.
+
+    The table sits between two HTML comments, so re-evaluating replaces it; a card without them gets a `heading`
+    section appended. Returns the new card text.
+    """
+    card_path = Path(card_path)
+    if not card_path.is_file():
+        raise ValueError(f"Model card {str(card_path)!r} does not exist; save the model (with its README.md) first.")
+    card = card_path.read_text()
+    block = f"{CARD_TABLE_START}\n{table.rstrip()}\n{CARD_TABLE_END}"
+    if CARD_TABLE_START in card and CARD_TABLE_END in card:
+        before, rest = card.split(CARD_TABLE_START, 1)
+        after = rest.split(CARD_TABLE_END, 1)[1]
+        card = before + block + after
+    else:
+        card = card.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    card_path.write_text(card)
+    return card
+
+
 __all__ = [
+    "CARD_TABLE_END",
+    "CARD_TABLE_START",
     "REPOSITORY_LICENSE",
     "accuracy_results",
     "build_model_card",
@@ -315,4 +341,5 @@ __all__ = [
     "save_example_images",
     "trained_model_card",
     "write_model_card",
+    "write_table_into_card",
 ]

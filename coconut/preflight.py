@@ -3,6 +3,9 @@
 A check that can only fail after the training or evaluation time is spent belongs here, run at the start instead.
 """
 
+import tempfile
+from pathlib import Path
+
 from coconut.convert import require_coconut_checkpoint
 
 
@@ -79,11 +82,40 @@ def check_push_arguments(training_args) -> None:
         raise ValueError("`--push_to_hub` needs `--hub_model_id you/name`, the Hub repository to push the model to.")
 
 
+def check_writable(folder: str | Path, argument: str = "output_dir") -> None:
+    """Create `folder` if needed and write a scratch file in it; a `ValueError` names the folder (as the script's
+    `argument`) if that fails, e.g. when the path is a file."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"`{argument}`={str(folder)!r} cannot be written ({type(error).__name__}: {error}); the run would do its "
+            f"work and then fail to save. Pass an `--{argument}` folder you can write to, or fix its permissions."
+        ) from error
+
+
+def check_output_file(path: str | Path, argument: str) -> None:
+    """Raise a `ValueError` (naming the script's `argument`) when the file `path` could not be written at the end of
+    a run: it is a folder, or its folder cannot be created or written. Nothing is created but that folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"`{argument}`={str(path)!r} is a folder; the run would do its work and then fail to write the file. "
+            f"Pass a file path, e.g. `--{argument} {path / 'out.json'}`."
+        )
+    check_writable(path.parent, argument)
+
+
 __all__ = [
     "DATA_AND_MODEL_FLAGS",
     "check_dataset_argument",
+    "check_output_file",
     "check_push_arguments",
     "check_script_sizes",
+    "check_writable",
     "require_at_least",
     "with_demo_defaults",
 ]

@@ -146,10 +146,10 @@ def main(args: ProbeArguments) -> list[ThoughtProbe]:
     """Probe the thoughts of `args.question`, save them to `args.output_file` and return them."""
     from PIL import Image
 
-    from coconut.checkpoints import check_output_file
     from coconut.curriculum import question_prompt
     from coconut.data import to_rgb
     from coconut.loading import load_model_and_processor
+    from coconut.preflight import check_output_file
     from processing_coconut_internvl import latent_block
 
     check_output_file(args.output_file, "output_file")  # before the model is loaded

@@ -1,13 +1,17 @@
 """A Coconut-InternVL repository folder, as both scripts write it (weights, code, processor, card), and its upload to
 the Hub; for a trained model, also the training record and, with LoRA, the adapter beside the merged model."""
 
+import json
+import logging
 from pathlib import Path
 
 from huggingface_hub import HfApi, ModelCard
 
-from coconut.checkpoints import write_training_record
 from coconut.model_card import write_model_card
 from processing_coconut_internvl import CoconutInternVLProcessor
+
+
+logger = logging.getLogger(__name__)
 
 
 def save_repository(
@@ -72,4 +76,41 @@ def save_trained_repository(
     return output_dir
 
 
-__all__ = ["push_folder", "save_repository", "save_trained_repository"]
+TRAINING_RECORD = "coconut_training.json"
+
+
+def write_training_record(folder: str | Path, record: dict) -> Path:
+    """Write `record` as `coconut_training.json` in `folder`; returns the path."""
+    path = Path(folder) / TRAINING_RECORD
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_training_record(model: str | Path) -> dict | None:
+    """The `coconut_training.json` of a local model folder or a Hub repository; `None` when it has none (models
+    converted but not trained by `train_sft.py`, or saved before the record existed)."""
+    path = Path(model) / TRAINING_RECORD
+    if Path(model).is_dir():
+        return json.loads(path.read_text()) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(str(model), TRAINING_RECORD)).read_text())
+    except RemoteEntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError:
+        logger.warning(
+            "Offline, and %s of %r is not in the cache: no training settings to default to.", TRAINING_RECORD, model
+        )
+        return None
+
+
+__all__ = [
+    "TRAINING_RECORD",
+    "push_folder",
+    "read_training_record",
+    "save_repository",
+    "save_trained_repository",
+    "write_training_record",
+]

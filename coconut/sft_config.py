@@ -41,21 +41,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         eval_max_new_tokens (`int`, *optional*):
             Tokens generated per validation question in the greedy exact-match evaluation after each stage
             ([`coconut.evaluation.evaluate_stage`], batches of `per_device_eval_batch_size`). Default: the longest
-            target of the validation records at that stage x 1.5 ([`coconut.evaluation.default_max_new_tokens`]).
-        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Train from scratch into an `output_dir` that holds checkpoints or a trained model: its `checkpoint-*`
-            folders are deleted first. Without it a run resumes from the last complete checkpoint, and refuses to
-            when the saved training and curriculum settings differ from the current ones (transformers 5 dropped
-            this field of `TrainingArguments`; it is back here with that meaning).
+            target of the validation records at that stage x 1.5 ([`coconut.eval_prompts.default_max_new_tokens`]).
         start_stage (`int`, *optional*, defaults to `0`):
             Stage of the first curriculum epoch. A model that already finished the earlier stages, e.g. a converged
             chain-of-thought model given as `--model_name_or_path`, continues the curriculum at `start_stage` (the
             reference code's GSM8k recipe loads a CoT checkpoint and resumes past stage 0 the same way);
             `num_train_epochs` then counts the epochs from that stage on.
-        resume_with_fresh_optimizer (`bool`, *optional*, defaults to `False`):
-            Resume from a checkpoint that has no optimizer or scheduler state (e.g. saved with `save_only_model`),
-            starting both afresh. Without it such a checkpoint is an error, since resuming would silently change
-            the training.
     """
 
     epochs_per_stage: int = field(default=1, metadata={"help": "Curriculum epochs spent in each stage."})
@@ -68,13 +59,6 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
         metadata={
             "help": "Tokens generated per validation question in the evaluation after each stage. Default: the "
             "longest target of the validation records at that stage x 1.5."
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train from scratch into an output_dir that holds checkpoints or a trained model (its "
-            "checkpoint-* folders are deleted first) instead of resuming, whatever the saved settings."
         },
     )
     start_stage: int = field(
@@ -114,13 +98,6 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             "help": "'step': each step's token losses summed, averaged over steps (SIM-CoT's); 'token': averaged over "
             "every step token.",
             "choices": list(STEP_LOSS_NORMALIZATIONS),
-        },
-    )
-    resume_with_fresh_optimizer: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume from a checkpoint without optimizer.pt / scheduler.pt, with a fresh optimizer state and "
-            "learning-rate schedule."
         },
     )
     # Overridden defaults of SFTConfig / TrainingArguments (see the class docstring).

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
 
@@ -14,26 +14,22 @@ import pyarrow.compute as pc
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from torch.utils.hooks import RemovableHandle
 from transformers import SchedulerType, TrainerCallback, get_scheduler
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from transformers.trainer_callback import ExportableState
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
-from trl import SFTTrainer
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+from trl import SFTConfig, SFTTrainer
 
-from coconut.checkpoints import (
-    TRAINING_RECORD,
-    check_resume_files,
-    check_weight_files,
-    is_complete,
-    last_complete_checkpoint,
-    remove_checkpoints,
-    saved_run_settings,
-    settings_differences,
-)
 from coconut.collator import CoconutDataCollator
 from coconut.curriculum import evaluation_layout
-from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
+from coconut.eval_config import CoconutEvalConfig
+from coconut.evaluation import evaluate_stage
 from coconut.fused_lm_head import add_latent_fused_lm_head
+from coconut.results import EvalResults, StageResult
 from coconut.sft_config import CoconutSFTConfig
 from coconut.step_supervision import (
     THOUGHT_DECODER_DIR,
@@ -67,7 +63,7 @@ class CurriculumSchedule:
     rows: list[dict]
     rows_per_step: int
     steps_per_epoch: int
-    stage_of_epoch: list[int]
+    epoch_stages: list[int]
 
     @classmethod
     def build(cls, args: CoconutSFTConfig, records: Sequence[dict], rows_per_step: int) -> "CurriculumSchedule":
@@ -89,7 +85,7 @@ class CurriculumSchedule:
             stage = args.stage_of_epoch(epoch)
             stages.append(stage)
             rows += [{"epoch": epoch, "sample": sample, "stage": stage} for sample in order]
-        return cls(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, stage_of_epoch=stages)
+        return cls(rows=rows, rows_per_step=rows_per_step, steps_per_epoch=steps_per_epoch, epoch_stages=stages)
 
     @property
     def total_steps(self) -> int:
@@ -97,7 +93,7 @@ class CurriculumSchedule:
 
     def stage_of_step(self, step: int) -> int:
         """The scheduled stage of optimizer step `step` (counted from 0)."""
-        return self.stage_of_epoch[min(step // self.steps_per_epoch, len(self.stage_of_epoch) - 1)]
+        return self.epoch_stages[min(step // self.steps_per_epoch, len(self.epoch_stages) - 1)]
 
     def stage_spans(self) -> list[tuple[int, int, int]]:
         """`(stage, first_step, num_steps)` of each run of consecutive steps at the same stage."""
@@ -168,7 +164,7 @@ class FiniteLossCallback(TrainerCallback):
             f"The training loss is not finite (NaN or inf) at step {step} (stage {schedule.stage_of_step(step - 1)}); "
             f"training stopped at step {state.global_step}. Check the weights the run started from (a corrupt or "
             "truncated file?), or lower `learning_rate` / set `max_grad_norm`; then resume from a checkpoint saved "
-            "before that step or start again with `--overwrite_output_dir`."
+            "before that step or start again in another `--output_dir`."
         )
 
 
@@ -238,10 +234,10 @@ class CoconutSFTTrainer(SFTTrainer):
     With `method="pause_as_thought"` the `<|latent|>` tokens are learned pause tokens: the model's
     `config.latent_token_id` is set to `None`, so it does not feed hidden states back.
 
-    A non-finite loss stops training with an error naming the step ([`FiniteLossCallback`]). `train()` checks a
-    checkpoint before resuming from it: complete, with its optimizer and scheduler state and readable weights, and
-    saved with the same [`RESUME_SETTINGS`] and training records as this run ([`RunRecord`]); each checkpoint also
-    keeps the evaluation of every stage so far, so a resumed run reports every stage.
+    A non-finite loss stops training with an error naming the step ([`FiniteLossCallback`]). `train()` resumes as
+    `Trainer` does, from a checkpoint saved with the same curriculum settings and training records as this run
+    ([`run_settings`], kept by [`RunRecord`]); each checkpoint also keeps the evaluation of every stage so far, so a
+    resumed run reports every stage.
 
     Args:
         model ([`PreTrainedModel`] or `str`): a Coconut-InternVL model.
@@ -379,89 +375,59 @@ class CoconutSFTTrainer(SFTTrainer):
         return step == state.max_steps or self.schedule.stage_of_step(step) != self.schedule.stage_of_step(step - 1)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """[`~transformers.Trainer.train`], resuming as the run's settings say, after the checks that keep a resumed
-        run the run it continues.
+        """[`~transformers.Trainer.train`], which resumes as `Trainer` does (`resume_from_checkpoint`: a checkpoint
+        folder, or `True` for the newest one in `output_dir`), once [`check_checkpoint`] found the checkpoint saved
+        under this run's curriculum.
 
-        The resume policy of the repository, in one place: `resume_from_checkpoint` (or, when not passed,
-        `args.resume_from_checkpoint`) names the checkpoint; `True`, or neither set, takes the newest complete
-        checkpoint of `output_dir` (newer incomplete ones are skipped with a warning; without one, `True` is an error
-        and an unset value trains from scratch); `False` trains from scratch. `overwrite_output_dir` trains from
-        scratch and deletes the folder's checkpoints first.
-
-        The checkpoint must be complete, hold its optimizer and scheduler state (unless `resume_with_fresh_optimizer`)
-        and readable weights, and have been saved with this run's [`RESUME_SETTINGS`] and training records; without
-        a checkpoint, an `output_dir` holding a model trained with other settings is refused as well.
+        `save_pretrained` writes a full-model checkpoint in InternVL's Hub key layout, and `Trainer` loads it back with
+        `load_state_dict`, which does not map the keys (transformers#43701): while `train` runs, the hooks of
+        [`load_saved_key_layout`] map them as `from_pretrained` does, into the model itself (no second model).
         """
         if self.lr_scheduler is not None and self.lr_scheduler is self.stage_lr_scheduler:
             self.lr_scheduler = None  # built for one `train()` call, as Trainer rebuilds its own
-        if resume_from_checkpoint is None:
-            resume_from_checkpoint = self.args.resume_from_checkpoint
-        output_dir = self.args.output_dir
-        if self.args.overwrite_output_dir:
-            if resume_from_checkpoint:
-                raise ValueError(
-                    f"`overwrite_output_dir` trains from scratch, `resume_from_checkpoint`={resume_from_checkpoint!r} "
-                    "resumes: pass one of them."
-                )
-            if self.is_world_process_zero():
-                remove_checkpoints(output_dir)
-            self.accelerator.wait_for_everyone()
-            return super().train(**kwargs)
-        if resume_from_checkpoint is None or resume_from_checkpoint is True:
-            newest = last_complete_checkpoint(output_dir)
-            if newest is None and resume_from_checkpoint is True:
-                raise ValueError(f"`resume_from_checkpoint`=True, but {output_dir!r} has no complete checkpoint.")
-            resume_from_checkpoint = newest
-        if resume_from_checkpoint:
-            logger.info(f"Resuming from {resume_from_checkpoint}")
-            self.check_checkpoint(resume_from_checkpoint)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # the one Trainer resumes from
+        hooks = []
+        if checkpoint:
+            self.check_checkpoint(checkpoint)
             if self.thought_decoder is not None:
-                load_decoder_state(self.thought_decoder, Path(resume_from_checkpoint) / DECODER_STATE_NAME)
-        else:
-            record = Path(output_dir) / TRAINING_RECORD
-            if record.is_file():
-                saved = json.loads(record.read_text()).get("settings")
-                self.refuse_other_settings(saved, f"The model in {output_dir!r}")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+                load_decoder_state(self.thought_decoder, Path(checkpoint) / DECODER_STATE_NAME)
+            if not (is_peft_model(self.model) or self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                hooks = load_saved_key_layout(self.model)  # PEFT, FSDP and DeepSpeed load checkpoints their own way
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def check_checkpoint(self, checkpoint: str | Path):
-        """Raise a `ValueError` naming what makes `checkpoint` unfit to resume this run from."""
-        checkpoint = Path(checkpoint)
-        if not is_complete(checkpoint):
+        """Raise a `ValueError` when `checkpoint` was saved under other curriculum settings ([`run_settings`]) than
+        this run's, naming the fields that differ, or is missing the trainer state that holds them."""
+        try:
+            state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        except (OSError, ValueError) as error:
             raise ValueError(
                 f"Checkpoint {str(checkpoint)!r} is incomplete or missing: it has no readable {TRAINER_STATE_NAME} "
                 "(the run stopped while saving it). Resume from an earlier checkpoint, or delete this one."
-            )
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self.args.resume_with_fresh_optimizer):
-            missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (checkpoint / name).is_file()]
-            if missing:
-                raise ValueError(
-                    f"Checkpoint {str(checkpoint)!r} has no {' or '.join(missing)} (saved with `save_only_model`, or "
-                    "copied without it): resuming would silently restart the optimizer and learning-rate schedule. "
-                    "Pass `--resume_with_fresh_optimizer` to accept that, or resume from a checkpoint that has them."
-                )
-        check_weight_files(checkpoint)
-        check_resume_files(checkpoint)
-        if self.thought_decoder is not None and not (checkpoint / DECODER_STATE_NAME).is_file():
+            ) from error
+        if self.thought_decoder is not None and not (Path(checkpoint) / DECODER_STATE_NAME).is_file():
             raise ValueError(
                 f"Checkpoint {str(checkpoint)!r} has no {DECODER_STATE_NAME}: it was saved by a run without "
                 "`step_supervision`, so the step decoder's training cannot be resumed. Resume without "
-                "`--step_supervision`, or start again with `--overwrite_output_dir`."
+                "`--step_supervision`, or train into another `--output_dir`."
             )
-        saved = saved_run_settings(checkpoint, RunRecord.__name__)
-        self.refuse_other_settings(saved, f"Checkpoint {str(checkpoint)!r}")
-
-    def refuse_other_settings(self, saved: dict | None, where: str):
+        saved = (state.stateful_callbacks.get(RunRecord.__name__) or {}).get("args", {}).get("settings")
         if saved is None:
-            logger.warning(f"{where} has no saved run settings (an older save); they cannot be checked.")
+            logger.warning(f"Checkpoint {str(checkpoint)!r} has no saved run settings (an older save); not checked.")
             return
         differences = settings_differences(saved, self.run_record.settings)
         if differences:
             raise ValueError(
-                f"{where} was trained with other settings than this run: {'; '.join(differences)}. Resuming "
-                "would mix two trainings and describe the result wrongly. Rerun with the saved settings to resume, "
-                f"pass `--overwrite_output_dir` to train from scratch in {self.args.output_dir!r} (its checkpoints are "
-                "deleted), or pick another `--output_dir`."
+                f"Checkpoint {str(checkpoint)!r} was trained with other settings than this run: "
+                f"{'; '.join(differences)}. Resuming would mix two curricula and describe the result wrongly. Rerun "
+                "with the saved settings to resume, or train from scratch in another `--output_dir` (or delete the "
+                f"checkpoint-* folders of {self.args.output_dir!r})."
             )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -565,24 +531,6 @@ class CoconutSFTTrainer(SFTTrainer):
         self.stage_lr_scheduler = self.lr_scheduler
         return self.lr_scheduler
 
-    # No public hook: `Trainer` loads a checkpoint with `load_state_dict`, without the key conversion that
-    # `from_pretrained` applies (transformers#43701), and `save_pretrained` writes back the key layout the weights were
-    # loaded in (InternVL's Hub layout, for a converted model).
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Load full-model checkpoints through `from_pretrained`, which maps InternVL's saved key layout back."""
-        model = model if model is not None else self.model
-        weights = [os.path.join(resume_from_checkpoint, name) for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)]
-        if (
-            is_peft_model(model)
-            or self.is_fsdp_enabled
-            or self.is_deepspeed_enabled
-            or not any(map(os.path.isfile, weights))
-        ):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        unwrapped = self.accelerator.unwrap_model(model)
-        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, config=unwrapped.config)
-        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
-
     def reset_optimizer_state(self):
         """Forget the optimizer's moments and step counts, as a freshly built optimizer has none."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
@@ -610,56 +558,64 @@ class CoconutSFTTrainer(SFTTrainer):
         return result
 
 
-# Settings a resumed run must share with the run it continues: they fix which sample is trained at which step and
-# stage, and how. Everything else may change on resume: logging, saving, evaluation (eval batch size,
-# eval_max_new_tokens, the validation split), output paths, the Hub, progress bars, dataloader workers, activation
-# checkpointing (the same maths), the device.
-RESUME_SETTINGS = (
-    # the curriculum
-    "method",
-    "c_thought",
-    "epochs_per_stage",
-    "start_stage",
-    "max_latent_stage",
-    "pad_latent_to_max",
-    "uniform_prob",
-    "reset_optimizer",
-    "latent_stop_head",
-    "stop_loss_weight",
-    "step_supervision",
-    "step_loss_weight",
-    "step_loss_normalization",
-    # the schedule: which records, in which order, in which batches
-    "num_train_epochs",
-    "max_steps",
-    "seed",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    # the optimisation
-    "learning_rate",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "weight_decay",
-    "optim",
-    "optim_args",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "max_grad_norm",
-    "bf16",
-    "fp16",
-)
+# CoconutSFTConfig's own settings that change only the evaluation after each stage, not what is trained.
+EVALUATION_ONLY_SETTINGS = ("eval_max_new_tokens",)
+
+
+def curriculum_settings() -> list[str]:
+    """The settings [`CoconutSFTConfig`] adds to `SFTConfig` (the curriculum's, [`CurriculumConfig`]'s among them),
+    less [`EVALUATION_ONLY_SETTINGS`]: read from the dataclasses, so that a setting added later is checked too."""
+    inherited = {item.name for item in fields(SFTConfig)}
+    return [
+        item.name
+        for item in fields(CoconutSFTConfig)
+        if item.name not in inherited and item.name not in EVALUATION_ONLY_SETTINGS
+    ]
 
 
 def run_settings(args: CoconutSFTConfig, records: Sequence[dict]) -> dict:
-    """The [`RESUME_SETTINGS`] of `args`, the number of processes, and the training records' count and hash."""
-    settings = {name: _plain(getattr(args, name)) for name in RESUME_SETTINGS if hasattr(args, name)}
-    settings["num_processes"] = args.world_size
+    """What a resumed run must share with the run it continues, so that each step trains the same samples at the same
+    stage: the [`curriculum_settings`], what [`CurriculumSchedule`] reads besides them (`num_train_epochs`, `seed`
+    and the samples per optimizer step), and the training records' count and hash. The optimizer, precision, logging,
+    saving, evaluation and device settings may change."""
+    settings = {name: _plain(getattr(args, name)) for name in curriculum_settings()}
+    settings["num_train_epochs"] = _plain(args.num_train_epochs)
+    settings["seed"] = args.seed
+    settings["samples_per_step"] = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    )
     settings["train_records"] = len(records)
     settings["train_records_sha256"] = _records_hash(records)
     return settings
+
+
+def load_saved_key_layout(model) -> list[RemovableHandle]:
+    """Hooks (torch's public `load_state_dict` hooks) that let `model.load_state_dict` read the key layout
+    `save_pretrained` writes: the keys are mapped with transformers' own conversion mapping, as `from_pretrained` and
+    PEFT map them, and a key still unmatched is an error rather than a weight left as it was (`Trainer` loads without
+    `strict`). Remove the returned handles to undo."""
+    renamings = [
+        transform for transform in get_model_conversion_mapping(model) if isinstance(transform, WeightRenaming)
+    ]
+
+    def rename(module, state_dict, prefix, *args):
+        for key in list(state_dict):
+            renamed, _ = rename_source_key(key, renamings, [])
+            if renamed != key:
+                state_dict[renamed] = state_dict.pop(key)
+
+    def refuse_unmatched(module, incompatible_keys):
+        unmatched = incompatible_keys.unexpected_keys
+        if unmatched:
+            raise ValueError(
+                f"The checkpoint's weights do not fit the model: {len(unmatched)} of them have no parameter, e.g. "
+                f"`{unmatched[0]}`. Resume with the model the checkpoint was trained from."
+            )
+
+    return [
+        model.register_load_state_dict_pre_hook(rename),
+        model.register_load_state_dict_post_hook(refuse_unmatched),
+    ]
 
 
 def _plain(value):
@@ -720,6 +676,19 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
             f"`max_latent_stage`={args.max_latent_stage}, but the longest training record has {longest} steps: "
             f"evaluation prompts get at most {longest} x c_thought = {longest * args.c_thought} thoughts."
         )
+
+
+def settings_differences(saved: dict, current: dict) -> list[str]:
+    """`"name: saved -> current"` for every setting of `current` that `saved` holds with another value, or not at all
+    (`saved` may hold more: settings an earlier version compared)."""
+    missing = object()
+    differences = []
+    for name in sorted(current):
+        before, after = saved.get(name, missing), current.get(name, missing)
+        if before != after:
+            show = [("(not set)" if value is missing else repr(value)) for value in (before, after)]
+            differences.append(f"{name}: {show[0]} -> {show[1]}")
+    return differences
 
 
 __all__ = [

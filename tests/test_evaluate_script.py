@@ -11,13 +11,9 @@ from trl import TrlParser
 
 from coconut.curriculum import CurriculumConfig, question_prompt
 from coconut.data import load_coconut_json
-from coconut.evaluation import (
-    CARD_TABLE_END,
-    CARD_TABLE_START,
-    CoconutEvalConfig,
-    evaluate_stage,
-    write_table_into_card,
-)
+from coconut.eval_config import CoconutEvalConfig
+from coconut.evaluation import evaluate_stage
+from coconut.model_card import CARD_TABLE_END, CARD_TABLE_START, write_table_into_card
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from evaluate import CurriculumArguments, ScriptArguments, main

@@ -11,21 +11,14 @@ import torch
 from conftest import counting_passes, random_model, splitting_threshold, stop_probability_rows
 
 from coconut.curriculum import CurriculumConfig, question_prompt
-from coconut.evaluation import (
-    CoconutEvalConfig,
-    EvalResults,
-    StageResult,
-    check_eval_settings,
-    default_max_new_tokens,
-    eval_prompt,
-    evaluate_stage,
-    final_stage_thoughts,
-    plan_stop_counts,
-    score_generations,
-    stop_head_metrics,
-)
+from coconut.eval_config import CoconutEvalConfig, check_eval_settings
+from coconut.eval_prompts import default_max_new_tokens, eval_prompt, final_stage_thoughts
+from coconut.evaluation import evaluate_stage
+from coconut.generation import plan_stop_counts
 from coconut.loading import load_model_and_processor
 from coconut.metrics import count_generated_tokens, exact_match, extract_answer
+from coconut.results import EvalResults, StageResult
+from coconut.scoring import score_generations, stop_head_metrics
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration

@@ -5,7 +5,8 @@ import torch
 from test_run_checks import train
 
 from coconut.curriculum import CurriculumConfig
-from coconut.evaluation import CoconutEvalConfig, eval_prompt
+from coconut.eval_config import CoconutEvalConfig
+from coconut.eval_prompts import eval_prompt
 from coconut.linear_probe import fit_linear_probe, markdown_table, probe_accuracy, probe_model, thought_states
 from coconut.loading import load_model_and_processor
 from coconut.probe import thought_vectors

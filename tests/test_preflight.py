@@ -17,9 +17,9 @@ from trl import TrlParser
 
 import evaluate
 import train_sft
-from coconut.checkpoints import check_output_file
-from coconut.evaluation import CoconutEvalConfig
-from coconut.preflight import with_demo_defaults
+from coconut.eval_config import CoconutEvalConfig
+from coconut.hub import is_local_path
+from coconut.preflight import check_output_file, with_demo_defaults
 
 
 EVALUATE = (evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig)
@@ -142,7 +142,7 @@ def test_damaged_weights_that_still_load_are_refused_or_warned_about(trained, tm
     common = ["--data_dir", str(tmp_path / "data"), "--max_samples", "2", "--disable_tqdm", "true"]
     with pytest.raises(ValueError, match="The weights loaded from '.*damaged-nan' are damaged: `.*` holds 1 NaN"):
         run_evaluate("--model", str(damage(trained, float("nan"))), *common)
-    with caplog.at_level(logging.WARNING, logger="coconut.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="coconut.loading"):
         run_evaluate("--model", str(damage(trained, 1e36)), *common, "--output_dir", str(tmp_path / "eval"))
     assert "look damaged: 1 tensor(s) hold values above 10000, e.g. `" in caplog.text and "1e+36" in caplog.text
     with pytest.raises(ValueError, match="The weights loaded from '.*damaged-inf' are damaged"):
@@ -186,3 +186,22 @@ def test_an_output_file_path_that_is_a_folder_or_under_a_file_is_refused(tmp_pat
         check_output_file(tmp_path / "a_file" / "probe.json", "output_file")
     check_output_file(tmp_path / "new" / "probe.json", "output_file")
     assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "probe.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [
+        ("outputs/demoo", True),  # beside an existing `outputs/` folder
+        ("./demo", True),
+        ("/no/such/folder", True),
+        ("~/models/demo", True),
+        ("data/prosqa/prosqa_train.json", True),
+        ("prosqa_valid.jsonl", True),
+        ("OpenGVLab/InternVL3-1B-hf", False),
+        ("gpt2", False),
+    ],
+)
+def test_local_path_or_hub_id_is_decided_without_the_hub(tmp_path, monkeypatch, name, local):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    assert is_local_path(name) is local

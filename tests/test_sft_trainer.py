@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
 from coconut.sft_config import CoconutSFTConfig
-from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule
+from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule, curriculum_settings, load_saved_key_layout
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
@@ -199,10 +200,10 @@ def test_start_stage_continues_the_curriculum(tmp_path):
     records = [{"steps": ["a"] * 3} for _ in range(8)]
     args = sft_config(tmp_path, num_train_epochs=7, epochs_per_stage=2, max_latent_stage=3, start_stage=1)
     schedule = CurriculumSchedule.build(args, records, rows_per_step=4)
-    assert schedule.stage_of_epoch == [1, 1, 2, 2, 3, 3, 4]
+    assert schedule.epoch_stages == [1, 1, 2, 2, 3, 3, 4]
     assert schedule.stage_spans()[0] == (1, 0, 4)
     final = sft_config(tmp_path, num_train_epochs=2, max_latent_stage=3, start_stage=4)
-    assert CurriculumSchedule.build(final, records, rows_per_step=4).stage_of_epoch == [4, 4]
+    assert CurriculumSchedule.build(final, records, rows_per_step=4).epoch_stages == [4, 4]
     with pytest.raises(ValueError, match=r"`start_stage`=5 must be between 0 and the final stage .* = 4"):
         sft_config(tmp_path, max_latent_stage=3, start_stage=5)
     with pytest.raises(ValueError, match="method 'cot' has no stages"):
@@ -214,7 +215,7 @@ def test_stages_past_the_last_merge_into_one_final_stage(tmp_path, tokenizer, pa
     """Past max_latent_stage every stage builds the same examples: one final stage for all the remaining epochs."""
     args = sft_config(tmp_path, num_train_epochs=9, epochs_per_stage=2, max_latent_stage=2, pad_latent_to_max=pad)
     schedule = CurriculumSchedule.build(args, RECORDS, rows_per_step=4)  # 8 records: 2 steps per epoch
-    assert schedule.stage_of_epoch == [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert schedule.epoch_stages == [0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert schedule.stage_spans() == [(0, 0, 4), (1, 4, 4), (2, 8, 4), (3, 12, 6)]  # one reset, one lr schedule
     one_step = {**RECORDS[0], "steps": RECORDS[0]["steps"][:1]}
     for record in [*RECORDS[:2], one_step]:
@@ -365,7 +366,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
+def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer, monkeypatch):
     common = dict(num_train_epochs=3, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
     full = make_trainer(tmp_path / "full", tokenizer, **common)  # 3 stages x 4 steps
     full.train()
@@ -376,6 +377,11 @@ def test_resume_mid_stage_matches_uninterrupted_run(tmp_path, tokenizer):
     assert interrupted.state.global_step == 7
 
     resumed = make_trainer(tmp_path / "resumed", tokenizer, seed=1, **common)  # other init: weights come from disk
+
+    def second_model(*args, **kwargs):
+        raise AssertionError("the resume loaded a second model")
+
+    monkeypatch.setattr(CoconutInternVLForConditionalGeneration, "from_pretrained", second_model)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 12
     for (name, expected), actual in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
@@ -424,20 +430,19 @@ def test_stage_results_survive_a_resume(tmp_path, tokenizer):
         assert [json.loads(line)["id"] for line in lines] == ["toy-0", "toy-1", "toy-2"]
 
 
-def test_resume_skips_an_incomplete_latest_checkpoint(tmp_path, tokenizer, caplog):
-    """A checkpoint without trainer_state.json (killed while saving) no longer blocks the resume."""
+def test_an_incomplete_latest_checkpoint_is_named(tmp_path, tokenizer):
+    """A checkpoint without trainer_state.json (killed while saving) is an error naming it; without it, the run
+    resumes from the one before."""
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
     full.train()
     stopped_run(tmp_path / "run", tokenizer, 4)
     incomplete = tmp_path / "run" / "out" / "checkpoint-4"
     (incomplete / "trainer_state.json").unlink()
     with pytest.raises(ValueError, match="checkpoint-4' is incomplete or missing: it has no readable trainer_state"):
-        make_trainer(tmp_path / "run", tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=str(incomplete))
+        make_trainer(tmp_path / "run", tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
+    shutil.rmtree(incomplete)
     resumed = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED)
-    with caplog.at_level(logging.WARNING, logger="coconut.checkpoints"):
-        resumed.train(resume_from_checkpoint=True)
-    assert "Skipping incomplete checkpoint(s)" in caplog.text and "checkpoint-4 (no readable" in caplog.text
-    assert "resuming from " + str(tmp_path / "run" / "out" / "checkpoint-3") in caplog.text
+    resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 6
     assert_same_weights(resumed.model, full.model)
 
@@ -450,66 +455,27 @@ class CountSteps(TrainerCallback):
         self.steps += 1
 
 
-def test_train_resumes_as_the_settings_say(tmp_path, tokenizer):
-    """`train()` without an argument resumes from the newest complete checkpoint of output_dir, or from the one that
-    `resume_from_checkpoint` in the settings names; `train(False)` starts from scratch."""
+def test_train_resumes_as_trainer_does(tmp_path, tokenizer):
+    """`train(True)` resumes from the newest checkpoint of output_dir, `train(path)` from that one; `train()` and
+    `train(False)` start from scratch."""
     full = make_trainer(tmp_path / "full", tokenizer, **CHECKPOINTED)
     full.train()
     stopped_run(tmp_path / "run", tokenizer, 3)
 
-    def run(resume=None, **overrides) -> int:
-        trainer = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED, **overrides)
+    def run(resume=None) -> int:
+        trainer = make_trainer(tmp_path / "run", tokenizer, seed=1, **CHECKPOINTED)
         counter = CountSteps()
         trainer.add_callback(counter)
         trainer.train(resume)
         assert trainer.state.global_step == 6
-        if resume is not False:
+        if resume:
             assert_same_weights(trainer.model, full.model)
         return counter.steps
 
-    assert run() == 3
-    assert run(resume_from_checkpoint=str(tmp_path / "run" / "out" / "checkpoint-2")) == 4
+    assert run(True) == 3
+    assert run(str(tmp_path / "run" / "out" / "checkpoint-2")) == 4
+    assert run() == 6
     assert run(False) == 6
-
-
-def test_a_checkpoint_without_optimizer_state_needs_the_flag(tmp_path, tokenizer):
-    """A checkpoint without optimizer state is refused unless a fresh optimizer is asked for."""
-    stopped_run(tmp_path, tokenizer, 3)
-    (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").unlink()
-    with pytest.raises(ValueError, match="checkpoint-3' has no optimizer.pt .* `--resume_with_fresh_optimizer`"):
-        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
-    fresh = make_trainer(tmp_path, tokenizer, resume_with_fresh_optimizer=True, **CHECKPOINTED)
-    recorder = RecordOptimizer()
-    recorder.trainer = fresh
-    fresh.add_callback(recorder)
-    fresh.train(resume_from_checkpoint=True)
-    assert fresh.state.global_step == 6
-    assert recorder.adam_steps == [1, 1, 2]  # step 4 with a new optimizer; the reset at step 5 (stage 2) as usual
-
-
-def test_a_truncated_checkpoint_file_is_named(tmp_path, tokenizer):
-    """A weight file cut short is an error naming it, not a deserialisation error."""
-    stopped_run(tmp_path, tokenizer, 2)
-    weights = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match=f"Weight file '{weights}' is damaged .*cut short"):
-        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
-
-
-@pytest.mark.parametrize("name", ["optimizer.pt", "rng_state.pth"])
-@pytest.mark.parametrize("damage", ["truncated", "empty", "bit flipped"])
-def test_a_damaged_optimizer_or_rng_file_names_the_file_and_the_checkpoint(tmp_path, tokenizer, name, damage):
-    """A damaged torch file used to fail with a bare EOFError or Errno 22, or (a flipped bit) to load silently."""
-    stopped_run(tmp_path, tokenizer, 2)
-    checkpoint = tmp_path / "out" / "checkpoint-2"
-    data = bytearray((checkpoint / name).read_bytes())
-    if damage == "bit flipped":
-        data[len(data) // 3] ^= 0x10
-    damaged = {"truncated": data[: len(data) // 2], "empty": b"", "bit flipped": data}[damage]
-    (checkpoint / name).write_bytes(bytes(damaged))
-    message = f"Checkpoint file '{checkpoint / name}' is damaged: .* Delete the checkpoint '{checkpoint}'"
-    with pytest.raises(ValueError, match=message):
-        make_trainer(tmp_path, tokenizer, **CHECKPOINTED).train(resume_from_checkpoint=True)
 
 
 class CorruptWeightAfter(TrainerCallback):
@@ -542,19 +508,51 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, tokenizer):
 def test_resume_refuses_other_settings(tmp_path, tokenizer):
     """The same output_dir with other training or curriculum settings is refused, naming the fields."""
     stopped_run(tmp_path, tokenizer, 2)
-    with pytest.raises(ValueError, match="c_thought: 1 -> 2; learning_rate: 0.01 -> 0.02\\. .*--overwrite_output_dir"):
-        make_trainer(tmp_path, tokenizer, c_thought=2, learning_rate=2e-2, **CHECKPOINTED).train(True)
+    message = "was trained with other settings than this run: c_thought: 1 -> 2; start_stage: 0 -> 1\\. .*--output_dir"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, tokenizer, c_thought=2, start_stage=1, learning_rate=2e-2, **CHECKPOINTED).train(True)
     with pytest.raises(ValueError, match="train_records: 8 -> 6; train_records_sha256: '"):
         make_trainer(tmp_path, tokenizer, records=RECORDS[:6], **CHECKPOINTED).train(True)
-    # Logging, saving and evaluation settings may change on resume.
+    # Optimizer, logging, saving and evaluation settings may change on resume.
     relaxed = {**CHECKPOINTED, "save_steps": 2, "logging_steps": 3, "per_device_eval_batch_size": 7}
-    resumed = make_trainer(tmp_path, tokenizer, eval_max_new_tokens=9, activation_checkpointing=True, **relaxed)
+    resumed = make_trainer(
+        tmp_path, tokenizer, eval_max_new_tokens=9, activation_checkpointing=True, learning_rate=2e-2, **relaxed
+    )
     resumed.train(True)
     assert resumed.state.global_step == 6
-    # `overwrite_output_dir` starts again from scratch, without the old checkpoints.
-    fresh = make_trainer(tmp_path, tokenizer, c_thought=2, overwrite_output_dir=True, save_strategy="no")
+    # Not resuming trains from scratch, whatever the folder holds.
+    fresh = make_trainer(tmp_path, tokenizer, c_thought=2, save_strategy="no")
     fresh.train()
-    assert fresh.state.global_step == 6 and not list((tmp_path / "out").glob("checkpoint-*"))
+    assert fresh.state.global_step == 6
+
+
+def test_resume_compares_the_settings_the_config_adds():
+    """The compared settings come from the dataclasses: every curriculum field, none of TrainingArguments'."""
+    compared = set(curriculum_settings())
+    assert {
+        "method",
+        "c_thought",
+        "max_latent_stage",
+        "epochs_per_stage",
+        "start_stage",
+        "reset_optimizer",
+    } <= compared
+    assert {"latent_stop_head", "stop_loss_weight", "pad_latent_to_max", "uniform_prob"} <= compared
+    assert not compared & {"learning_rate", "output_dir", "eval_max_new_tokens", "gradient_checkpointing", "seed"}
+
+
+def test_a_checkpoint_of_another_model_is_refused_when_loaded(tmp_path, tokenizer):
+    """Keys that fit no parameter, even after the mapping of the saved layout, are an error, not weights left out."""
+    model = text_model(tokenizer, 0)
+    layout = "model.language_model."  # what save_pretrained writes: InternVL's Hub layout, `...language_model.model.`
+    saved = {name.replace(layout, layout + "model.", 1): tensor for name, tensor in model.state_dict().items()}
+    hooks = load_saved_key_layout(model)
+    assert model.load_state_dict(saved, strict=False).missing_keys == []  # the saved layout, mapped back
+    with pytest.raises(ValueError, match="1 of them have no parameter, e.g. `model.extra.weight`"):
+        model.load_state_dict({**saved, "model.extra.weight": torch.zeros(1)}, strict=False)
+    for hook in hooks:
+        hook.remove()
+    assert model.load_state_dict(saved, strict=False).unexpected_keys  # without the hooks
 
 
 def test_runs_too_short_for_the_curriculum(tmp_path, tokenizer, caplog):

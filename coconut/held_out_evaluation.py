@@ -4,7 +4,9 @@ validation split, answered at the stage the run reached."""
 import json
 from pathlib import Path
 
-from coconut.evaluation import CoconutEvalConfig, EvalResults, StageResult, evaluate_stage
+from coconut.eval_config import CoconutEvalConfig
+from coconut.evaluation import evaluate_stage
+from coconut.results import EvalResults, StageResult
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split
 
 
