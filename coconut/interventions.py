@@ -115,8 +115,14 @@ def evaluate_interventions(
     pad_token_id = tokenizer.pad_token_id
     kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_ids)
     kwargs["pad_token_id"] = pad_token_id
+    names = check_interventions(names)
+    if "other_board" in names and not all(record.get("images") for record in records):
+        raise ValueError(
+            "`other_board` asks the same question about another image, but some records have no image (a text-only "
+            "dataset?). Drop `other_board` from the interventions."
+        )
     results = {}
-    for name in check_interventions(names):
+    for name in names:
         generator = torch.Generator().manual_seed(seed)
         generations, unchanged = {}, 0
         for start in range(0, len(records), batch_size):
