@@ -42,7 +42,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from trl import TrlParser
 
 from coconut.checkpoints import check_weight_files, check_writable, looks_like_local_path, read_training_record
-from coconut.convert import require_coconut_checkpoint
+from coconut.convert import require_coconut_checkpoint, require_full_model
 from coconut.curriculum import CurriculumConfig
 from coconut.data import load_split
 from coconut.evaluation import (
@@ -137,6 +137,7 @@ def check_model(model: str) -> dict | None:
     """
     path = Path(model)
     if path.is_dir():
+        require_full_model(path, f"`--model` {model!r}")
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"`--model` folder {model!r} has no config.json: pass the folder that train_sft.py (`--output_dir`) "
