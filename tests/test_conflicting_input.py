@@ -25,3 +25,62 @@ def test_the_linear_probe_refuses_what_it_would_get_wrong(cot_run, tmp_path):
     with pytest.raises(ValueError, match="`output_dir`='.*a_file' cannot be written"):
         linear_probe.main(["--models", f"cot={cot_run}", "--output_dir", str(tmp_path / "a_file")])
     assert not (tmp_path / "probe" / "data").exists()  # refused before any question is rendered
+
+
+# (flags on top of the small run, the message): each flag would have been ignored, or the pair cannot both hold.
+IGNORED_OR_CONFLICTING = [
+    (
+        ["--stop_loss_weight", "0.5"],
+        "`stop_loss_weight`=0.5 weighs the stop head's loss, but `latent_stop_head` is not",
+    ),
+    (["--latent_stop_head", "true", "--max_latent_stage", "0"], "`max_latent_stage`=0: no stage has a thought"),
+    (["--eval_split", ""], r"`--eval_split`='' pick files of a dataset folder, but `--dataset arrow_chase` renders"),
+    (["--train_split", "test"], r"`--train_split`='test' pick files of a dataset folder"),
+    (["--dtype", "bfloat16"], r"`--dtype`='bfloat16' set how `--model_name_or_path` is loaded, but without it"),
+    (["--model_revision", "v2"], r"`--model_revision`='v2' set how `--model_name_or_path` is loaded"),
+    (["--load_in_4bit", "true"], r"`--load_in_4bit`/`--load_in_8bit`: train_sft.py loads the model unquantised"),
+    (["--hub_private_repo", "true"], "`--hub_private_repo` without `--push_to_hub`"),
+    (["--use_rslora", "true"], "`--use_rslora`=True without `--use_peft`"),
+    (["--resume_with_fresh_optimizer", "true", "--overwrite_output_dir", "true"], "trains from scratch and resumes"),
+    (["--synthetic_image_size", "70"], r"`--synthetic_image_size`=70: .* Pass `--synthetic_image_size 56`"),
+    (["--synthetic_grid_size", "3", "--synthetic_image_size", "54"], r"Pass `--synthetic_image_size 84`"),
+    (["--synthetic_grid_size", "3"], r"`image_size`=56 must be a multiple of `grid_size`=3 .* e.g. image_size=84"),
+]
+
+
+@pytest.mark.parametrize(
+    "flags, message", IGNORED_OR_CONFLICTING, ids=[" ".join(f) for f, _ in IGNORED_OR_CONFLICTING]
+)
+def test_ignored_or_conflicting_flags_are_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        train(tmp_path, *flags)
+    assert not (tmp_path / "data").exists()
+
+
+def test_flags_for_another_model_or_dataset_are_refused(cot_run, tmp_path):
+    """A trained model given as `--model_name_or_path` keeps its embeddings; a dataset file has no synthetic task."""
+    with pytest.raises(ValueError, match="`--tiny_embedding_std`=1.0 initialises the tiny model .* Drop it"):
+        train(tmp_path, "--model_name_or_path", str(cot_run), "--tiny_embedding_std", "1.0")
+    records = tmp_path / "mine_train.json"
+    records.write_text("[]")
+    with pytest.raises(ValueError, match=r"`--synthetic_train_size`=8, .* but `--dataset`='.*mine_train.json' is not"):
+        train(tmp_path, "--model_name_or_path", str(cot_run), "--dataset", str(records))
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_suggested_image_size_trains(tmp_path):
+    """`--synthetic_grid_size 3` used to suggest 54 pixels, which crashed at the first step in the vision tower."""
+    trainer = train(tmp_path, "--synthetic_grid_size", "3", "--synthetic_image_size", "84", "--max_steps", "1")
+    assert trainer.state.global_step == 1
+
+
+def test_a_stop_head_the_run_would_not_train_is_refused(tmp_path):
+    """A run that ends before the final stage used to save a head that had never seen a final block, and a config
+    whose `"auto"` then chose from an untrained head."""
+    with pytest.raises(ValueError, match=r"ends in stage 1, before the final stage .* = 3 .* at least .* = 4"):
+        train(tmp_path, "--latent_stop_head", "true", "--max_steps", "3")
+    with pytest.raises(ValueError, match=r"ends in stage 2, before the final stage"):
+        train(tmp_path, "--latent_stop_head", "true", "--num_train_epochs", "3")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    trainer = train(tmp_path, "--latent_stop_head", "true", "--num_train_epochs", "4", "--max_steps", "7")
+    assert trainer.stage_reached == 3
