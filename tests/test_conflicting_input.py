@@ -1,10 +1,16 @@
 """Bad input as a new user gives it: flags that would be ignored or conflict, sizes the tiny model cannot read, folders
 passed to the wrong script. Each fails before any data is built, naming the flags, the values and the fix."""
 
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 from test_run_checks import train
+from transformers import AutoProcessor
 
 from coconut import linear_probe
+from coconut.data import load_train_and_eval_splits
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +90,49 @@ def test_a_stop_head_the_run_would_not_train_is_refused(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
     trainer = train(tmp_path, "--latent_stop_head", "true", "--num_train_epochs", "4", "--max_steps", "7")
     assert trainer.stage_reached == 3
+
+
+def test_a_saved_folder_missing_a_processor_file_names_it(cot_run, tmp_path, hf_home):
+    """The library said "Couldn't instantiate the backend tokenizer" (no tokenizer.json) or asked for a
+    preprocessor_config.json (no processor_config.json)."""
+    for name in ("tokenizer.json", "processor_config.json"):
+        folder = tmp_path / name
+        shutil.copytree(cot_run, folder)
+        (folder / name).unlink()
+        with pytest.raises(ValueError, match=f"'.*{re.escape(name)}' has no {re.escape(name)}, which the processor"):
+            AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert AutoProcessor.from_pretrained(cot_run, trust_remote_code=True).tokenizer is not None
+
+
+def test_processor_inputs_it_cannot_read_are_named(cot_run, hf_home):
+    """Image paths used to fail with "Could not make a flat list of images"; `decode_answer(None)` with a bare
+    TypeError."""
+    processor = AutoProcessor.from_pretrained(cot_run, trust_remote_code=True)
+    prompt = processor.build_prompt("Where do you stop?", num_images=1)
+    for images in ("board.png", ["board.png"], [[Path("board.png")]]):
+        with pytest.raises(ValueError, match=r"`images` holds the path 'board.png', not an image: open it first"):
+            processor(images=images, text=prompt, return_tensors="pt")
+    for sequences in (None, 5, [None]):
+        with pytest.raises(
+            ValueError, match=f"`decode_answer` reads generated text or token ids .* got {re.escape(repr(sequences))}"
+        ):
+            processor.decode_answer(sequences)
+    assert processor.decode_answer("a\n### B2") == "B2" and processor.decode_answer([]) == []
+
+
+@pytest.mark.parametrize("dataset", ["nope.json", "ac_trian.json", "data_typo/prosqa_train.json"])
+def test_a_dataset_path_that_does_not_exist_says_so_first(dataset, tmp_path, monkeypatch):
+    """A missing file used to be reported as a split problem ("is one file, which holds a single split")."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"`dataset` '{re.escape(dataset)}': no such file or folder"):
+        load_train_and_eval_splits(dataset, "train", "valid")
+
+
+def test_a_missing_relative_folder_in_hub_id_form_says_no_such_folder(tmp_path, monkeypatch, hf_home):
+    """`data/prosqa` without a `data/` folder is also a Hub id: after the Hub look-up the message said only that the
+    Hub could not be reached."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"`dataset` 'data/prosqa': no such file or folder in '.*', and no Hub dataset"
+    ):
+        load_train_and_eval_splits("data/prosqa", "train", "valid")
