@@ -161,6 +161,26 @@ def check_model(model: str) -> dict | None:
         ) from error
 
 
+def check_dataset_flags(script_args: ScriptArguments, dataset: str | None) -> None:
+    """Refuse the flags of one kind of dataset given for another (`dataset`: the flag's, else the model's training
+    dataset): they would be ignored."""
+    if dataset is None:
+        return
+    defaults = {item.name: item.default for item in fields(ScriptArguments)}
+    names = ("synthetic_grid_size", "synthetic_max_hops", "data_dir")
+    given = {name: getattr(script_args, name) for name in names if getattr(script_args, name) != defaults[name]}
+    if given and dataset != "arrow_chase":
+        raise ValueError(
+            f"{', '.join(f'`--{name}`={value!r}' for name, value in given.items())} set the bundled task's questions, "
+            f"but the dataset is {dataset!r}: they would be ignored. Drop them, or pass `--dataset arrow_chase`."
+        )
+    if script_args.aokvqa_target != defaults["aokvqa_target"] and "a-okvqa" not in dataset.lower():
+        raise ValueError(
+            f"`--aokvqa_target`={script_args.aokvqa_target!r} sets A-OKVQA's answers, but the dataset is {dataset!r}: "
+            "it would be ignored. Drop it."
+        )
+
+
 def settings_from_record(
     record: dict | None,
     script_args: ScriptArguments,
@@ -211,6 +231,7 @@ def load_eval_records(
 
 def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEvalConfig) -> EvalResults:
     record = check_model(script_args.model)
+    check_dataset_flags(script_args, script_args.dataset or (record or {}).get("dataset"))
     dataset, curriculum, task = settings_from_record(record, script_args, curriculum_args, eval_config)
     check_eval_settings(curriculum, eval_config)
     output_dir = script_args.results_dir

@@ -5,6 +5,7 @@ A check that can only fail after the training or evaluation time is spent belong
 
 from dataclasses import fields
 
+from coconut.checkpoints import looks_like_local_path
 from coconut.convert import require_coconut_checkpoint
 
 
@@ -122,11 +123,22 @@ def check_flags_act(script_args, training_args, model_args) -> None:
             f"{_flags(splits)} pick files of a dataset folder, but `--dataset arrow_chase` renders its own splits: they "
             "would be ignored. Drop them (the bundled task is evaluated on `--synthetic_validation_size` questions)."
         )
-    if script_args.max_eval_samples is not None and not arrow_chase and not script_args.eval_split:
+    evaluation = {
+        **_non_default(script_args, ("max_eval_samples",)),
+        **_non_default(training_args, ("eval_max_new_tokens",)),
+    }
+    if evaluation and not arrow_chase and not script_args.eval_split:
         raise ValueError(
-            f"`--max_eval_samples`={script_args.max_eval_samples} with `--eval_split ''`: no split is evaluated, so "
-            "it would be ignored. Drop one of the two."
+            f"{_flags(evaluation)} with `--eval_split ''`: no split is evaluated, so it would be ignored. Drop one of "
+            "the two."
         )
+    if not training_args.staged:
+        unstaged = _non_default(training_args, ("c_thought", "uniform_prob"))
+        if unstaged:
+            raise ValueError(
+                f"{_flags(unstaged)} with `--method {training_args.method}`: its examples have no thoughts and no "
+                "stages, so it would be ignored. Drop it, or train `--method coconut`."
+            )
     if script_args.tiny_embedding_std is not None and not from_scratch:
         raise ValueError(
             f"`--tiny_embedding_std`={script_args.tiny_embedding_std} initialises the tiny model trained from scratch, "
@@ -150,6 +162,13 @@ def check_flags_act(script_args, training_args, model_args) -> None:
             "`--hub_private_repo` without `--push_to_hub`: nothing is pushed, so it would be ignored. Add "
             "`--push_to_hub --hub_model_id you/name`, or drop it."
         )
+    if training_args.hub_model_id and not training_args.push_to_hub:
+        raise ValueError(
+            f"`--hub_model_id`={training_args.hub_model_id!r} without `--push_to_hub`: nothing is pushed, yet the "
+            "model card's quick start would load that repository. Add `--push_to_hub`, or drop `--hub_model_id` (the "
+            "card then loads the output folder)."
+        )
+
     check_lora_arguments(script_args, training_args, model_args)
 
 
@@ -172,6 +191,12 @@ def check_lora_arguments(script_args, training_args, model_args) -> None:
         reasons.append("`--latent_stop_head` adds a stop head, which the base model the adapter loads onto lacks")
     if script_args.match_thought_scale:
         reasons.append("`--match_thought_scale` rescales the final norm and LM head, which the adapter does not hold")
+    base = model_args.model_name_or_path
+    if training_args.push_to_hub and base is not None and looks_like_local_path(base):
+        reasons.append(
+            f"`--push_to_hub` would push an adapter whose base is the local folder {base!r}, "
+            "which no one who downloads it has"
+        )
     if reasons:
         raise ValueError(
             f"`--merge_adapter false` saves only the LoRA adapter, which would not load as the trained model: "

@@ -6,11 +6,17 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_lora_repository import largest_difference, load_as_the_card_says
 from test_run_checks import train
 from transformers import AutoProcessor
+from trl import TrlParser
 
+import convert_to_coconut
+import evaluate
 from coconut import linear_probe
 from coconut.data import load_train_and_eval_splits
+from coconut.evaluation import CoconutEvalConfig
+from convert_to_coconut import ConvertConfig
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,9 @@ IGNORED_OR_CONFLICTING = [
     (["--synthetic_image_size", "70"], r"`--synthetic_image_size`=70: .* Pass `--synthetic_image_size 56`"),
     (["--synthetic_grid_size", "3", "--synthetic_image_size", "54"], r"Pass `--synthetic_image_size 84`"),
     (["--synthetic_grid_size", "3"], r"`image_size`=56 must be a multiple of `grid_size`=3 .* e.g. image_size=84"),
+    (["--hub_model_id", "me/coconut"], r"`--hub_model_id`='me/coconut' without `--push_to_hub`: nothing is pushed"),
+    (["--method", "cot", "--c_thought", "2"], r"`--c_thought`=2 with `--method cot`: its examples have no thoughts"),
+    (["--method", "no_cot", "--uniform_prob", "0.3"], r"`--uniform_prob`=0.3 with `--method no_cot`"),
 ]
 
 
@@ -71,7 +80,64 @@ def test_flags_for_another_model_or_dataset_are_refused(cot_run, tmp_path):
     records.write_text("[]")
     with pytest.raises(ValueError, match=r"`--synthetic_train_size`=8, .* but `--dataset`='.*mine_train.json' is not"):
         train(tmp_path, "--model_name_or_path", str(cot_run), "--dataset", str(records))
+    no_evaluation = ["--dataset", str(records), "--eval_split", "", *NOT_THE_BUNDLED_TASK]
+    with pytest.raises(ValueError, match=r"`--eval_max_new_tokens`=2 with `--eval_split ''`: no split is evaluated"):
+        train(tmp_path, "--model_name_or_path", str(cot_run), *no_evaluation)
+    with pytest.raises(ValueError, match=r"`--max_eval_samples`=1, .* with `--eval_split ''`"):
+        train(tmp_path, "--model_name_or_path", str(cot_run), *no_evaluation, "--max_eval_samples", "1")
+    local_base = ["--model_name_or_path", str(cot_run), "--use_peft", "true", "--merge_adapter", "false"]
+    with pytest.raises(ValueError, match=r"`--push_to_hub` would push an adapter whose base is the local folder"):
+        train(tmp_path, *local_base, "--push_to_hub", "true", "--hub_model_id", "me/coconut")
     assert not (tmp_path / "data").exists()
+
+
+# The small run's bundled-task flags back at their defaults, for runs on another dataset.
+NOT_THE_BUNDLED_TASK = [
+    "--synthetic_train_size", "1500", "--synthetic_validation_size", "200", "--synthetic_test_size", "500",
+    "--synthetic_grid_size", "4", "--synthetic_max_hops", "6", "--synthetic_dir", "outputs/data/arrow_chase",
+]  # fmt: skip
+
+
+def test_evaluate_and_convert_refuse_flags_they_would_ignore(cot_run, tmp_path, monkeypatch):
+    parser = TrlParser((evaluate.ScriptArguments, evaluate.CurriculumArguments, CoconutEvalConfig))
+    records = tmp_path / "mine_test.json"
+    records.write_text("[]")
+    for flags, message in (
+        (
+            ["--synthetic_grid_size", "3"],
+            r"`--synthetic_grid_size`=3 set the bundled task's questions, but the dataset",
+        ),
+        (["--data_dir", "elsewhere"], r"`--data_dir`='elsewhere' set the bundled task's questions"),
+        (["--aokvqa_target", "direct"], r"`--aokvqa_target`='direct' sets A-OKVQA's answers, but the dataset is"),
+    ):
+        argv = ["--model", str(cot_run), "--dataset", str(records), "--output_dir", str(tmp_path / "eval"), *flags]
+        with pytest.raises(ValueError, match=message):
+            evaluate.main(*parser.parse_args_and_config(argv))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was read before the refusal")
+
+    monkeypatch.setattr(convert_to_coconut, "read_base_config", refuse)
+    with pytest.raises(ValueError, match="`--private` without `--push_to_hub`: no Hub repository is created"):
+        convert_to_coconut.main(ConvertConfig(base=str(cot_run), output=str(tmp_path / "c"), private=True))
+    with pytest.raises(ValueError, match="whole number of thoughts, 0 or more, got -1"):  # it failed after loading
+        convert_to_coconut.main(ConvertConfig(base=str(cot_run), output=str(tmp_path / "c"), num_latent_thoughts=-1))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "pause_as_thought", "--max_steps", "2"],
+        ["--match_thought_scale", "true", "--max_steps", "2"],
+        ["--latent_stop_head", "true", "--num_train_epochs", "4"],
+    ],
+    ids=["pause as thought", "rescaled norm", "stop head"],
+)
+def test_a_saved_run_loads_as_its_card_says(tmp_path, hf_home, flags):
+    trainer = train(tmp_path, *flags)
+    quick_start = load_as_the_card_says(tmp_path / "out")
+    difference = largest_difference(quick_start["model"], trainer.model.eval(), quick_start["inputs"])
+    assert difference <= 1e-5, f"the card's model differs from the trained one by {difference}"
 
 
 def test_the_suggested_image_size_trains(tmp_path):
