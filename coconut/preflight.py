@@ -4,6 +4,7 @@ A check that can only fail after the training or evaluation time is spent belong
 """
 
 from dataclasses import fields
+from pathlib import Path
 
 from coconut.checkpoints import looks_like_local_path
 from coconut.convert import require_coconut_checkpoint
@@ -168,7 +169,12 @@ def check_flags_act(script_args, training_args, model_args) -> None:
             "model card's quick start would load that repository. Add `--push_to_hub`, or drop `--hub_model_id` (the "
             "card then loads the output folder)."
         )
-
+    base = model_args.model_name_or_path
+    if base is not None and Path(base).is_dir() and Path(base).resolve() == Path(training_args.output_dir).resolve():
+        raise ValueError(
+            f"`--output_dir`={training_args.output_dir!r} is the folder of `--model_name_or_path`: the run would save "
+            "over the model it starts from. Pass another `--output_dir`."
+        )
     check_lora_arguments(script_args, training_args, model_args)
 
 

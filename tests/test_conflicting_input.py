@@ -49,6 +49,7 @@ IGNORED_OR_CONFLICTING = [
     (["--eval_split", ""], r"`--eval_split`='' pick files of a dataset folder, but `--dataset arrow_chase` renders"),
     (["--train_split", "test"], r"`--train_split`='test' pick files of a dataset folder"),
     (["--dtype", "bfloat16"], r"`--dtype`='bfloat16' set how `--model_name_or_path` is loaded, but without it"),
+    (["--attn_implementation", "eager"], r"`--attn_implementation`='eager' set how `--model_name_or_path` is"),
     (["--model_revision", "v2"], r"`--model_revision`='v2' set how `--model_name_or_path` is loaded"),
     (["--load_in_4bit", "true"], r"`--load_in_4bit`/`--load_in_8bit`: train_sft.py loads the model unquantised"),
     (["--hub_private_repo", "true"], "`--hub_private_repo` without `--push_to_hub`"),
@@ -85,6 +86,8 @@ def test_flags_for_another_model_or_dataset_are_refused(cot_run, tmp_path):
         train(tmp_path, "--model_name_or_path", str(cot_run), *no_evaluation)
     with pytest.raises(ValueError, match=r"`--max_eval_samples`=1, .* with `--eval_split ''`"):
         train(tmp_path, "--model_name_or_path", str(cot_run), *no_evaluation, "--max_eval_samples", "1")
+    with pytest.raises(ValueError, match=r"`--output_dir`=.* is the folder of `--model_name_or_path`: the run would"):
+        train(tmp_path, "--model_name_or_path", str(cot_run), "--output_dir", f"{cot_run}/")
     local_base = ["--model_name_or_path", str(cot_run), "--use_peft", "true", "--merge_adapter", "false"]
     with pytest.raises(ValueError, match=r"`--push_to_hub` would push an adapter whose base is the local folder"):
         train(tmp_path, *local_base, "--push_to_hub", "true", "--hub_model_id", "me/coconut")
