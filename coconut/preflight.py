@@ -185,8 +185,10 @@ def check_lora_arguments(script_args, training_args, model_args) -> None:
     if not model_args.use_peft:
         if lora or not script_args.merge_adapter:
             given = _flags({**lora, **({} if script_args.merge_adapter else {"merge_adapter": False})})
-            raise ValueError(f"{given} without `--use_peft`: no adapter is trained, so it would be ignored. "
-                             "Add `--use_peft`, or drop it.")  # fmt: skip
+            raise ValueError(
+                f"{given} without `--use_peft`: no adapter is trained, so it would be ignored. Add `--use_peft`, or "
+                "drop it."
+            )
         return
     if script_args.merge_adapter:
         return
