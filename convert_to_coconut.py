@@ -35,7 +35,7 @@ from coconut.convert import (
 from coconut.model_card import build_model_card, model_license
 from coconut.preflight import check_writable
 from coconut.repository import push_folder, save_repository
-from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor
+from processing_coconut_internvl import DEFAULT_CHAT_TEMPLATE, CoconutInternVLProcessor, thought_count
 
 
 logger = logging.get_logger(__name__)
@@ -69,6 +69,12 @@ class ConvertConfig:
 
     def __post_init__(self):
         check_output_folder(self.base, self.output)
+        thought_count(self.num_latent_thoughts)  # before the base is downloaded and loaded, not after
+        if self.private and not self.push_to_hub:
+            raise ValueError(
+                "`--private` without `--push_to_hub`: no Hub repository is created, so it would be ignored. Add "
+                "`--push_to_hub you/name`, or drop it."
+            )
         if self.push_to_hub and self.base_model_id is None and Path(self.base).is_dir():
             raise ValueError(
                 f"`--base` {self.base} is a local folder, so the model card cannot name the base model on the Hub: "

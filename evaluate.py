@@ -42,7 +42,7 @@ from pathlib import Path
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from trl import TrlParser
 
-from coconut.convert import require_coconut_checkpoint
+from coconut.convert import require_coconut_checkpoint, require_full_model
 from coconut.curriculum import CurriculumConfig
 from coconut.data import load_split
 from coconut.eval_config import CoconutEvalConfig, check_eval_model, check_eval_settings
@@ -158,6 +158,7 @@ def check_model(model: str) -> dict | None:
     """
     path = Path(model)
     if path.is_dir():
+        require_full_model(path, f"`--model` {model!r}")
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"`--model` folder {model!r} has no config.json: pass the folder that train_sft.py (`--output_dir`) "
@@ -179,6 +180,26 @@ def check_model(model: str) -> dict | None:
             f"`--model` {model!r} is no local folder, and the Hub has no model of that id we can read "
             f"({type(error).__name__}: {error}). Check the id (and `huggingface-cli login` for a private one)."
         ) from error
+
+
+def check_dataset_flags(script_args: ScriptArguments, dataset: str | None) -> None:
+    """Refuse the flags of one kind of dataset given for another (`dataset`: the flag's, else the model's training
+    dataset): they would be ignored."""
+    if dataset is None:
+        return
+    defaults = {item.name: item.default for item in fields(ScriptArguments)}
+    names = ("synthetic_grid_size", "synthetic_max_hops", "data_dir")
+    given = {name: getattr(script_args, name) for name in names if getattr(script_args, name) != defaults[name]}
+    if given and dataset != "arrow_chase":
+        raise ValueError(
+            f"{', '.join(f'`--{name}`={value!r}' for name, value in given.items())} set the bundled task's questions, "
+            f"but the dataset is {dataset!r}: they would be ignored. Drop them, or pass `--dataset arrow_chase`."
+        )
+    if script_args.aokvqa_target != defaults["aokvqa_target"] and "a-okvqa" not in dataset.lower():
+        raise ValueError(
+            f"`--aokvqa_target`={script_args.aokvqa_target!r} sets A-OKVQA's answers, but the dataset is {dataset!r}: "
+            "it would be ignored. Drop it."
+        )
 
 
 def settings_from_record(
@@ -231,6 +252,7 @@ def load_eval_records(
 
 def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEvalConfig) -> EvalResults:
     record = check_model(script_args.model)
+    check_dataset_flags(script_args, script_args.dataset or (record or {}).get("dataset"))
     dataset, curriculum, task = settings_from_record(record, script_args, curriculum_args, eval_config)
     check_eval_settings(curriculum, eval_config)
     read = check_thought_arguments(script_args, curriculum, eval_config)

@@ -8,6 +8,7 @@ reads the answer after Coconut's answer marker `### `.
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from transformers import InternVLProcessor
 from transformers.image_utils import make_flat_list_of_images
@@ -136,6 +137,20 @@ def extract_answer(text: str, answer_marker: str = ANSWER_MARKER) -> str | None:
     """
     _, found, answer = text.rpartition(answer_marker)
     return answer.strip() if found else None
+
+
+def _refuse_image_paths(images) -> None:
+    """Raise a `ValueError` for an image given as a path (a `str` or `Path`): the processor takes images, not files."""
+    stack = [images]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (str, Path)):
+            raise ValueError(
+                f"`images` holds the path {str(item)!r}, not an image: open it first, e.g. "
+                f"`images=[PIL.Image.open({str(item)!r})]` (one image per `<image>` placeholder)."
+            )
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _repository_file(pretrained_model_name_or_path, filename: str, **kwargs) -> str | None:
@@ -288,7 +303,20 @@ class CoconutInternVLProcessor(InternVLProcessor):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the processor; when the same folder or repository holds a Coconut-InternVL `config.json`, also check
-        that the config's latent token ids are this tokenizer's Coconut tokens (see `check_latent_token_ids`)."""
+        that the config's latent token ids are this tokenizer's Coconut tokens (see `check_latent_token_ids`). A
+        local folder without the tokenizer or processor files is refused, naming the file."""
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():  # the library's messages would name neither the file nor how to get it back
+            for name, alternative in (
+                ("tokenizer.json", "vocab.json"),
+                ("processor_config.json", "preprocessor_config.json"),
+            ):
+                if not (folder / name).is_file() and not (folder / alternative).is_file():
+                    raise ValueError(
+                        f"{str(folder)!r} has no {name}, which the processor loads from. Save the processor beside the "
+                        "model (`processor.save_pretrained(folder)`; convert_to_coconut.py and train_sft.py do), or copy "
+                        "the file from the folder the model was converted or trained in."
+                    )
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         config_file = _repository_file(pretrained_model_name_or_path, "config.json", **kwargs)
         if config_file is not None:
@@ -344,6 +372,7 @@ class CoconutInternVLProcessor(InternVLProcessor):
             )
 
         counts = [sample.count(IMAGE_PLACEHOLDER) + sample.count(self.image_token) for sample in text]
+        _refuse_image_paths(images)
         num_images = len(make_flat_list_of_images(images)) if images is not None else 0
         if sum(counts) != num_images:
             raise ValueError(
@@ -387,6 +416,13 @@ class CoconutInternVLProcessor(InternVLProcessor):
             sequences = sequences.tolist()
         if isinstance(sequences, str):
             return self._answer_from_text(sequences, answer_marker)
+        if not isinstance(sequences, (list, tuple)) or any(
+            not isinstance(item, (str, int, list, tuple)) and not hasattr(item, "tolist") for item in sequences
+        ):
+            raise ValueError(
+                f"`decode_answer` reads generated text or token ids (a str, a list of ints, a tensor, or a list of "
+                f"them), got {sequences!r}. Pass `output_ids[0, prompt_length:]` or the text `processor.decode` gave."
+            )
         if len(sequences) and isinstance(sequences[0], int):
             return self._answer_from_text(self.tokenizer.decode(sequences, skip_special_tokens=False), answer_marker)
         return [self.decode_answer(sequence, answer_marker) for sequence in sequences]

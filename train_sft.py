@@ -12,7 +12,8 @@ python train_sft.py
 accelerate launch --config_file recipes/accelerate/ddp.yaml train_sft.py --config recipes/prosqa_coconut.yaml
 ```
 
-# LoRA on the language model only (the new tokens' embedding rows train too), merged model in <output_dir>/merged
+# LoRA on the language model only (the new tokens' embedding rows train too); the trained model is
+# <output_dir>/merged (its card loads it), the adapter stays in <output_dir>
 ```bash
 python train_sft.py --config recipes/prosqa_coconut.yaml --use_peft --lora_r 16 --lora_alpha 32 \\
     --learning_rate 2e-4 --output_dir outputs/prosqa-lora
@@ -44,8 +45,10 @@ from coconut.lora import coconut_peft_config
 from coconut.model_card import model_license, trained_model_card
 from coconut.preflight import (
     check_dataset_argument,
+    check_flags_act,
     check_push_arguments,
     check_script_sizes,
+    check_tiny_model_image_size,
     check_writable,
     with_demo_defaults,
 )
@@ -150,6 +153,8 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     # Logging, and the checks that need neither data nor model, before any time is spent
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_dataset_argument(script_args, model_args)
+    check_flags_act(script_args, training_args, model_args)
+    check_tiny_model_image_size(script_args, model_args)
     check_push_arguments(training_args)
     check_writable(training_args.output_dir)
 
@@ -194,7 +199,9 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
     test = evaluate_held_out_test(trainer, task, script_args.synthetic_dir) if task and task.test_size > 0 else None
     example = (validation if validation is not None else train)[0]  # the card's quick start asks its question
     split = "validation" if task is not None else script_args.eval_split
-    record, card = trained_model_card(trainer, script_args.dataset, split, task, base_model, license, example, test)
+    record, card = trained_model_card(
+        trainer, script_args.dataset, split, task, base_model, license, example, test, script_args.merge_adapter
+    )
     folder = save_trained_repository(trainer, output_dir, card, record, example, script_args.merge_adapter)
 
     # Evaluate: the table of the evaluations after each stage (those before a resume included), then the test split

@@ -461,6 +461,24 @@ def build_generation_config(model, tokenizer) -> GenerationConfig:
     )
 
 
+def require_full_model(folder: Path, name: str) -> None:
+    """Raise a `ValueError` when `folder` holds a LoRA adapter without a model (`train_sft.py --use_peft` wrote it),
+    naming the folder that holds the trained model: its `merged/` subfolder."""
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return
+    merged = folder / "merged"
+    if (merged / "config.json").is_file():
+        raise ValueError(
+            f"{name} holds the LoRA adapter of a `train_sft.py --use_peft` run, not a full model: the trained model is "
+            f"in {str(merged)!r}, the merged weights saved beside it. Pass that folder."
+        )
+    raise ValueError(
+        f"{name} holds a LoRA adapter (adapter_config.json) and no merged model (`--merge_adapter false`). Merge it "
+        "into its base and save a full model folder to pass here (`peft.PeftModel.from_pretrained(base, folder)"
+        ".merge_and_unload().save_pretrained(...)`, with the processor), or train with `--merge_adapter true`."
+    )
+
+
 def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = None) -> None:
     """Raise a `ValueError` unless `model_name_or_path` holds a Coconut-InternVL config.
 
@@ -475,6 +493,7 @@ def require_coconut_checkpoint(model_name_or_path: str, revision: str | None = N
             "convert_to_coconut.py (`--output`) or train_sft.py (`--output_dir`) saved the model in, or a Hub id "
             "`namespace/name`."
         )
+    require_full_model(path, repr(model_name_or_path))
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(
             f"{model_name_or_path!r} has no config.json: pass the folder convert_to_coconut.py (`--output`) or "
@@ -498,6 +517,7 @@ __all__ = [
     "load_base_tokenizer",
     "base_coconut_config",
     "require_coconut_checkpoint",
+    "require_full_model",
     "add_latent_tokens",
     "build_generation_config",
     "original_to_native_state_dict",

@@ -661,12 +661,7 @@ def load_split(
                 "pass a split that names exactly one, or the file itself."
             )
         return load_coconut_json(matches[0], skip_invalid=skip_invalid)
-    if is_local_path(dataset) and not path.exists():
-        parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
-        raise ValueError(
-            f"`dataset` {dataset!r}: no such file or folder (the nearest existing folder is {str(parent)!r}). Fix the "
-            "path; a Hub dataset id has the form `namespace/name`."
-        )
+    require_existing_local_dataset(dataset)
     if is_single_file(dataset):
         named, asked = _split_words(path.stem), _split_words(split)
         if named and asked and not named & asked:
@@ -677,9 +672,30 @@ def load_split(
             )
     if path.suffix == ".json" and path.is_file():
         return load_coconut_json(path, skip_invalid=skip_invalid)
-    if "a-okvqa" in dataset.lower():
-        return load_aokvqa(dataset, split=split, target=aokvqa_target, skip_invalid=skip_invalid)
-    return load_records(dataset, split=split, skip_invalid=skip_invalid)
+    try:
+        if "a-okvqa" in dataset.lower():
+            return load_aokvqa(dataset, split=split, target=aokvqa_target, skip_invalid=skip_invalid)
+        return load_records(dataset, split=split, skip_invalid=skip_invalid)
+    except OSError as error:  # `namespace/name` is also a relative path: say that it is no folder here first
+        if path.exists():
+            raise
+        raise ValueError(
+            f"`dataset` {dataset!r}: no such file or folder in {str(Path.cwd())!r}, and no Hub dataset of that id "
+            f"could be read ({type(error).__name__}: {error}). Fix the path of a local folder (run from the folder it "
+            "is relative to), or check the Hub id (and `huggingface-cli login` for a private dataset)."
+        ) from error
+
+
+def require_existing_local_dataset(dataset: str) -> None:
+    """Raise a `ValueError` when `dataset` is meant as a local path (see
+    [`coconut.hub.is_local_path`]) and does not exist: "no such file", not a Hub look-up."""
+    path = Path(dataset)
+    if is_local_path(dataset) and not path.exists():
+        parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
+        raise ValueError(
+            f"`dataset` {dataset!r}: no such file or folder (the nearest existing folder is {str(parent)!r}). Fix the "
+            "path; a Hub dataset id has the form `namespace/name`."
+        )
 
 
 def load_train_and_eval_splits(
@@ -690,6 +706,7 @@ def load_train_and_eval_splits(
     A single JSON/JSONL file holds one split: evaluating "its validation split" would score the training records
     and report training ids as validation, so that is an error asking for a folder of split files or no evaluation.
     """
+    require_existing_local_dataset(dataset)  # a typo is "no such file" before anything is said about splits
     if eval_split and is_single_file(dataset):
         raise ValueError(
             f"`--dataset` {dataset!r} is one file, which holds a single split: evaluating `--eval_split` "
@@ -714,6 +731,7 @@ __all__ = [
     "load_split",
     "load_train_and_eval_splits",
     "records_to_dataset",
+    "require_existing_local_dataset",
     "to_rgb",
     "validate_dataset",
 ]

@@ -33,6 +33,7 @@ from coconut.curriculum import CurriculumConfig
 from coconut.eval_config import CoconutEvalConfig
 from coconut.eval_prompts import eval_prompt
 from coconut.loading import load_model_and_processor
+from coconut.preflight import check_writable
 from coconut.synthetic import SyntheticTaskConfig, build_synthetic_split, generate_puzzles
 from processing_coconut_internvl import LATENT_TOKENS
 
@@ -57,7 +58,14 @@ def load_trained_task(model_dir: str | Path) -> tuple[SyntheticTaskConfig, Curri
     record = json.loads(path.read_text())
     if not record.get("task"):
         raise ValueError(f"{model_dir} was not trained on the bundled arrow-chase task (no `task` in {path.name}).")
-    return SyntheticTaskConfig(**record["task"]), CurriculumConfig(**record["curriculum"]), record["stage"]
+    curriculum, stage = CurriculumConfig(**record["curriculum"]), record["stage"]
+    if not record.get("num_latent_thoughts"):
+        raise ValueError(
+            f"{model_dir} has no thoughts to probe: it was trained with `method`={curriculum.method!r} and reached "
+            f"stage {stage}, whose prompts hold no `<|latent|>` token. Probe a `coconut` or `pause_as_thought` run "
+            "that reached stage 1 or later."
+        )
+    return SyntheticTaskConfig(**record["task"]), curriculum, stage
 
 
 @torch.no_grad()
@@ -211,9 +219,16 @@ def main(argv=None) -> dict:
         name, separator, folder = item.partition("=")
         if not separator or not name or not folder:
             raise ValueError(f"`--models` takes NAME=FOLDER pairs, got {item!r}.")
+        if name in models:
+            raise ValueError(
+                f"`--models` names {name!r} twice ({models[name]} and {folder}): the second would replace the first. "
+                "Give each model its own name, e.g. `coconut_seed0=... coconut_seed1=...`."
+            )
         models[name] = folder
+    check_writable(args.output_dir)  # before any model is probed
+    for folder in models.values():
+        load_trained_task(folder)  # every folder's record, before the first model's work is spent
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     results = {
         name: probe_model(folder, output_dir / "data", args.num_train, args.num_test)
         for name, folder in models.items()

@@ -210,12 +210,25 @@ def write_model_card(folder: str | Path, card: ModelCard, example: dict | None =
 
 
 def trained_model_card(
-    trainer, dataset: str, validation_split: str, task, base_model: str | None, license: str, example: dict, test=None
+    trainer,
+    dataset: str,
+    validation_split: str,
+    task,
+    base_model: str | None,
+    license: str,
+    example: dict,
+    test=None,
+    merge_adapter: bool = True,
 ) -> tuple[dict, ModelCard]:
     """The training record (`coconut_training.json`) and card of the model `trainer` trained on `dataset`: the stage
     reached, not the one planned; the evaluations after each stage, then the held-out `test` result if there is one
-    (a [`coconut.results.StageResult`]); `task` is the bundled task's settings, `None` for another dataset."""
+    (a [`coconut.results.StageResult`]); `task` is the bundled task's settings, `None` for another dataset.
+
+    With LoRA and `merge_adapter`, the quick start loads `<output_dir>/merged` (or the Hub id, where the merged model
+    is pushed): the adapter alone loads onto the base model without the modules the run added or changed outside
+    LoRA (a stop head, a rescaled final norm)."""
     args = trainer.args
+    lora = hasattr(trainer.accelerator.unwrap_model(trainer.model), "merge_and_unload")
     record = {**trainer.training_record(), "dataset": dataset, "task": asdict(task) if task else None}
     stopped = (
         f" It stopped at step {record['global_step']} of {record['planned_steps']} (`max_steps`)."
@@ -228,11 +241,22 @@ def trained_model_card(
         f"{record['num_train_epochs']} epochs.{stopped} The saved model reached stage {record['stage']} and is "
         f"evaluated with up to {record['num_latent_thoughts']} continuous thoughts per question."
     )
+    local_folder = str(args.output_dir)
+    if lora and merge_adapter:
+        local_folder = str(Path(args.output_dir) / "merged")
+        training += (
+            " LoRA adapters were trained and merged into the full model that this card loads; the run's output folder "
+            "also keeps the adapter, which alone lacks what the run trained outside LoRA."
+        )
+    elif lora:
+        training += (
+            f" This folder holds the LoRA adapter; `from_pretrained` loads it onto its base model {base_model}."
+        )
     rows = [card_row(result.stage, result.metrics) for result in trainer.eval_results.results]
     if test is not None:
         rows.append(card_row(f"{test.stage}, held-out test ({len(test.predictions)} questions)", test.metrics))
     card = build_model_card(
-        repo_id=args.hub_model_id or str(args.output_dir),
+        repo_id=args.hub_model_id or local_folder,
         base_model=base_model,
         license=license,
         datasets=[dataset],

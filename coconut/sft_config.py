@@ -77,9 +77,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             "It learns from the blocks that replace all of a record's steps (coconut only)."
         },
     )
-    stop_loss_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the stop head's binary cross-entropy, added to the language-modelling loss."},
+    stop_loss_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight of the stop head's binary cross-entropy, added to the language-modelling loss (default "
+            "1.0; only with --latent_stop_head)."
+        },
     )
     step_supervision: bool = field(
         default=False,
@@ -114,6 +117,13 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
     def __post_init__(self):
         super().__post_init__()  # SFTConfig's
         self.validate_curriculum()  # CurriculumConfig's: method, c_thought, max_latent_stage, uniform_prob
+        if self.stop_loss_weight is not None and not self.latent_stop_head:
+            raise ValueError(
+                f"`stop_loss_weight`={self.stop_loss_weight} weighs the stop head's loss, but `latent_stop_head` is not "
+                "set, so no head is trained and it would be ignored. Add `--latent_stop_head`, or drop it."
+            )
+        if self.stop_loss_weight is None:
+            self.stop_loss_weight = 1.0
         self.validate_schedule()
         # The trainer orders the data itself (one seeded permutation per curriculum epoch, the same on resume).
         self.train_sampling_strategy = "sequential"
@@ -168,6 +178,12 @@ class CoconutSFTConfig(SFTConfig, CurriculumConfig):
             raise ValueError(
                 "`latent_stop_head` with `pad_latent_to_max`: every final-stage block then has max_latent_stage x "
                 "c_thought thoughts, so the head could only learn to stop there. Drop one of the two."
+            )
+        if self.latent_stop_head and self.max_latent_stage == 0:
+            raise ValueError(
+                "`latent_stop_head` with `max_latent_stage`=0: no stage has a thought, so the head would never be "
+                'trained, and `num_latent_thoughts="auto"` would give every question one thought. Raise '
+                "`max_latent_stage` to the reasoning steps to replace, or drop `--latent_stop_head`."
             )
         if not (math.isfinite(self.stop_loss_weight) and self.stop_loss_weight > 0):
             raise ValueError(

@@ -657,6 +657,16 @@ def _check_run_length(args: CoconutSFTConfig, schedule: CurriculumSchedule, step
         return
     last_step = min(args.max_steps, schedule.total_steps) if args.max_steps > 0 else schedule.total_steps
     final_stage = schedule.stage_of_step(last_step - 1)
+    if args.latent_stop_head and final_stage <= args.max_latent_stage:
+        # The head learns where a block ends from blocks as long as the final stage makes them; `"auto"` would read an
+        # untrained head, with `max_latent_thoughts` set for a stage the model never saw.
+        needed = (args.max_latent_stage + 1 - args.start_stage) * args.epochs_per_stage + 1
+        raise ValueError(
+            f"`latent_stop_head` with a run that ends in stage {final_stage}, before the final stage "
+            f"max_latent_stage + 1 = {args.max_latent_stage + 1} whose blocks teach the head where to stop. Raise "
+            f"`num_train_epochs` to at least (max_latent_stage + 1 - start_stage) x epochs_per_stage + 1 = {needed} "
+            "(and `max_steps` past the stage's start), or drop `--latent_stop_head`."
+        )
     if final_stage < args.max_latent_stage:
         needed = (args.max_latent_stage + 1 - args.start_stage) * args.epochs_per_stage
         stop = (

@@ -103,9 +103,11 @@ class SyntheticTaskConfig:
         if not 2 <= self.grid_size <= len(COLUMN_LETTERS):
             raise ValueError(f"`grid_size` must be in [2, {len(COLUMN_LETTERS)}], got {self.grid_size}.")
         if self.image_size % self.grid_size:
+            step = 28 * self.grid_size  # whole 28-pixel image tokens of the tiny model per cell
             raise ValueError(
                 f"`image_size`={self.image_size} must be a multiple of `grid_size`={self.grid_size} so cells have "
-                f"equal sizes; e.g. image_size={self.grid_size * (self.image_size // self.grid_size)}."
+                f"equal sizes; e.g. image_size={step * max(1, round(self.image_size / step))} (a multiple of 28 x "
+                "grid_size also gives each cell whole image tokens of the tiny model)."
             )
         if not 1 <= self.min_hops <= self.max_hops:
             raise ValueError(f"Need 1 <= `min_hops` <= `max_hops`, got {self.min_hops} and {self.max_hops}.")

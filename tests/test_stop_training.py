@@ -104,7 +104,7 @@ def test_lora_trains_the_whole_head(tmp_path, tokenizer):
     model.add_latent_stop_head()
     peft_config = coconut_peft_config(ModelConfig(use_peft=True, lora_r=4), model)
     assert "latent_stop_head" in peft_config.modules_to_save
-    args = sft_config(tmp_path, latent_stop_head=True, max_latent_stage=2, num_train_epochs=3)
+    args = sft_config(tmp_path, latent_stop_head=True, max_latent_stage=2, num_train_epochs=4)
     trainer = CoconutSFTTrainer(
         model=model, args=args, train_dataset=RECORDS, processing_class=tokenizer, peft_config=peft_config
     )
