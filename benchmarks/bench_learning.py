@@ -1,33 +1,39 @@
 """What continuous thoughts buy, on a task with headroom: CoT, No-CoT, w/o thought, pause as thought and Coconut.
 
-    python -m benchmarks.bench_learning                              # 5 methods x 3 seeds on the headroom task
+    python -m benchmarks.bench_learning                              # 6 methods x 3 seeds on the headroom task
     python -m benchmarks.bench_learning --seeds 3 4 5                # seeds the recipe was never tuned on
     python -m benchmarks.bench_learning --methods cot coconut -- --synthetic_train_size 4000   # extra flags
 
 The task is the bundled arrow chase on a 3 x 3 board (`TASK_ARGS`): the answer needs several look-ups in the image,
 one per arrow, and a model that composes them in one forward pass has to do them all at once. Every run is
 `python train_sft.py` with the embedded default's arguments (`train_sft.DEMO_ARGS`: the tiny model from scratch),
-`TASK_ARGS`, `--method` and `--seed`, and the flags after `--` added to every run. The methods are the paper's (Table 1
-of Hao et al. 2024):
+`TASK_ARGS`, the method's own flags (`METHOD_ARGS`), `--seed`, and the flags after `--` added to every run. The methods
+are the paper's (Table 1 of Hao et al. 2024), with the recipe found for this task:
 
 - `cot`: every reasoning step written, then the answer (`COT_ARGS`, trained to convergence);
 - `no_cot`: the answer alone (the same epochs as `cot`);
-- `no_thought` ("w/o thought"), `pause_as_thought` and `coconut`: the curriculum, continued from the CoT model of the
-  same seed at stage 1 (`CURRICULUM_ARGS`: `--model_name_or_path <cot run> --start_stage 1`). Stage 0 of the
-  curriculum is plain CoT, so it is trained once per seed, to convergence, and shared, as the reference code's GSM8k
-  recipe loads a CoT checkpoint and resumes past stage 0.
+- `coconut`: the curriculum, continued from the CoT model of the same seed at stage 1 (`--model_name_or_path <cot run>
+  --start_stage 1`), with the stage lengths of `STAGE_ARGS` and step supervision (`STEP_SUPERVISION_ARGS`: a decoder
+  reads the thoughts of each replaced step and must write it). Stage 0 of the curriculum is plain CoT, so it is
+  trained once per seed, to convergence, and shared, as the reference code's GSM8k recipe loads a CoT checkpoint and
+  resumes past stage 0;
+- `pause_as_thought`: the same, with nothing fed back: the control for what the feedback adds;
+- `no_thought` ("w/o thought"): the same stage lengths, the replaced steps dropped, nothing in their place;
+- `coconut_plain`: the paper's recipe (`PLAIN_ARGS`: 3 epochs a stage, no step supervision), so the gain is visible.
 
 The seed sets the model's initialisation, the data order and the training and validation questions. Each run ends
 by answering the task's held-out test split (500 questions in no training or validation split) at its final stage,
-greedily. Each run uses `--threads` torch threads, so its numbers do not depend on `--workers`. A run whose folder
-already holds a finished result with the same arguments is read back, not trained again.
+greedily; each Coconut run is then answered again with its thoughts replaced (`evaluate.py --interventions`) and its
+thoughts decoded (`--read_thoughts`). Each run uses `--threads` torch threads, so its numbers do not depend on
+`--workers`. A run whose folder already holds a finished result with the same arguments is read back, not trained again.
 
 Writes `<output_dir>/bench_learning.json` (every run, its accuracy by number of arrows, every stage's validation
-result), `bench_learning.png` (test accuracy against generated positions) and, unless `--probe_seeds` is empty, the
-linear probe of the thoughts (`coconut/linear_probe.py`). The last line printed is one JSON object: per method
-`accuracy_mean`, `accuracy_std` (sample standard deviation over seeds), `tokens_mean` (generated text tokens),
-`thoughts_mean` (continuous thoughts or pause tokens in the prompt), `seeds`, and for Coconut `welch_p`: Welch's
-t-test p-value of Coconut's accuracies against each other method's.
+result, the interventions and the reader), `bench_learning.png` (test accuracy against generated positions) and,
+unless `--probe_seeds` is empty, the linear probe of the thoughts (`coconut/linear_probe.py`). The last line printed
+is one JSON object: per method `accuracy_mean`, `accuracy_std` (sample standard deviation over seeds), `tokens_mean`
+(generated text tokens), `thoughts_mean` (continuous thoughts or pause tokens in the prompt), `seeds`, for the Coconut
+rows `interventions` (mean accuracy, %, unchanged and under each) and `reader_right_cell` (%), and for Coconut
+`welch_p`: Welch's t-test p-value of Coconut's accuracies against each other method's.
 """
 
 import argparse
@@ -154,7 +160,7 @@ def thought_tests(run_dir: Path, env: dict) -> dict:
     command = [
         sys.executable, "evaluate.py", "--model", str(run_dir), "--split", "test", "--data_dir", str(run_dir / "data"),
         "--output_dir", str(eval_dir), "--interventions", *INTERVENTIONS, "--read_thoughts", "true",
-        "--disable_tqdm", "true",
+        "--update_model_card", "true", "--disable_tqdm", "true",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     (run_dir / "thought_tests.log").write_text(completed.stdout + completed.stderr)
