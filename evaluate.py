@@ -277,8 +277,7 @@ def main(script_args: ScriptArguments, curriculum_args, eval_config: CoconutEval
         tables += thought_tables(result.metrics["accuracy"], thought_results)
     if script_args.update_model_card:
         write_table_into_card(Path(script_args.model) / "README.md", results.markdown_table())
-        for heading, table in zip(("## Thought interventions", "## Decoded thoughts"), tables[1:], strict=False):
-            write_table_into_card(Path(script_args.model) / "README.md", table, heading=heading)
+        write_thought_sections(Path(script_args.model) / "README.md", thought_results, result.metrics["accuracy"])
     print("\n\n".join(tables))
     logger.info("Wrote %s", ", ".join(str(path) for path in paths.values()))
     return results
@@ -333,6 +332,16 @@ def add_to_results_file(path: Path, thought_results: dict) -> None:
     saved = json.loads(Path(path).read_text())
     saved.update(thought_results)
     Path(path).write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def write_thought_sections(card_path: Path, thought_results: dict, accuracy: float) -> None:
+    """The interventions and the decoded thoughts, each in a card section of its own."""
+    names = [name for name in ("interventions", "thought_reader") if name in thought_results]
+    sections = {"interventions": ("## Thought interventions", "thought-interventions"),
+                "thought_reader": ("## Decoded thoughts", "decoded-thoughts")}  # fmt: skip
+    for name, table in zip(names, thought_tables(accuracy, thought_results), strict=True):
+        heading, section = sections[name]
+        write_table_into_card(card_path, table, heading=heading, section=section)
 
 
 def thought_tables(accuracy: float, thought_results: dict) -> list[str]:

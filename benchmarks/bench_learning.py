@@ -50,6 +50,7 @@ from pathlib import Path
 from scipy.stats import ttest_ind
 
 from coconut.synthetic import SyntheticTaskConfig, generate_puzzles, puzzle_record
+from evaluate import write_thought_sections
 from train_sft import DEMO_ARGS
 
 
@@ -160,13 +161,14 @@ def thought_tests(run_dir: Path, env: dict) -> dict:
     command = [
         sys.executable, "evaluate.py", "--model", str(run_dir), "--split", "test", "--data_dir", str(run_dir / "data"),
         "--output_dir", str(eval_dir), "--interventions", *INTERVENTIONS, "--read_thoughts", "true",
-        "--update_model_card", "true", "--disable_tqdm", "true",
+        "--disable_tqdm", "true",
     ]  # fmt: skip
     completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     (run_dir / "thought_tests.log").write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
         raise RuntimeError(f"evaluate.py failed on {run_dir}; its log: {run_dir / 'thought_tests.log'}")
     results = json.loads((eval_dir / "eval_results.json").read_text())
+    write_thought_sections(run_dir / "README.md", results, results["overall"]["accuracy"])  # the run's card
     reader = results["thought_reader"]
     return {
         "interventions": {"unchanged": results["overall"]["accuracy"], **results["interventions"]},

@@ -331,20 +331,28 @@ def _markdown_table(rows: list[dict]) -> str:
 CARD_TABLE_START, CARD_TABLE_END = "<!-- coconut-eval-results -->", "<!-- /coconut-eval-results -->"
 
 
-def write_table_into_card(card_path: str | Path, table: str, heading: str = "## Evaluation") -> str:
+def section_markers(section: str) -> tuple[str, str]:
+    """The HTML comments around a card section that the scripts rewrite."""
+    return f"<!-- coconut-{section} -->", f"<!-- /coconut-{section} -->"
+
+
+def write_table_into_card(
+    card_path: str | Path, table: str, heading: str = "## Evaluation", section: str = "eval-results"
+) -> str:
     """Put `table` into the model card at `card_path`, replacing the table an earlier evaluation wrote there.
 
-    The table sits between two HTML comments, so re-evaluating replaces it; a card without them gets a `heading`
-    section appended. Returns the new card text.
+    The table sits between two HTML comments named after `section`, so re-evaluating replaces it and other sections
+    stay; a card without them gets a `heading` section appended. Returns the new card text.
     """
+    start, end = (CARD_TABLE_START, CARD_TABLE_END) if section == "eval-results" else section_markers(section)
     card_path = Path(card_path)
     if not card_path.is_file():
         raise ValueError(f"Model card {str(card_path)!r} does not exist; save the model (with its README.md) first.")
     card = card_path.read_text()
-    block = f"{CARD_TABLE_START}\n{table.rstrip()}\n{CARD_TABLE_END}"
-    if CARD_TABLE_START in card and CARD_TABLE_END in card:
-        before, rest = card.split(CARD_TABLE_START, 1)
-        after = rest.split(CARD_TABLE_END, 1)[1]
+    block = f"{start}\n{table.rstrip()}\n{end}"
+    if start in card and end in card:
+        before, rest = card.split(start, 1)
+        after = rest.split(end, 1)[1]
         card = before + block + after
     else:
         card = card.rstrip() + f"\n\n{heading}\n\n{block}\n"

@@ -109,6 +109,12 @@ def test_evaluate_reports_interventions_and_the_reader(saved_model_with_latents,
     assert reader["decoder"] == "the model's own LM head" and reader["num_thoughts"] == 4 * 2
     assert list(reader["right_cell_by_step"]) == ["1", "2"] and len(reader["examples"]) == 3
 
+    main(*TrlParser(PARSER).parse_args_and_config([*argv, "--update_model_card"]))
+    card = (model_dir / "README.md").read_text()
+    for heading in ("## Evaluation", "## Thought interventions", "## Decoded thoughts"):
+        assert card.count(heading) == 1, heading
+    assert "| zero |" in card and "| unchanged |" in card and "| Stage |" in card  # each section kept its table
+
     with pytest.raises(ValueError, match="some records have no image"):
         main(*TrlParser(PARSER).parse_args_and_config([*argv, "--interventions", "other_board"]))
     with pytest.raises(ValueError, match="unknown \\['swap'\\]"):
