@@ -55,7 +55,7 @@ from coconut.preflight import (
 from coconut.repository import push_folder, save_trained_repository
 from coconut.results import EvalResults
 from coconut.sft_config import CoconutSFTConfig
-from coconut.sft_trainer import CoconutSFTTrainer
+from coconut.sft_trainer import CoconutSFTTrainer, prepare_model_for_curriculum
 from coconut.synthetic import VARIANTS
 from coconut.thought_scale import match_thought_scale
 from coconut.tiny import tiny_model_and_processor
@@ -168,11 +168,10 @@ def main(script_args: ScriptArguments, training_args: CoconutSFTConfig, model_ar
             base_model, model_args.model_revision, model_args.dtype, model_args.attn_implementation
         )
     license = model_license(base_model, model_args.model_revision)  # the card's: a base without one fails now
-    if training_args.latent_stop_head:
-        model.add_latent_stop_head()  # before LoRA, which then trains it whole
     if script_args.match_thought_scale:
         logger.info("Final norm rescaled by %.4g: thoughts at token embeddings' scale", match_thought_scale(model))
     train = check_lengths(train, processor, training_args, script_args.skip_invalid)
+    prepare_model_for_curriculum(model, training_args, train)  # the stop head before LoRA, which then trains it whole
 
     # Train. Pushing happens at the end only: Trainer would create the Hub repository at construction.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False

@@ -168,6 +168,37 @@ class FiniteLossCallback(TrainerCallback):
         )
 
 
+def prepare_model_for_curriculum(model, args: CoconutSFTConfig, records: Sequence[dict]) -> None:
+    """Set, once and before the trainer is built (and before PEFT wraps the model), what the run's curriculum needs of
+    the model; the trainer itself changes nothing of it.
+
+    - `latent_stop_head`: the stop head (unless the model has one), and the most thoughts
+      `generate(num_latent_thoughts="auto")` gives by default: the most a final-stage prompt of `records` gets.
+    - `method="pause_as_thought"`: `config.latent_token_id=None`, so `<|latent|>` is an ordinary learned pause token
+      (the paper's baseline: the same layout, nothing fed back).
+    """
+    if args.latent_stop_head:
+        if getattr(model, "latent_stop_head", None) is None:
+            model.add_latent_stop_head()
+        final_stage = args.max_latent_stage + 1
+        counts = [evaluation_layout(n, final_stage, args.curriculum).num_latents for n in _step_counts(records)]
+        model.config.max_latent_thoughts = max([1, *counts])
+    if args.method == "pause_as_thought":
+        model.config.latent_token_id = None
+
+
+def check_model_prepared(model, args: CoconutSFTConfig) -> None:
+    """A `ValueError` when the model lacks what [`prepare_model_for_curriculum`] sets for this run."""
+    fix = "Call `prepare_model_for_curriculum(model, args, train_dataset)` before building the trainer (train_sft.py does)."
+    if args.latent_stop_head and getattr(model, "latent_stop_head", None) is None:
+        raise ValueError(f"`latent_stop_head` is set, but the model has no stop head. {fix}")
+    if args.method == "pause_as_thought" and model.config.latent_token_id is not None:
+        raise ValueError(
+            f"`method`='pause_as_thought', but the model feeds thoughts back at `<|latent|>` "
+            f"(`config.latent_token_id`={model.config.latent_token_id}). {fix}"
+        )
+
+
 # The step decoder's state in a checkpoint folder (LoRA matrices included), beside the model's weights.
 DECODER_STATE_NAME = "thought_decoder.safetensors"
 
@@ -231,8 +262,9 @@ class CoconutSFTTrainer(SFTTrainer):
     greedy generation ([`coconut.evaluation.evaluate_stage`]); the accuracy and generated tokens are logged
     (`eval_accuracy`, `eval_mean_generated_tokens`, `stage`) and kept in `self.eval_results`.
 
-    With `method="pause_as_thought"` the `<|latent|>` tokens are learned pause tokens: the model's
-    `config.latent_token_id` is set to `None`, so it does not feed hidden states back.
+    The model comes prepared for the curriculum ([`prepare_model_for_curriculum`]: the stop head, and for
+    `method="pause_as_thought"` a `config.latent_token_id` of `None`, so the `<|latent|>` tokens are learned pause
+    tokens); the trainer checks that and changes nothing of the model itself.
 
     A non-finite loss stops training with an error naming the step ([`FiniteLossCallback`]). `train()` resumes as
     `Trainer` does, from a checkpoint saved with the same curriculum settings and training records as this run
@@ -271,12 +303,7 @@ class CoconutSFTTrainer(SFTTrainer):
         settings = run_settings(args, self.records)
         args = copy.copy(args)
         args.num_train_epochs = 1  # one pass over the schedule, which holds every curriculum epoch
-        if args.latent_stop_head:
-            model.add_latent_stop_head()
-            # What `generate(num_latent_thoughts="auto")` allows by default: the most thoughts a final-stage prompt gets.
-            final_stage = args.max_latent_stage + 1
-            counts = [evaluation_layout(n, final_stage, args.curriculum).num_latents for n in self.step_counts]
-            model.config.max_latent_thoughts = max([1, *counts])
+        check_model_prepared(model, args)
         collator = CoconutDataCollator(
             processing_class,
             self.records,
@@ -323,9 +350,6 @@ class CoconutSFTTrainer(SFTTrainer):
                 "`latent_stop_head` is set but the stop head's weights are frozen (a LoRA config without "
                 "`modules_to_save=['latent_stop_head']`?). `coconut.lora.coconut_peft_config` adds it."
             )
-        if args.method == "pause_as_thought":
-            # The paper's baseline: the same token layout, but `<|latent|>` is an ordinary learned token.
-            self.model.config.latent_token_id = None
         # FSDP and ZeRO-3 gather parameters in every forward call: all ranks must make the same calls.
         self.sync_latent_passes = self.is_fsdp_enabled or self.is_deepspeed_enabled
         self.stage_lr_scheduler = None
@@ -708,4 +732,6 @@ __all__ = [
     "FiniteLossCallback",
     "RunRecord",
     "ThoughtDecoderCallback",
+    "check_model_prepared",
+    "prepare_model_for_curriculum",
 ]

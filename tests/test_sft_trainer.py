@@ -12,7 +12,13 @@ from trl.trainer.utils import add_fused_lm_head
 from coconut.curriculum import build_training_example
 from coconut.reference import reference_logits
 from coconut.sft_config import CoconutSFTConfig
-from coconut.sft_trainer import CoconutSFTTrainer, CurriculumSchedule, curriculum_settings, load_saved_key_layout
+from coconut.sft_trainer import (
+    CoconutSFTTrainer,
+    CurriculumSchedule,
+    curriculum_settings,
+    load_saved_key_layout,
+    prepare_model_for_curriculum,
+)
 from coconut.tiny import tiny_coconut_config_for
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
@@ -75,12 +81,10 @@ def sft_config(tmp_path, **overrides) -> CoconutSFTConfig:
 
 
 def make_trainer(tmp_path, tokenizer, seed=0, records=RECORDS, eval_dataset=None, **overrides) -> CoconutSFTTrainer:
+    model, args = text_model(tokenizer, seed), sft_config(tmp_path, **overrides)
+    prepare_model_for_curriculum(model, args, records)
     return CoconutSFTTrainer(
-        model=text_model(tokenizer, seed),
-        args=sft_config(tmp_path, **overrides),
-        train_dataset=records,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        model=model, args=args, train_dataset=records, eval_dataset=eval_dataset, processing_class=tokenizer
     )
 
 
@@ -611,3 +615,18 @@ def test_building_the_trainer_sends_no_telemetry(tmp_path, tokenizer, monkeypatc
     assert len(pings) == 1 and pings[0]["library_name"] == "trl"
     make_trainer(tmp_path, tokenizer)
     assert len(pings) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(method="pause_as_thought"), dict(latent_stop_head=True, num_train_epochs=5)]
+)
+def test_the_trainer_changes_nothing_of_a_prepared_model(tmp_path, tokenizer, overrides):
+    model, args = text_model(tokenizer), sft_config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=r"Call `prepare_model_for_curriculum\(model, args, train_dataset\)`"):
+        CoconutSFTTrainer(model=model, args=args, train_dataset=RECORDS, processing_class=tokenizer)
+    prepare_model_for_curriculum(model, args, RECORDS)
+    config, names = model.config.to_dict(), [name for name, _ in model.named_parameters()]
+    CoconutSFTTrainer(model=model, args=args, train_dataset=RECORDS, processing_class=tokenizer)
+    config.pop("use_cache", None)  # TRL's SFTTrainer turns the generation cache off for training, as for any model
+    assert {key: value for key, value in model.config.to_dict().items() if key != "use_cache"} == config
+    assert [name for name, _ in model.named_parameters()] == names

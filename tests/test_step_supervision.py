@@ -8,19 +8,16 @@ from transformers import AutoModelForCausalLM
 
 from coconut.curriculum import CurriculumConfig, build_training_example
 from coconut.fused_lm_head import token_log_probs
-from coconut.sft_trainer import DECODER_STATE_NAME, CoconutSFTTrainer
+from coconut.sft_trainer import DECODER_STATE_NAME, CoconutSFTTrainer, prepare_model_for_curriculum
 from coconut.step_supervision import THOUGHT_DECODER_DIR, step_supervision_loss
 
 
 def make_trainer(tmp_path, tokenizer, **overrides) -> CoconutSFTTrainer:
     settings = dict(step_supervision=True, max_latent_stage=3, num_train_epochs=3, start_stage=1)
     settings.update(overrides)
-    return CoconutSFTTrainer(
-        model=text_model(tokenizer),
-        args=sft_config(tmp_path, **settings),
-        train_dataset=RECORDS,
-        processing_class=tokenizer,
-    )
+    model, args = text_model(tokenizer), sft_config(tmp_path, **settings)
+    prepare_model_for_curriculum(model, args, RECORDS)
+    return CoconutSFTTrainer(model=model, args=args, train_dataset=RECORDS, processing_class=tokenizer)
 
 
 # Three steps a record; stage 4 gives a fourth thought that replaces no step, the final stage one thought per step.

@@ -6,7 +6,7 @@ from test_sft_trainer import corpus, sft_config, text_model
 
 from coconut.curriculum import CurriculumConfig, build_training_example
 from coconut.lora import coconut_peft_config
-from coconut.sft_trainer import CoconutSFTTrainer
+from coconut.sft_trainer import CoconutSFTTrainer, prepare_model_for_curriculum
 from coconut.tokenizer import train_tokenizer
 from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration, latent_stop_labels
 
@@ -31,12 +31,9 @@ def tokenizer():
 
 def make_trainer(tmp_path, tokenizer, records=RECORDS, **overrides) -> CoconutSFTTrainer:
     settings = dict(latent_stop_head=True, max_latent_stage=2, num_train_epochs=4, per_device_train_batch_size=6)
-    return CoconutSFTTrainer(
-        model=text_model(tokenizer),
-        args=sft_config(tmp_path, **{**settings, **overrides}),
-        train_dataset=records,
-        processing_class=tokenizer,
-    )
+    model, args = text_model(tokenizer), sft_config(tmp_path, **{**settings, **overrides})
+    prepare_model_for_curriculum(model, args, records)
+    return CoconutSFTTrainer(model=model, args=args, train_dataset=records, processing_class=tokenizer)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +112,7 @@ def test_lora_trains_the_whole_head(tmp_path, tokenizer):
     frozen_config = coconut_peft_config(ModelConfig(use_peft=True, lora_r=4), model)
     frozen_config.modules_to_save = None
     model = text_model(tokenizer)
+    prepare_model_for_curriculum(model, args, RECORDS)
     with pytest.raises(ValueError, match="stop head's weights are frozen"):
         CoconutSFTTrainer(
             model=model, args=args, train_dataset=RECORDS, processing_class=tokenizer, peft_config=frozen_config
