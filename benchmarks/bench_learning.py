@@ -81,8 +81,8 @@ COT_ARGS = ["--num_train_epochs", "20"]
 # final stage. The paper's recipe: 3 epochs a stage, each stage with a fresh Adam and schedule.
 PLAIN_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
 # The recipe found on seed 0 (docs/learning.md): the stage lengths, and the step decoder for the methods with thoughts.
-STAGE_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
-STEP_SUPERVISION_ARGS = ["--step_supervision", "true"]
+STAGE_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "24"]
+STEP_SUPERVISION_ARGS = ["--step_supervision", "true", "--step_loss_normalization", "token"]
 # Per method: train_sft.py's `--method` and the method's own flags.
 METHOD_ARGS = {
     "cot": ("cot", COT_ARGS),
@@ -131,6 +131,14 @@ def run_training(method: str, seed: int, output_dir: Path, threads: int, args: l
             f"{method} seed {seed} failed (exit code {completed.returncode}); the end of its log "
             f"({run_dir / 'train.log'}):\n{completed.stderr[-3000:]}"
         )
+    run = read_run(method, seed, run_dir, args, seconds, env)
+    record_path.write_text(json.dumps(run, indent=2) + "\n")
+    return run
+
+
+def read_run(method: str, seed: int, run_dir: Path, args: list[str], seconds: float, env: dict) -> dict:
+    """The record of a finished run in `run_dir`: its test results, by number of arrows, every stage's validation,
+    and for a Coconut run the thought tests."""
     results = json.loads((run_dir / "eval_results.json").read_text())
     test = results["test"]
     predictions = [json.loads(line) for line in (run_dir / "test" / "predictions_test.jsonl").open()]
@@ -151,7 +159,6 @@ def run_training(method: str, seed: int, output_dir: Path, threads: int, args: l
     }
     if METHOD_ARGS[method][0] == "coconut":
         run.update(thought_tests(run_dir, env))
-    record_path.write_text(json.dumps(run, indent=2) + "\n")
     return run
 
 
