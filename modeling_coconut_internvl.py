@@ -29,7 +29,7 @@ from transformers.utils.versions import require_version
 
 try:  # imported as part of a package: the Hub's remote code, or a repository checkout used as one
     from .configuration_coconut_internvl import CoconutInternVLConfig
-    from .processing_coconut_internvl import (
+    from .latent_block_coconut_internvl import (
         check_config_latent_ids,
         is_auto,
         latent_block,
@@ -39,7 +39,7 @@ try:  # imported as part of a package: the Hub's remote code, or a repository ch
     )
 except ImportError:  # imported from the repository root, e.g. `python train_sft.py`
     from configuration_coconut_internvl import CoconutInternVLConfig
-    from processing_coconut_internvl import (
+    from latent_block_coconut_internvl import (
         check_config_latent_ids,
         is_auto,
         latent_block,
@@ -58,6 +58,10 @@ require_version("transformers>=5.24.0", "Coconut-InternVL's remote code needs it
 # InternVL's key layout on the Hub (`language_model.model.*`, `language_model.lm_head.*`, ...), which transformers also
 # writes back when it saves an InternVL. transformers maps it for its own InternVL classes only, not for remote code, so
 # `from_pretrained` passes it as `key_mapping` (regex -> replacement, applied in order).
+# `generate`'s settings of `num_latent_thoughts="auto"`: read from the generation config (`generation_config.json`).
+LATENT_GENERATION_SETTINGS = ("max_latent_thoughts", "latent_stop_threshold")
+DEFAULT_LATENT_STOP_THRESHOLD = 0.5
+
 INTERNVL_KEY_MAPPING = {
     r"^language_model.lm_head": "lm_head",
     r"^language_model.model": "model.language_model",
@@ -355,6 +359,44 @@ def _close_block_gaps(output, gaps: torch.BoolTensor):
     return output
 
 
+def _take_generation_settings(config) -> dict:
+    """Remove `"auto"`'s generation settings from a model config that still holds them (one saved before they moved to
+    the generation config) and return them, checked."""
+    settings = {name: vars(config).pop(name) for name in LATENT_GENERATION_SETTINGS if name in vars(config)}
+    check_latent_generation_settings(**settings)
+    return settings
+
+
+def _give_generation_settings(generation_config: GenerationConfig | None, settings: dict) -> None:
+    """Set `settings` on `generation_config` where it has no value of its own."""
+    for name, value in settings.items():
+        if generation_config is not None and getattr(generation_config, name, None) is None:
+            setattr(generation_config, name, value)
+
+
+def _has(generation_config, name: str) -> bool:
+    return getattr(generation_config, name, None) is not None
+
+
+def check_latent_generation_settings(max_latent_thoughts=None, latent_stop_threshold=None) -> None:
+    """Raise a `ValueError` naming `max_latent_thoughts` unless it is a whole number of at least 1 (or `None`), and
+    `latent_stop_threshold` unless it is a probability (a number in [0, 1], or `None`)."""
+    if max_latent_thoughts is not None and thought_count(max_latent_thoughts, "max_latent_thoughts") < 1:
+        raise ValueError('`max_latent_thoughts` must be at least 1 with `num_latent_thoughts="auto"`, got 0.')
+    if latent_stop_threshold is None:
+        return
+    number = (
+        latent_stop_threshold.item() if getattr(latent_stop_threshold, "ndim", None) == 0 else latent_stop_threshold
+    )
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(
+            f"`latent_stop_threshold` must be a number, a probability in [0, 1], got {latent_stop_threshold!r} of type "
+            f"{type(latent_stop_threshold).__name__}. Pass a float such as 0.5."
+        )
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"`latent_stop_threshold`={number} is not a probability; use a value in [0, 1].")
+
+
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
     r"""
     [`InternVLForConditionalGeneration`] with Coconut's continuous thoughts. Without `<|latent|>` tokens in `input_ids`
@@ -377,6 +419,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
     def __init__(self, config: CoconutInternVLConfig):
         super().__init__(config)
+        if self.generation_config is not None:
+            # A generation config of the model's own rather than one derived from the model config, whose saved copy
+            # would load without the settings below.
+            settings = self.generation_config.to_dict()
+            self.generation_config = GenerationConfig(
+                **{key: value for key, value in settings.items() if not key.startswith("_")}
+            )
         # A generated `<|latent|>` would have no hidden state to take, and an answer never opens or closes a latent
         # block: the generation config (saved with the model) suppresses the three tokens once, for every `generate`.
         block_ids = (config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id)
@@ -386,6 +435,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if config.latent_stop_head:
             self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1)
             self.post_init()
+        self._settings_from_config = _take_generation_settings(config)
+        _give_generation_settings(self.generation_config, self._settings_from_config)
 
     def add_latent_stop_head(self) -> nn.Linear:
         """Give the model a freshly initialised stop head (and set `config.latent_stop_head`), on the LM head's device
@@ -412,6 +463,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             **kwargs,
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
+        # A `config.json` saved before `"auto"`'s settings moved to `generation_config.json` still holds them.
+        _give_generation_settings(model.generation_config, model._settings_from_config)
         if pretrained_model_name_or_path is not None and model.config.latent_token_id is not None:
             token_ids = tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs)
             if token_ids is not None:
@@ -983,31 +1036,31 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         # The block is the last k + 2 columns: `<|start-latent|>`, the `<|latent|>` columns, `<|end-latent|>`.
         return torch.sigmoid(outputs.stop_logits[:, -num_latent_thoughts - 1 : -1])
 
-    def _auto_settings(self, max_latent_thoughts, latent_stop_threshold) -> tuple[int, float]:
-        """The most thoughts and the stop threshold of `"auto"`, from the arguments or the config, checked."""
+    def _auto_settings(self, max_latent_thoughts, latent_stop_threshold, generation_config=None) -> tuple[int, float]:
+        """The most thoughts and the stop threshold of `"auto"`: the arguments, else the generation config passed to
+        `generate`, else the model's (`generation_config.json`); checked."""
         if getattr(self, "latent_stop_head", None) is None or self.config.latent_token_id is None:
             reason = "no stop head" if self.config.latent_token_id is not None else "no `latent_token_id`"
             raise ValueError(
                 f'`num_latent_thoughts="auto"` needs the stop head to choose the counts, but this model has {reason}. '
                 "Pass a count (`num_latent_thoughts=6`), or train the head (`train_sft.py --latent_stop_head`)."
             )
+        configs = [config for config in (generation_config, self.generation_config) if config is not None]
         if max_latent_thoughts is None:
-            max_latent_thoughts = self.config.max_latent_thoughts
+            max_latent_thoughts = next(
+                (c.max_latent_thoughts for c in configs if _has(c, "max_latent_thoughts")), None
+            )
+        if latent_stop_threshold is None:
+            found = (c.latent_stop_threshold for c in configs if _has(c, "latent_stop_threshold"))
+            latent_stop_threshold = next(found, DEFAULT_LATENT_STOP_THRESHOLD)
         if max_latent_thoughts is None:
             raise ValueError(
                 '`num_latent_thoughts="auto"` needs `max_latent_thoughts`, the most thoughts a prompt may get, and the '
-                "config sets none. Pass it, e.g. `max_latent_thoughts=6` (the most the model was trained with)."
+                "generation config sets none. Pass it, e.g. `max_latent_thoughts=6` (the most the model was trained "
+                "with), or set `model.generation_config.max_latent_thoughts`."
             )
-        max_latent_thoughts = thought_count(max_latent_thoughts, "max_latent_thoughts")
-        if max_latent_thoughts < 1:
-            raise ValueError('`max_latent_thoughts` must be at least 1 with `num_latent_thoughts="auto"`, got 0.')
-        if latent_stop_threshold is None:
-            latent_stop_threshold = self.config.latent_stop_threshold
-        if not 0.0 <= latent_stop_threshold <= 1.0:
-            raise ValueError(
-                f"`latent_stop_threshold`={latent_stop_threshold} is not a probability; use a value in [0, 1]."
-            )
-        return max_latent_thoughts, float(latent_stop_threshold)
+        check_latent_generation_settings(max_latent_thoughts, latent_stop_threshold)
+        return thought_count(max_latent_thoughts, "max_latent_thoughts"), float(latent_stop_threshold)
 
     def _can_think_in_the_cache(self, generation_config, kwargs) -> bool:
         """Whether `"auto"` can think in the KV cache that decoding then continues: a dynamic cache that `generate`

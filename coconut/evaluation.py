@@ -71,7 +71,7 @@ class CoconutEvalConfig:
     max_latent_thoughts: int | None = field(
         default=None,
         metadata={
-            "help": "With `num_latent_thoughts` auto: the most thoughts a record gets. Default: the model config's "
+            "help": "With `num_latent_thoughts` auto: the most thoughts a record gets. Default: the generation config's "
             "`max_latent_thoughts` (training writes it), else max_latent_stage x c_thought."
         },
     )
@@ -79,7 +79,7 @@ class CoconutEvalConfig:
         default=None,
         metadata={
             "help": "With `num_latent_thoughts` auto: the stop probability that ends a record's block; lower stops "
-            "sooner. Default: the model config's `latent_stop_threshold` (0.5)."
+            "sooner. Default: the generation config's `latent_stop_threshold` (0.5)."
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})
@@ -180,9 +180,9 @@ def check_eval_model(model, config: CoconutEvalConfig) -> None:
 
 
 def latent_thought_cap(model, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> int:
-    """The most thoughts the stop head may give a record: `config.max_latent_thoughts`, else the model config's
-    `max_latent_thoughts`, else the most the curriculum gives (`max_latent_stage` x `c_thought`, at least 1)."""
-    for cap in (config.max_latent_thoughts, getattr(model.config, "max_latent_thoughts", None)):
+    """The most thoughts the stop head may give a record: `config.max_latent_thoughts`, else the generation
+    config's `max_latent_thoughts`, else the most the curriculum gives (`max_latent_stage` x `c_thought`, at least 1)."""
+    for cap in (config.max_latent_thoughts, getattr(model.generation_config, "max_latent_thoughts", None)):
         if cap is not None:
             return cap
     return max(curriculum.max_latent_stage * curriculum.c_thought, 1)

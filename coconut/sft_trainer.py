@@ -292,7 +292,7 @@ class CoconutSFTTrainer(SFTTrainer):
             # What `generate(num_latent_thoughts="auto")` allows by default: the most thoughts a final-stage prompt gets.
             final_stage = args.max_latent_stage + 1
             counts = [evaluation_layout(n, final_stage, args.curriculum).num_latents for n in self.step_counts]
-            model.config.max_latent_thoughts = max([1, *counts])
+            model.generation_config.max_latent_thoughts = max([1, *counts])
         collator = CoconutDataCollator(
             processing_class,
             self.records,

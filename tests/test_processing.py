@@ -284,6 +284,8 @@ def test_tiny_model_runs_on_processor_output_and_padding_changes_nothing(process
 def test_save_and_load_with_auto_processor(processor, tmp_path, hf_home):
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "processing_coconut_internvl.py").is_file()
+    assert (tmp_path / "latent_block_coconut_internvl.py").is_file()  # the shared file it imports
+    assert not (tmp_path / "modeling_coconut_internvl.py").exists()
     loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "CoconutInternVLProcessor"
     assert loaded.image_seq_length == TOKENS_PER_TILE

@@ -1,5 +1,6 @@
 """Saving and loading through the Auto classes with `trust_remote_code`, as a Hub user would."""
 
+import ast
 import json
 import math
 import subprocess
@@ -14,7 +15,7 @@ from transformers import AutoConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py")
+CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "latent_block_coconut_internvl.py")
 AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForCausalLM")
 
 LOAD_AND_RUN = """
@@ -42,8 +43,21 @@ def test_save_pretrained_writes_auto_map_code_and_safetensors(tmp_path):
         assert config["auto_map"][name] == "modeling_coconut_internvl.CoconutInternVLForConditionalGeneration"
     for name in CODE_FILES:
         assert (tmp_path / name).read_text() == (ROOT / name).read_text()
+    assert not (tmp_path / "processing_coconut_internvl.py").exists()  # the model needs no processor code
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
+
+
+def test_the_model_and_processor_files_do_not_import_each_other():
+    """What both need lives in the configuration file or the shared latent-block file."""
+    imported = {}
+    for name in ("modeling_coconut_internvl", "processing_coconut_internvl", "latent_block_coconut_internvl"):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        imported[name] = {module.lstrip(".") for module in imports}
+    assert "processing_coconut_internvl" not in imported["modeling_coconut_internvl"]
+    assert "modeling_coconut_internvl" not in imported["processing_coconut_internvl"]
+    assert not {module for module in imported["latent_block_coconut_internvl"] if "coconut" in module}
 
 
 def test_fresh_process_loads_identical_model_offline(tmp_path, hf_home):

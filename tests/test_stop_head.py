@@ -1,5 +1,6 @@
 """The stop head and `generate(num_latent_thoughts="auto")` against a naive one-row loop that makes the same decisions."""
 
+import json
 import subprocess
 import sys
 
@@ -218,7 +219,6 @@ def test_bad_auto_requests_are_named(model, batch):
     no_head = tiny_model(seed=3)
     with pytest.raises(ValueError, match="has no stop head"):
         no_head.generate(**inputs, num_latent_thoughts="auto", max_latent_thoughts=3, max_new_tokens=2)
-    no_head.config.max_latent_thoughts = None
     model_without_cap = tiny_model(seed=3, latent_stop_head=True)
     with pytest.raises(ValueError, match="needs `max_latent_thoughts`"):
         model_without_cap.generate(**inputs, num_latent_thoughts="auto", max_new_tokens=2)
@@ -289,3 +289,30 @@ def test_a_model_without_the_head_loads_unchanged(tmp_path):
     assert set(loaded.state_dict()) == set(plain.state_dict())
     head = loaded.add_latent_stop_head()
     assert loaded.config.latent_stop_head and head.weight.shape == (1, loaded.config.text_config.hidden_size)
+
+
+def test_a_config_json_that_holds_the_auto_settings_loads_and_generates_the_same(model, batch, threshold, tmp_path):
+    """Models saved while `max_latent_thoughts` and `latent_stop_threshold` lived in `config.json`: the settings move
+    to the generation config at load, and `"auto"` decides as before."""
+    from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert "max_latent_thoughts" not in config and generation["max_latent_thoughts"] == MAX_THOUGHTS
+    config.update(max_latent_thoughts=MAX_THOUGHTS, latent_stop_threshold=threshold)
+    del generation["max_latent_thoughts"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+
+    loaded = CoconutInternVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert not hasattr(loaded.config, "max_latent_thoughts") and not hasattr(loaded.config, "latent_stop_threshold")
+    assert loaded.generation_config.max_latent_thoughts == MAX_THOUGHTS
+    assert loaded.generation_config.latent_stop_threshold == threshold
+    settings = dict(num_latent_thoughts="auto", max_new_tokens=3, do_sample=False)
+    expected = model.generate(**prompt_inputs(batch), latent_stop_threshold=threshold, **settings)
+    assert torch.equal(loaded.generate(**prompt_inputs(batch), **settings), expected)
+    loaded.save_pretrained(tmp_path / "again")  # saved again: the settings sit in the generation config only
+    assert "latent_stop_threshold" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    again = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    assert (again["max_latent_thoughts"], again["latent_stop_threshold"]) == (MAX_THOUGHTS, threshold)
