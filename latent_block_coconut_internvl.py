@@ -25,6 +25,11 @@ def thought_count(value, name: str = "num_latent_thoughts") -> int:
     number = value.item() if getattr(value, "ndim", None) == 0 else value  # NumPy scalars and 0-d tensors
     if isinstance(number, float) and number.is_integer():
         number = int(number)
+    if isinstance(number, str) and name == "num_latent_thoughts":
+        raise ValueError(
+            f'`{name}` must be a whole number of thoughts, 0 or more, or "{AUTO_THOUGHTS}" (lowercase, the stop head '
+            f"chooses), got {value!r}. Pass an int such as 6, or {AUTO_THOUGHTS!r}."
+        )
     if isinstance(number, bool) or not isinstance(number, int) or number < 0:
         raise ValueError(
             f"`{name}` must be a whole number of thoughts, 0 or more, got {value!r}. Pass an int such as 6 (`2.0`, "

@@ -239,16 +239,16 @@ class CoconutInternVLProcessor(InternVLProcessor):
                 Videos for `<video>` placeholders; needs torchvision.
             num_latent_thoughts (`int`, `list[int]` or `"auto"`, *optional*):
                 Append a block of this many continuous thoughts to each prompt (one count for all, or one per prompt;
-                0 appends the two markers alone). `"auto"` appends `<|start-latent|>` alone, an open block that the
-                model's stop head fills: `generate` decides each prompt's count and closes the block. Left out
-                (`None`), no block is appended.
+                0 appends the two markers alone). `"auto"` appends no block and returns `num_latent_thoughts="auto"`
+                with the inputs, so that `model.generate(**inputs)` lets the stop head choose each prompt's count
+                and appends the blocks. Left out (`None`), no block is appended.
             kwargs:
                 Tokenizer and image-processor arguments (`return_tensors`, `padding_side`, `max_patches`, ...).
 
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` `(batch_size, sequence_length)` (left-padded by
-            default) and, with images, `pixel_values` `(total_tiles, 3, height, width)`: every tile of every image,
-            in order.
+            default), with images `pixel_values` `(total_tiles, 3, height, width)`: every tile of every image, in
+            order; with `num_latent_thoughts="auto"` also `num_latent_thoughts`, for `generate`.
         """
         if text is None:
             raise ValueError("`text` is required: pass the prompt(s), with one `<image>` per image.")
@@ -266,12 +266,13 @@ class CoconutInternVLProcessor(InternVLProcessor):
                 f"prompt: {counts}) but {num_images} images were passed; give exactly one image per placeholder."
             )
         text = [sample.replace(IMAGE_PLACEHOLDER, self.image_token) for sample in text]
-        if is_auto(num_latent_thoughts):
-            text = [sample + START_LATENT for sample in text]
-        elif num_latent_thoughts is not None:
+        if num_latent_thoughts is not None and not is_auto(num_latent_thoughts):
             counts = thought_counts(num_latent_thoughts, len(text))
             text = [sample + latent_block(count) for sample, count in zip(text, counts, strict=True)]
-        return super().__call__(images=images, text=text, videos=videos, **kwargs)
+        outputs = super().__call__(images=images, text=text, videos=videos, **kwargs)
+        if is_auto(num_latent_thoughts):  # `generate(**outputs)` lets the stop head choose and appends the blocks
+            outputs["num_latent_thoughts"] = AUTO_THOUGHTS
+        return outputs
 
     def build_prompt(
         self,
@@ -282,11 +283,15 @@ class CoconutInternVLProcessor(InternVLProcessor):
     ) -> str:
         """The Coconut prompt for `question`: a user turn with its `num_images` images (at the question's `<image>`
         placeholders, or all before it), then the assistant turn's opening and, unless `num_latent_thoughts` is
-        `None`, the latent block (see [`latent_block`]; `"auto"`: `<|start-latent|>` alone, for the stop head to
-        fill). Pass it with the images to `__call__`."""
-        prompt = chat_prompt(self, question, num_images, system_prompt)
+        `None`, the latent block (see [`latent_block`]; `"auto"` is a `ValueError`: pass it to `__call__` or
+        `generate`, which choose the count). Pass it with the images to `__call__`."""
         if is_auto(num_latent_thoughts):
-            return prompt + START_LATENT
+            raise ValueError(
+                'A prompt\'s text cannot say `num_latent_thoughts="auto"`: the stop head chooses the count in '
+                "`generate`. Build the prompt without a block (`num_latent_thoughts=None`) and pass "
+                '`num_latent_thoughts="auto"` to the processor (its output carries it to `generate`) or to `generate`.'
+            )
+        prompt = chat_prompt(self, question, num_images, system_prompt)
         return prompt if num_latent_thoughts is None else prompt + latent_block(num_latent_thoughts)
 
     def decode_answer(self, sequences, answer_marker: str = ANSWER_MARKER) -> str | None | list[str | None]:

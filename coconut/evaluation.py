@@ -35,7 +35,7 @@ from coconut.metrics import (
     extract_answer,
     multiple_choice_score,
 )
-from processing_coconut_internvl import AUTO_THOUGHTS, START_LATENT, is_auto, latent_block, thought_count
+from processing_coconut_internvl import AUTO_THOUGHTS, is_auto, latent_block, thought_count
 
 
 logger = logging.getLogger(__name__)
@@ -214,12 +214,12 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
     `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
-    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block. With `"auto"` the prompt ends with an open
-    block, `<|start-latent|>` alone, which `generate` fills with the stop head's count: `num_latents` is `None`
-    until then.
+    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block. With `"auto"` the prompt has no block:
+    `generate(num_latent_thoughts="auto")` appends one of the stop head's count, and `num_latents` is `None` until
+    then.
     """
     if curriculum.uses_markers and is_auto(config.num_latent_thoughts):
-        prompt = question_prompt(record, processing_class) + START_LATENT
+        prompt = question_prompt(record, processing_class)
         return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": None}
     if curriculum.uses_markers and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts
@@ -288,13 +288,13 @@ def _batch_inputs(processing_class, texts: list[str], images: list[list], device
 
 
 def _chosen_blocks(output_ids: torch.Tensor, input_length: int, config) -> tuple[int, list[int]]:
-    """Where the generated tokens start in `generate`'s output for prompts that ended with an open block, and each
-    row's number of thoughts. `generate` replaced each open `<|start-latent|>` with the whole block and left-padded
-    the rows to the longest, so every row's block ends at the same column: the first one all `<|end-latent|>`."""
+    """Where the generated tokens start in `generate`'s output for prompts given `num_latent_thoughts="auto"`, and
+    each row's number of thoughts. `generate` appended each prompt's block and left-padded the rows to the longest, so
+    every row's block ends at the same column: the first one all `<|end-latent|>`."""
     closing = (output_ids[:, input_length - 1 :] == config.end_latent_token_id).all(dim=0)  # (T - input_length + 1,)
     if not closing.any():
         raise RuntimeError(
-            "`generate` returned no closed latent block for prompts that ended with `<|start-latent|>`: the stop "
+            "`generate` returned no closed latent block for prompts given `num_latent_thoughts='auto'`: the stop "
             "head's counts cannot be read from its output."
         )
     prompt_length = input_length + int(closing.int().argmax())
@@ -381,7 +381,7 @@ def generate_predictions(
         batch_seconds.append(time.perf_counter() - start)
         prompt_length = inputs["input_ids"].shape[1]
         thoughts = [prompts[i]["num_latents"] for i in batch]
-        if auto:  # the blocks the stop head chose replaced the open ones: the prompts grew
+        if auto:  # the blocks of the stop head's counts were appended: the prompts grew
             prompt_length, thoughts = _chosen_blocks(output_ids, prompt_length, model.config)
         new_tokens = output_ids[:, prompt_length:].tolist()  # (B, new tokens)
         for i, tokens, k in zip(batch, new_tokens, thoughts, strict=True):

@@ -158,7 +158,7 @@ def test_prompt_latent_count_from_stage_flag_and_method():
     assert latents(CurriculumConfig(c_thought=2, max_latent_stage=4, pad_latent_to_max=True), stage=5) == 8
     assert latents(two, stage=1, num_latent_thoughts=5) == 5
     auto = eval_prompt(tokenizer, record, two, CoconutEvalConfig(num_latent_thoughts="auto"))
-    assert auto["prompt"] == question_prompt(record, tokenizer) + START_LATENT and auto["num_latents"] is None
+    assert auto["prompt"] == question_prompt(record, tokenizer) and auto["num_latents"] is None
     assert latents(CurriculumConfig(method="cot")) is None
     assert latents(CurriculumConfig(method="no_thought"), stage=3) is None  # the paper's ablation: no markers either
     with pytest.raises(ValueError, match="set `stage`"):
