@@ -8,6 +8,8 @@ sit at different columns are first moved inside the batch so that their thoughts
 of passes at (most thoughts in a row + 1) however the batch was padded.
 """
 
+import json
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ try:  # imported as part of a package: the Hub's remote code, or a repository ch
         check_config_latent_ids,
         is_auto,
         latent_block,
+        repository_file,
         thought_count,
         thought_counts,
         tokenizer_latent_ids,
@@ -43,6 +46,7 @@ except ImportError:  # imported from the repository root, e.g. `python train_sft
         check_config_latent_ids,
         is_auto,
         latent_block,
+        repository_file,
         thought_count,
         thought_counts,
         tokenizer_latent_ids,
@@ -454,6 +458,41 @@ def _unused_thoughts_to_the_left(cache: DynamicCache, counts: torch.LongTensor, 
     return LatentRowPlacement(rows, columns, batch_size, width).restore_cache(cache, DynamicCache(config=text_config))
 
 
+def _weights_file(pretrained_model_name_or_path, name: str, kwargs) -> str:
+    """The weights file that holds the tensor `name` (after the key mapping: its file name where the checkpoint is
+    sharded and its index names it), for messages."""
+    index = repository_file(pretrained_model_name_or_path, "model.safetensors.index.json", **kwargs)
+    if index is not None:
+        with open(index, encoding="utf-8") as file:
+            weight_map = json.load(file).get("weight_map", {})
+        shard = weight_map.get(name)
+        return f"{pretrained_model_name_or_path}/{shard or 'model-*.safetensors (one of the shards)'}"
+    return f"{pretrained_model_name_or_path}/model.safetensors"
+
+
+def _check_loaded_weights(model, pretrained_model_name_or_path, kwargs, warn_above: float = 1e4) -> None:
+    """Refuse weights that hold NaN or infinity (a flipped bit, a truncated download, a diverged run), naming the
+    tensor and its file; warn on weights larger than `warn_above` in magnitude, which trained weights never reach."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        peak = tensor.detach().abs().amax().float().item()  # NaN or inf where the tensor holds one
+        if math.isfinite(peak) and peak <= warn_above:
+            continue
+        where = _weights_file(pretrained_model_name_or_path, name, kwargs)
+        if not math.isfinite(peak):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"The weights in {where} are damaged: `{name}` {tuple(tensor.shape)} holds {bad} non-finite values "
+                "(NaN or infinity), and every output would be NaN. Download or copy the file again, or load the "
+                "checkpoint saved before it."
+            )
+        logger.warning(
+            f"`{name}` in {where} holds a weight of magnitude {peak:.3g}, beyond {warn_above:g}, which trained "
+            "weights do not reach: the file may be damaged (a flipped bit). Compare it with its source."
+        )
+
+
 def _take_generation_settings(config) -> dict:
     """Remove `"auto"`'s generation settings from a model config that still holds them (one saved before they moved to
     the generation config) and return them, checked."""
@@ -558,6 +597,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             **kwargs,
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
+        _check_loaded_weights(model, pretrained_model_name_or_path, kwargs)
         # A `config.json` saved before `"auto"`'s settings moved to `generation_config.json` still holds them.
         _give_generation_settings(model.generation_config, model._settings_from_config)
         if pretrained_model_name_or_path is not None and model.config.latent_token_id is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
 from replicas import FIRST_SPECIAL_ID, INTERNVL3_1B_CONFIG, SPECIAL_TOKENS, replica_shapes
@@ -177,3 +178,26 @@ def test_an_older_transformers_is_refused_at_import_by_name(hf_home):
     )
     assert result.returncode != 0
     assert "transformers>=5.24.0 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
+
+
+def flip_a_bit(path: Path, name: str, value: float) -> None:
+    """Write `value` into the first element of the tensor whose key ends with `name` (the file may use InternVL's
+    Hub layout) of a safetensors file, as a flipped bit would."""
+    tensors = load_file(path)
+    name = next(key for key in tensors if key.endswith(name))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_a_damaged_weights_file_does_not_load_silently_through_automodel(tmp_path, hf_home, caplog):
+    from transformers import AutoModel
+
+    name = "model.language_model.layers.0.mlp.up_proj.weight"  # the model's name for it
+    tiny_model().save_pretrained(tmp_path)
+    flip_a_bit(tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", 3.0e5)  # an exponent bit flipped: finite, absurd
+    AutoModel.from_pretrained(tmp_path, trust_remote_code=True)  # the code the saved folder brings
+    assert f"`{name}` in {tmp_path}/model.safetensors holds a weight of magnitude 3e+05" in caplog.text
+    flip_a_bit(tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", float("nan"))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/model.safetensors are damaged: `{name}` .* holds 1 non-finite"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
