@@ -195,7 +195,9 @@ def test_a_damaged_weights_file_does_not_load_silently_through_automodel(tmp_pat
 
     name = "model.language_model.layers.0.mlp.up_proj.weight"  # the model's name for it
     tiny_model().save_pretrained(tmp_path)
-    flip_a_bit(tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", 3.0e5)  # an exponent bit flipped: finite, absurd
+    flip_a_bit(
+        tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", 3.0e5
+    )  # an exponent bit flipped: finite, absurd
     AutoModel.from_pretrained(tmp_path, trust_remote_code=True)  # the code the saved folder brings
     assert f"`{name}` in {tmp_path}/model.safetensors holds a weight of magnitude 3e+05" in caplog.text
     flip_a_bit(tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", float("nan"))
