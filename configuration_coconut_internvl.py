@@ -20,11 +20,10 @@ class CoconutInternVLConfig(InternVLConfig):
     latent_stop_head (`bool`, *optional*, defaults to `False`):
         Add the stop head: a linear classifier on the final hidden state at each `<|latent|>` (computed with that
         thought fed in) that says whether the latent block ends after that thought. It lets `generate(num_latent_thoughts="auto")` choose each question's number of thoughts.
-    latent_stop_threshold (`float`, *optional*, defaults to 0.5):
-        Stop probability at or above which `num_latent_thoughts="auto"` ends a row's block.
-    max_latent_thoughts (`int`, *optional*):
-        The most thoughts `num_latent_thoughts="auto"` gives a row when `generate` is not told; training writes the
-        most thoughts the curriculum gave a prompt.
+
+    `generate`'s settings of `num_latent_thoughts="auto"`, `max_latent_thoughts` and `latent_stop_threshold`, live in
+    the model's [`GenerationConfig`] (`generation_config.json`). A `config.json` that still holds them loads: the model
+    moves them to its generation config.
 
     Example:
 
@@ -41,8 +40,6 @@ class CoconutInternVLConfig(InternVLConfig):
     start_latent_token_id: int | None = None
     end_latent_token_id: int | None = None
     latent_stop_head: bool = False
-    latent_stop_threshold: float = 0.5
-    max_latent_thoughts: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -57,21 +54,6 @@ class CoconutInternVLConfig(InternVLConfig):
             }
         # `@strict` would wrap the error in its own exception type; users catch `ValueError`.
         self.validate_latent_token_ids()
-        self.validate_latent_stop()
-
-    def validate_latent_stop(self):
-        """The stop threshold is a probability; the most thoughts, if set, is at least one."""
-        if not 0.0 <= self.latent_stop_threshold <= 1.0:
-            raise ValueError(
-                f"`latent_stop_threshold`={self.latent_stop_threshold} is not a probability; use a value in [0, 1] "
-                "(0.5 stops where the head finds stopping more likely than going on)."
-            )
-        if self.max_latent_thoughts is not None and (
-            isinstance(self.max_latent_thoughts, bool) or self.max_latent_thoughts < 1
-        ):
-            raise ValueError(
-                f"`max_latent_thoughts`={self.max_latent_thoughts!r} must be a whole number of at least 1, or None."
-            )
 
     def validate_latent_token_ids(self):
         """Part of `@strict` validation: the latent ids lie in the text vocabulary, differ from each other and from

@@ -8,6 +8,8 @@ sit at different columns are first moved inside the batch so that their thoughts
 of passes at (most thoughts in a row + 1) however the batch was padded.
 """
 
+import json
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -29,20 +31,22 @@ from transformers.utils.versions import require_version
 
 try:  # imported as part of a package: the Hub's remote code, or a repository checkout used as one
     from .configuration_coconut_internvl import CoconutInternVLConfig
-    from .processing_coconut_internvl import (
+    from .latent_block_coconut_internvl import (
         check_config_latent_ids,
         is_auto,
         latent_block,
+        repository_file,
         thought_count,
         thought_counts,
         tokenizer_latent_ids,
     )
 except ImportError:  # imported from the repository root, e.g. `python train_sft.py`
     from configuration_coconut_internvl import CoconutInternVLConfig
-    from processing_coconut_internvl import (
+    from latent_block_coconut_internvl import (
         check_config_latent_ids,
         is_auto,
         latent_block,
+        repository_file,
         thought_count,
         thought_counts,
         tokenizer_latent_ids,
@@ -58,6 +62,10 @@ require_version("transformers>=5.24.0", "Coconut-InternVL's remote code needs it
 # InternVL's key layout on the Hub (`language_model.model.*`, `language_model.lm_head.*`, ...), which transformers also
 # writes back when it saves an InternVL. transformers maps it for its own InternVL classes only, not for remote code, so
 # `from_pretrained` passes it as `key_mapping` (regex -> replacement, applied in order).
+# `generate`'s settings of `num_latent_thoughts="auto"`: read from the generation config (`generation_config.json`).
+LATENT_GENERATION_SETTINGS = ("max_latent_thoughts", "latent_stop_threshold")
+DEFAULT_LATENT_STOP_THRESHOLD = 0.5
+
 INTERNVL_KEY_MAPPING = {
     r"^language_model.lm_head": "lm_head",
     r"^language_model.model": "model.language_model",
@@ -75,10 +83,14 @@ class CoconutCausalLMOutputWithPast(InternVLCausalLMOutputWithPast):
         block ends after that thought. Other positions are not meaningful.
     stop_loss (`torch.FloatTensor` of shape `()`, *optional*):
         Binary cross-entropy of `stop_logits` against the `stop_labels` passed in (not part of `loss`).
+    latent_counts (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+        With `latent_stop_threshold`: each row's number of thoughts, the `<|latent|>` columns it took before the stop
+        head ended its block.
     """
 
     stop_logits: torch.FloatTensor | None = None
     stop_loss: torch.FloatTensor | None = None
+    latent_counts: torch.LongTensor | None = None
 
 
 def latent_stop_labels(
@@ -331,6 +343,12 @@ def _check_latent_blocks(input_ids: torch.LongTensor, attention_mask: torch.Tens
                     "`processor.check_latent_token_ids(model.config)` names them; set them to the tokenizer's ids."
                 )
             inside = token != end
+        if inside and markers[-1] == start and ids[-1] == start:
+            raise ValueError(
+                f"Prompt {row} ends with `<|start-latent|>` alone (id {start}), an open block that `generate` does "
+                "not fill. To let the stop head choose the number of thoughts, build the prompt without a block and "
+                'pass `num_latent_thoughts="auto"` (to the processor, whose output carries it, or to `generate`).'
+            )
         if inside:
             raise ValueError(
                 f"Prompt {row} ends inside a latent block: its last `<|start-latent|>` (id {start}) has no "
@@ -339,20 +357,178 @@ def _check_latent_blocks(input_ids: torch.LongTensor, attention_mask: torch.Tens
             )
 
 
-def _close_block_gaps(output, gaps: torch.BoolTensor):
-    """`generate`'s output with the padding inside the `"auto"` blocks moved to the left of each row: the layout of
-    the same prompts with their counts appended by [`append_latent_thoughts`] (gaps `(batch_size, prompt width)`; rows
-    expanded for beams or several sequences per prompt follow their prompt)."""
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    prompt_width = gaps.shape[1]
-    gaps = gaps.to(sequences.device).repeat_interleave(sequences.shape[0] // gaps.shape[0], dim=0)
-    order = torch.argsort((~gaps).int(), dim=1, stable=True)  # the gaps first, then every other column in order
-    prompts = sequences[:, :prompt_width].gather(1, order)
-    sequences = torch.cat([prompts, sequences[:, prompt_width:]], dim=1)
-    if isinstance(output, torch.Tensor):
-        return sequences
-    output.sequences = sequences
-    return output
+def latent_position_ids(attention_mask, position_ids, past_length: int, inputs_embeds) -> torch.LongTensor:
+    """`(B, T)` positions counted from a 2D attention mask, as `generate` counts them; else from `past_length`."""
+    if position_ids is not None:
+        return position_ids
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        # Same positions as `generate` gives a padded row, and as the row alone, unpadded.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        return position_ids[:, past_length:]
+    length = inputs_embeds.shape[1]
+    return torch.arange(past_length, past_length + length, device=inputs_embeds.device).unsqueeze(0)
+
+
+@dataclass
+class LatentPassPlan:
+    """How a forward with thoughts runs: the language-model passes over column `ranges` (`num_passes` of them, more
+    than the ranges where ranks must agree), on rows moved by `placement` (`None`: in place); `latent_mask`
+    `(batch_size, width)` is where the thoughts are in the rows as the passes see them."""
+
+    latent_mask: torch.BoolTensor | None
+    ranges: list[tuple[int, int]]
+    num_passes: int
+    placement: LatentRowPlacement | None
+
+    def place_inputs(self, inputs_embeds, attention_mask, position_ids, past_length: int):
+        """Embeddings `(B, T, H)`, attention mask and positions `(B, T)` in the rows as the passes see them (moved
+        rows get a mask of ones where none was given); positions are counted where none were given (see
+        [`latent_position_ids`])."""
+        if self.placement is not None:
+            shape = inputs_embeds.shape[:2]
+            if attention_mask is None:
+                attention_mask = torch.ones(shape, dtype=torch.long, device=inputs_embeds.device)
+            if position_ids is not None:  # each row's positions move with it
+                position_ids = self.placement.place(position_ids.expand(shape))
+            inputs_embeds, attention_mask = self.placement.place(inputs_embeds), self.placement.place(attention_mask)
+        position_ids = latent_position_ids(attention_mask, position_ids, past_length, inputs_embeds)
+        return inputs_embeds, attention_mask, position_ids
+
+    def restore_outputs(self, hidden_states, layer_hidden_states, pass_cache, cache, text_config):
+        """Hidden states, every layer's hidden states and the cache (written into `cache` where one was given) back
+        in the caller's layout."""
+        if self.placement is None:
+            return hidden_states, layer_hidden_states, pass_cache
+        hidden_states = self.placement.restore(hidden_states)
+        if layer_hidden_states is not None:
+            layer_hidden_states = tuple(self.placement.restore(layer) for layer in layer_hidden_states)
+        if pass_cache is not None:
+            into = cache if cache is not None else DynamicCache(config=text_config)
+            pass_cache = self.placement.restore_cache(pass_cache, into)
+        return hidden_states, layer_hidden_states, pass_cache
+
+
+class LatentStopRule:
+    """The stop head ending each row's block inside the latent passes (a forward with `latent_stop_threshold`).
+
+    After the pass that feeds a row's thought, the head reads the final hidden state there (computed with that
+    thought); at a stop probability of `threshold` or more the row's block ends: its later `<|latent|>` columns are
+    masked out of `attention_mask` (they become padding that no token attends to) and `counts` keeps its number of
+    thoughts. Positions were counted before, so the rows that go on keep theirs.
+
+    Args:
+        head (`nn.Module`): the stop head, `(..., hidden_size) -> (..., 1)`.
+        threshold (`float`): the stop probability that ends a block.
+        latent_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): where the `<|latent|>` tokens are.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, past_length + sequence_length)`): a copy, which
+            the rule updates.
+        past_length (`int`): tokens already in the cache.
+    """
+
+    def __init__(self, head, threshold: float, latent_mask, attention_mask, past_length: int):
+        self.head, self.threshold, self.latent_mask = head, threshold, latent_mask
+        self.attention_mask, self.past_length = attention_mask, past_length
+        self.thinking = latent_mask.any(dim=1)  # (B,)
+        self.counts = torch.zeros_like(self.thinking, dtype=torch.long)  # (B,)
+
+    def after_pass(self, start: int, end: int, hidden_states: torch.Tensor) -> bool:
+        """Read the thought of a one-column pass over `[start, end)` (final hidden states `(B, 1, H)`); returns whether
+        the passes can end here: no row thinks any more, and every later column is a thought no row takes."""
+        if end - start != 1 or not self.latent_mask[:, start].any():
+            return False
+        took = self.thinking & self.latent_mask[:, start]  # (B,)
+        self.counts += took.long()
+        stop = torch.sigmoid(self.head(hidden_states[:, -1]).float()).view(-1) >= self.threshold
+        self.thinking &= ~(took & stop)
+        later = self.latent_mask[:, end:] & ~self.thinking[:, None]  # (B, T - end): thoughts no longer taken
+        self.attention_mask[:, self.past_length + end :].masked_fill_(later, 0)
+        return not self.thinking.any() and bool(self.latent_mask[:, end:].all())
+
+
+def _unused_thoughts_to_the_left(cache: DynamicCache, counts: torch.LongTensor, text_config) -> DynamicCache:
+    """The cache of prompts with `<|start-latent|>` and their thoughts, each row's masked thought columns (those after
+    its block ended, at the end of the row) moved into its left padding: the layout of the same prompts with blocks
+    of `counts` thoughts appended ([`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]), less the
+    closing `<|end-latent|>`. Positions came from the attention mask, so the keys hold wherever their column is."""
+    width, batch_size = cache.get_seq_length(), counts.shape[0]
+    device = cache.layers[0].keys.device
+    shift = (counts.max() - counts).to(device)  # (B,): the row's masked columns
+    columns = (torch.arange(width, device=device) - shift[:, None]) % width  # (B, W): where each column comes from
+    rows = torch.arange(batch_size, device=device)[:, None].expand(batch_size, width)
+    return LatentRowPlacement(rows, columns, batch_size, width).restore_cache(cache, DynamicCache(config=text_config))
+
+
+def _weights_file(pretrained_model_name_or_path, name: str, kwargs) -> str:
+    """The weights file that holds the tensor `name` (after the key mapping: its file name where the checkpoint is
+    sharded and its index names it), for messages."""
+    index = repository_file(pretrained_model_name_or_path, "model.safetensors.index.json", **kwargs)
+    if index is not None:
+        with open(index, encoding="utf-8") as file:
+            weight_map = json.load(file).get("weight_map", {})
+        shard = weight_map.get(name)
+        return f"{pretrained_model_name_or_path}/{shard or 'model-*.safetensors (one of the shards)'}"
+    return f"{pretrained_model_name_or_path}/model.safetensors"
+
+
+def _check_loaded_weights(model, pretrained_model_name_or_path, kwargs, warn_above: float = 1e4) -> None:
+    """Refuse weights that hold NaN or infinity (a flipped bit, a truncated download, a diverged run), naming the
+    tensor and its file; warn on weights larger than `warn_above` in magnitude, which trained weights never reach."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        peak = tensor.detach().abs().amax().float().item()  # NaN or inf where the tensor holds one
+        if math.isfinite(peak) and peak <= warn_above:
+            continue
+        where = _weights_file(pretrained_model_name_or_path, name, kwargs)
+        if not math.isfinite(peak):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"The weights in {where} are damaged: `{name}` {tuple(tensor.shape)} holds {bad} non-finite values "
+                "(NaN or infinity), and every output would be NaN. Download or copy the file again, or load the "
+                "checkpoint saved before it."
+            )
+        logger.warning(
+            f"`{name}` in {where} holds a weight of magnitude {peak:.3g}, beyond {warn_above:g}, which trained "
+            "weights do not reach: the file may be damaged (a flipped bit). Compare it with its source."
+        )
+
+
+def _take_generation_settings(config) -> dict:
+    """Remove `"auto"`'s generation settings from a model config that still holds them (one saved before they moved to
+    the generation config) and return them, checked."""
+    settings = {name: vars(config).pop(name) for name in LATENT_GENERATION_SETTINGS if name in vars(config)}
+    check_latent_generation_settings(**settings)
+    return settings
+
+
+def _give_generation_settings(generation_config: GenerationConfig | None, settings: dict) -> None:
+    """Set `settings` on `generation_config` where it has no value of its own."""
+    for name, value in settings.items():
+        if generation_config is not None and getattr(generation_config, name, None) is None:
+            setattr(generation_config, name, value)
+
+
+def _has(generation_config, name: str) -> bool:
+    return getattr(generation_config, name, None) is not None
+
+
+def check_latent_generation_settings(max_latent_thoughts=None, latent_stop_threshold=None) -> None:
+    """Raise a `ValueError` naming `max_latent_thoughts` unless it is a whole number of at least 1 (or `None`), and
+    `latent_stop_threshold` unless it is a probability (a number in [0, 1], or `None`)."""
+    if max_latent_thoughts is not None and thought_count(max_latent_thoughts, "max_latent_thoughts") < 1:
+        raise ValueError('`max_latent_thoughts` must be at least 1 with `num_latent_thoughts="auto"`, got 0.')
+    if latent_stop_threshold is None:
+        return
+    number = (
+        latent_stop_threshold.item() if getattr(latent_stop_threshold, "ndim", None) == 0 else latent_stop_threshold
+    )
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(
+            f"`latent_stop_threshold` must be a number, a probability in [0, 1], got {latent_stop_threshold!r} of type "
+            f"{type(latent_stop_threshold).__name__}. Pass a float such as 0.5."
+        )
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"`latent_stop_threshold`={number} is not a probability; use a value in [0, 1].")
 
 
 class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
@@ -377,6 +553,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
 
     def __init__(self, config: CoconutInternVLConfig):
         super().__init__(config)
+        if self.generation_config is not None:
+            # A generation config of the model's own rather than one derived from the model config, whose saved copy
+            # would load without the settings below.
+            settings = self.generation_config.to_dict()
+            self.generation_config = GenerationConfig(
+                **{key: value for key, value in settings.items() if not key.startswith("_")}
+            )
         # A generated `<|latent|>` would have no hidden state to take, and an answer never opens or closes a latent
         # block: the generation config (saved with the model) suppresses the three tokens once, for every `generate`.
         block_ids = (config.start_latent_token_id, config.end_latent_token_id, config.latent_token_id)
@@ -386,6 +569,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         if config.latent_stop_head:
             self.latent_stop_head = nn.Linear(config.text_config.hidden_size, 1)
             self.post_init()
+        self._settings_from_config = _take_generation_settings(config)
+        _give_generation_settings(self.generation_config, self._settings_from_config)
 
     def add_latent_stop_head(self) -> nn.Linear:
         """Give the model a freshly initialised stop head (and set `config.latent_stop_head`), on the LM head's device
@@ -412,6 +597,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             **kwargs,
         )
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
+        _check_loaded_weights(model, pretrained_model_name_or_path, kwargs)
+        # A `config.json` saved before `"auto"`'s settings moved to `generation_config.json` still holds them.
+        _give_generation_settings(model.generation_config, model._settings_from_config)
         if pretrained_model_name_or_path is not None and model.config.latent_token_id is not None:
             token_ids = tokenizer_latent_ids(pretrained_model_name_or_path, **kwargs)
             if token_ids is not None:
@@ -465,6 +653,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         mm_encoder_outputs: dict | None = None,
         sync_latent_passes: bool = False,
         stop_labels: torch.Tensor | None = None,
+        latent_stop_threshold: float | None = None,
         **kwargs,
     ) -> tuple | CoconutCausalLMOutputWithPast:
         r"""
@@ -488,6 +677,12 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             Targets of the stop head (a model with `latent_stop_head`), as [`latent_stop_labels`] builds them: 1.0
             where the block ends after the thought whose vector sits there, 0.0 where it goes on, -100 to ignore.
             Their binary cross-entropy is returned as `stop_loss`, apart from `loss`; the trainer weighs it.
+        latent_stop_threshold (`float`, *optional*):
+            Let the stop head end each row's block (see [`LatentStopRule`]): after each thought, a row whose stop
+            probability reaches it takes no more; its later `<|latent|>` columns are masked out of the attention, as
+            padding. `latent_counts` returns each row's count, and where every row has stopped and only thoughts
+            follow, the passes end there: the outputs and the cache cover the columns up to there. `generate`
+            (`num_latent_thoughts="auto"`) runs the prompts so, with every thought allowed appended.
 
         With latents, rows whose thoughts start at different columns are moved inside the batch (their padding moves,
         see [`align_latent_rows`]) so that the thoughts share columns, and the outputs are moved back: a batch costs
@@ -502,29 +697,14 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         `stop_labels`, `stop_loss`.
         """
         past_length = cache.get_seq_length() if cache is not None else 0
-        self._check_image_inputs(input_ids, pixel_values, mm_encoder_outputs, past_length)
         latent_mask = self._latent_mask(input_ids, inputs_embeds)
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        placement = None
-        if latent_mask is not None:
-            self._check_latent_inputs(latent_mask, attention_mask, past_length, kwargs)
-            if self._can_move_rows(attention_mask, position_ids, cache, past_length, shape):
-                packed_positions = position_ids if attention_mask is None else None  # a mask overrides packing
-                placement = align_latent_rows(latent_mask, attention_mask, packed_positions)
-        if placement is not None:
-            latent_mask = placement.place(latent_mask)
-        width = placement.width if placement is not None else shape[1]
-        ranges = plan_latent_passes(latent_mask) if latent_mask is not None else [(0, width)]
-        num_passes = len(ranges)
-        if sync_latent_passes:
-            device = input_ids.device if input_ids is not None else inputs_embeds.device
-            ranges, num_passes = self._sync_passes(latent_mask, ranges, num_passes, device)
-        if latent_mask is None and num_passes == 1:
-            if stop_labels is not None and (stop_labels != -100).any():
-                raise ValueError(
-                    "`stop_labels` marks thought positions, but `input_ids` holds no `<|latent|>` token: the stop head "
-                    "has no thought to read. Build them with `latent_stop_labels(input_ids, latent_token_id)`."
-                )
+        self._check_inputs(input_ids, pixel_values, mm_encoder_outputs, latent_mask, attention_mask, past_length)
+        self._check_stop_inputs(latent_mask, attention_mask, latent_stop_threshold, stop_labels, kwargs)
+        plan = self._plan_passes(
+            latent_mask, input_ids if input_ids is not None else inputs_embeds[..., 0], attention_mask, position_ids,
+            cache, past_length, sync_latent_passes, latent_stop_threshold,
+        )  # fmt: skip
+        if plan is None:  # no thought: the parent's forward, unchanged
             return super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -541,59 +721,66 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 **kwargs,
             )
 
+        vision = (vision_feature_layer, vision_feature_select_strategy)
         inputs_embeds, image_outputs = self._embed_with_images(
-            input_ids,
-            inputs_embeds,
-            pixel_values,
-            mm_encoder_outputs,
-            vision_feature_layer,
-            vision_feature_select_strategy,
+            input_ids, inputs_embeds, pixel_values, mm_encoder_outputs, *vision
         )
-        if placement is not None:
-            if attention_mask is None:
-                attention_mask = torch.ones(shape, dtype=torch.long, device=inputs_embeds.device)
-            inputs_embeds, attention_mask = placement.place(inputs_embeds), placement.place(attention_mask)
-            if position_ids is not None:  # each row's positions move with it
-                position_ids = placement.place(position_ids.expand(shape))
-        position_ids = self._latent_position_ids(attention_mask, position_ids, past_length, inputs_embeds)
+        inputs_embeds, attention_mask, position_ids = plan.place_inputs(
+            inputs_embeds, attention_mask, position_ids, past_length
+        )
         use_cache = kwargs.pop("use_cache", None) is not False
-        pass_cache = cache if cache is not None and placement is None else DynamicCache(config=self.config.text_config)
-
-        hidden_states, layer_hidden_states, pass_cache = self._run_latent_passes(
-            inputs_embeds,
-            latent_mask,
-            ranges,
-            num_passes,
-            attention_mask,
-            position_ids,
-            pass_cache,
-            past_length,
-            kwargs,
+        hidden_states, layer_hidden_states, cache, latent_counts = self._run_latent_passes(
+            inputs_embeds, plan, attention_mask, position_ids, cache, use_cache, latent_stop_threshold, kwargs
         )
-
-        if placement is not None:  # back to the caller's layout
-            hidden_states = placement.restore(hidden_states)
-            if layer_hidden_states is not None:
-                layer_hidden_states = tuple(placement.restore(layer) for layer in layer_hidden_states)
-            if use_cache and pass_cache is not None:
-                into = cache if cache is not None else DynamicCache(config=self.config.text_config)
-                pass_cache = placement.restore_cache(pass_cache, into)
         logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        vocab_size = self.config.text_config.vocab_size
+        loss = None if labels is None else self.loss_function(logits, labels, vocab_size=vocab_size, **kwargs)
         stop_logits, stop_loss = self._stop_outputs(hidden_states, stop_labels)
         return CoconutCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=pass_cache if use_cache else None,  # `None` too where checkpointing recomputed the prefixes
+            cache=cache,  # `None` without `use_cache`, and where checkpointing recomputed the prefixes
             hidden_states=layer_hidden_states,
             image_outputs=image_outputs,
             stop_logits=stop_logits,
             stop_loss=stop_loss,
+            latent_counts=latent_counts,
         )
+
+    def _plan_passes(
+        self, latent_mask, ids, attention_mask, position_ids, cache, past_length: int, sync: bool, stop_threshold
+    ) -> "LatentPassPlan | None":
+        """The passes of a forward: where the rows move ([`align_latent_rows`]; not with a stop rule, whose masks
+        follow the caller's columns) and the column ranges ([`plan_latent_passes`]), as many on every rank with
+        `sync` (extra passes split the longest ranges, or run without work). `None` without thoughts, for one pass."""
+        placement = None
+        if latent_mask is not None and stop_threshold is None:
+            if self._can_move_rows(attention_mask, position_ids, cache, past_length, ids.shape):
+                packed_positions = position_ids if attention_mask is None else None  # a mask overrides packing
+                placement = align_latent_rows(latent_mask, attention_mask, packed_positions)
+        if placement is not None:
+            latent_mask = placement.place(latent_mask)
+        width = placement.width if placement is not None else ids.shape[1]
+        ranges = plan_latent_passes(latent_mask) if latent_mask is not None else [(0, width)]
+        num_passes = len(ranges)
+        if sync:
+            ranges, num_passes = self._sync_passes(latent_mask, ranges, num_passes, ids.device)
+        if latent_mask is None and num_passes == 1:
+            return None
+        return LatentPassPlan(latent_mask, ranges, num_passes, placement)
+
+    def _stop_rule(self, threshold, latent_mask, attention_mask, past_length: int) -> "LatentStopRule | None":
+        """The stop head's rule for a forward with `latent_stop_threshold` (see [`LatentStopRule`]), else `None`."""
+        if threshold is None:
+            return None
+        if getattr(self, "latent_stop_head", None) is None:
+            raise ValueError(
+                "`latent_stop_threshold` lets the stop head end each row's block, but the model has no stop head "
+                "(`config.latent_stop_head` is False). Pass a count of thoughts, or train the head "
+                "(`train_sft.py --latent_stop_head`)."
+            )
+        mask = attention_mask.clone() if attention_mask is not None else latent_mask.new_ones(latent_mask.shape)
+        return LatentStopRule(self.latent_stop_head, float(threshold), latent_mask, mask.long(), past_length)
 
     def _stop_outputs(self, hidden_states: torch.Tensor, stop_labels: torch.Tensor | None):
         """The stop head's logits `(B, T)` on the final hidden states `(B, T, H)`, and their loss against
@@ -645,28 +832,48 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
         return inputs_embeds, image_outputs
 
-    @staticmethod
-    def _latent_position_ids(attention_mask, position_ids, past_length: int, inputs_embeds) -> torch.LongTensor:
-        """`(B, T)` positions counted from a 2D attention mask, as `generate` counts them; else from `past_length`."""
-        if position_ids is not None:
-            return position_ids
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-            # Same positions as `generate` gives a padded row, and as the row alone, unpadded.
-            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            return position_ids[:, past_length:]
-        length = inputs_embeds.shape[1]
-        return torch.arange(past_length, past_length + length, device=inputs_embeds.device).unsqueeze(0)
-
     def _run_latent_passes(
-        self, inputs_embeds, latent_mask, ranges, num_passes, attention_mask, position_ids, cache, past_length, kwargs
+        self,
+        inputs_embeds,
+        plan: LatentPassPlan,
+        attention_mask,
+        position_ids,
+        cache,
+        use_cache: bool,
+        threshold,
+        kwargs,
+    ):
+        """The latent passes of `plan` over the placed inputs, and their outputs in the caller's layout: the final hidden
+        states `(B, T, H)`, every layer's hidden states (if asked for), the filled cache (`None` without `use_cache`)
+        and, with a stop `threshold`, each row's number of thoughts `(B,)`."""
+        past_length = cache.get_seq_length() if cache is not None else 0
+        pass_cache = (
+            cache if cache is not None and plan.placement is None else DynamicCache(config=self.config.text_config)
+        )
+        stop = self._stop_rule(threshold, plan.latent_mask, attention_mask, past_length)
+        hidden_states, layer_hidden_states, pass_cache = self._passes(
+            inputs_embeds, plan, attention_mask, position_ids, pass_cache, past_length, stop, kwargs
+        )
+        hidden_states, layer_hidden_states, pass_cache = plan.restore_outputs(
+            hidden_states, layer_hidden_states, pass_cache if use_cache else None, cache, self.config.text_config
+        )
+        return hidden_states, layer_hidden_states, pass_cache, stop.counts if stop is not None else None
+
+    def _passes(
+        self, inputs_embeds, plan: LatentPassPlan, attention_mask, position_ids, cache, past_length, stop, kwargs
     ):
         """Run the language model over the column `ranges` in order, each pass feeding the thoughts it starts with.
 
         Returns the final hidden states `(B, T, H)`, every layer's hidden states (if asked for) and the filled cache:
         `None` where checkpointed layers could not keep the cache, and each pass recomputed its whole prefix instead.
+        With a `stop` rule, the rows' blocks end where the stop head says, and the passes end once no row thinks: the
+        outputs then cover the columns up to there.
         """
-        text_model = self.model.language_model
-        pass_masks = self._pass_masks(inputs_embeds, attention_mask, position_ids, cache)
+        text_model, latent_mask, ranges = self.model.language_model, plan.latent_mask, plan.ranges
+        if stop is not None:
+            attention_mask, pass_masks = stop.attention_mask, None  # updated as rows stop, read by every pass
+        else:
+            pass_masks = self._pass_masks(inputs_embeds, attention_mask, position_ids, cache)
         thought_columns, every_row_columns = set(), set()
         if latent_mask is not None:
             thought_columns = set(latent_mask.any(dim=0).nonzero().flatten().tolist())
@@ -711,6 +918,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 hidden_chunks.append(outputs.last_hidden_state)
                 if outputs.hidden_states is not None:
                     layer_chunks.append(outputs.hidden_states)
+                if stop is not None and stop.after_pass(start, end, outputs.last_hidden_state):
+                    break
                 if checkpointing and index == 0 and cache.get_seq_length() != past_length + end:
                     # The flag exists but the layers dropped the cache: this pass needed none; the rest recompute.
                     logger.warning_once(
@@ -723,7 +932,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                         self._check_cache_keeps_gradients(cache, chunk)
                     cache = _seal_pass_cache(cache, end - start, self.config.text_config)
         # Ranks that could not split their sequence into the agreed number of passes still make the same calls.
-        for _ in range(num_passes - len(ranges)):
+        for _ in range(plan.num_passes - len(ranges)):
             text_model(inputs_embeds=inputs_embeds[:, :1], use_cache=False)
 
         hidden_states = hidden_chunks[0] if len(hidden_chunks) == 1 else torch.cat(hidden_chunks, dim=1)
@@ -786,6 +995,33 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         """Whether every text layer attends to all earlier keys (no sliding window): masks and cache follow columns."""
         return set(getattr(self.config.text_config, "layer_types", None) or ()) == {"full_attention"}
 
+    def _check_inputs(self, input_ids, pixel_values, mm_encoder_outputs, latent_mask, attention_mask, past_length):
+        """Raise a `ValueError` for images the forward would drop, and thoughts it could not compute."""
+        self._check_image_inputs(input_ids, pixel_values, mm_encoder_outputs, past_length)
+        if latent_mask is not None:
+            self._check_latent_inputs(latent_mask, attention_mask, past_length)
+
+    def _check_stop_inputs(self, latent_mask, attention_mask, latent_stop_threshold, stop_labels, kwargs) -> None:
+        """Raise a `ValueError` for a stop threshold or stop labels the forward cannot use, and for
+        `output_attentions` with thoughts (each pass attends over a different number of keys)."""
+        if latent_mask is None and stop_labels is not None and (stop_labels != -100).any():
+            raise ValueError(
+                "`stop_labels` marks thought positions, but `input_ids` holds no `<|latent|>` token: the stop head "
+                "has no thought to read. Build them with `latent_stop_labels(input_ids, latent_token_id)`."
+            )
+        if latent_mask is not None and kwargs.get("output_attentions"):
+            raise ValueError(
+                "`output_attentions=True` is not supported with `<|latent|>` tokens: each pass attends over a "
+                "different number of keys. Run the forward without latents, or without `output_attentions`."
+            )
+        if latent_stop_threshold is not None:
+            check_latent_generation_settings(latent_stop_threshold=latent_stop_threshold)
+            if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
+                raise ValueError(
+                    "`latent_stop_threshold` masks the thoughts of rows that stopped in a 2D `attention_mask` "
+                    "`(batch_size, past_length + sequence_length)`; pass the padding mask, not a prepared one."
+                )
+
     def _check_image_inputs(self, input_ids, pixel_values, mm_encoder_outputs, past_length: int) -> None:
         """Raise a `ValueError` for images that the forward would drop or could not encode."""
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -802,8 +1038,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 "seeing the image. Pass the processor's `pixel_values`, or build text-only prompts without images."
             )
 
-    def _check_latent_inputs(self, latent_mask, attention_mask, past_length, kwargs):
-        """Raise a `ValueError` for inputs the latent passes cannot compute correctly."""
+    def _check_latent_inputs(self, latent_mask, attention_mask, past_length):
+        """Raise a `ValueError` for thoughts without a position before them."""
         rows, columns = latent_mask.nonzero(as_tuple=True)
         if (columns == 0).any():
             row = rows[columns == 0][0].item()
@@ -821,11 +1057,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                     f"(`attention_mask[{row}, {past_length + column - 1}]` is 0), so it has no hidden state to "
                     "take. Start each row's thoughts after real tokens."
                 )
-        if kwargs.get("output_attentions"):
-            raise ValueError(
-                "`output_attentions=True` is not supported with `<|latent|>` tokens: each pass attends over a "
-                "different number of keys. Run the forward without latents, or without `output_attentions`."
-            )
 
     def _check_cache_keeps_gradients(self, cache: DynamicCache, chunk: torch.Tensor) -> None:
         """After the first checkpointed pass: the cached keys must carry gradient wherever the pass does.
@@ -873,6 +1104,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         counts = thought_counts(num_latent_thoughts, input_ids.shape[0])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)} but the prompts' `input_ids` "
+                f"{tuple(input_ids.shape)}: appending the latent blocks needs one mask row per prompt, "
+                "`(batch_size, sequence_length)`. Pass the processor's or tokenizer's `attention_mask` as it comes "
+                "(for one prompt, `attention_mask[None]`)."
+            )
         self._check_room_for_blocks(input_ids, attention_mask, counts)
         batch_size, real = input_ids.shape[0], attention_mask.bool()
         if pad_token_id is None:
@@ -904,10 +1142,16 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         real = attention_mask.bool()
         with_block = (torch.isin(input_ids, input_ids.new_tensor(block_ids)) & real).any(dim=1)
         if with_block.any():
+            mixing = ""
+            if not with_block.all():
+                mixing = (
+                    f"; the batch mixes them with prompts {(~with_block).nonzero().flatten().tolist()} that hold none"
+                )
             raise ValueError(
-                f"Prompts {with_block.nonzero().flatten().tolist()} already hold a latent block, and "
-                "`num_latent_thoughts` would append a second one. Pass `num_latent_thoughts` only for prompts "
-                "without thoughts, or leave it out to use the prompts' own blocks."
+                f"Prompts {with_block.nonzero().flatten().tolist()} already hold a latent block{mixing}, and "
+                '`num_latent_thoughts` would append a second one. Pass `num_latent_thoughts` (a count, or "auto") '
+                "only for prompts without a block, or leave it out to use the prompts' own blocks; generate the two "
+                "kinds of prompt in separate batches."
             )
         lengths = (real.sum(dim=1) + torch.tensor(counts, device=real.device) + 2).tolist()
         limit = config.text_config.max_position_embeddings
@@ -983,31 +1227,31 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         # The block is the last k + 2 columns: `<|start-latent|>`, the `<|latent|>` columns, `<|end-latent|>`.
         return torch.sigmoid(outputs.stop_logits[:, -num_latent_thoughts - 1 : -1])
 
-    def _auto_settings(self, max_latent_thoughts, latent_stop_threshold) -> tuple[int, float]:
-        """The most thoughts and the stop threshold of `"auto"`, from the arguments or the config, checked."""
+    def _auto_settings(self, max_latent_thoughts, latent_stop_threshold, generation_config=None) -> tuple[int, float]:
+        """The most thoughts and the stop threshold of `"auto"`: the arguments, else the generation config passed to
+        `generate`, else the model's (`generation_config.json`); checked."""
         if getattr(self, "latent_stop_head", None) is None or self.config.latent_token_id is None:
             reason = "no stop head" if self.config.latent_token_id is not None else "no `latent_token_id`"
             raise ValueError(
                 f'`num_latent_thoughts="auto"` needs the stop head to choose the counts, but this model has {reason}. '
                 "Pass a count (`num_latent_thoughts=6`), or train the head (`train_sft.py --latent_stop_head`)."
             )
+        configs = [config for config in (generation_config, self.generation_config) if config is not None]
         if max_latent_thoughts is None:
-            max_latent_thoughts = self.config.max_latent_thoughts
+            max_latent_thoughts = next(
+                (c.max_latent_thoughts for c in configs if _has(c, "max_latent_thoughts")), None
+            )
+        if latent_stop_threshold is None:
+            found = (c.latent_stop_threshold for c in configs if _has(c, "latent_stop_threshold"))
+            latent_stop_threshold = next(found, DEFAULT_LATENT_STOP_THRESHOLD)
         if max_latent_thoughts is None:
             raise ValueError(
                 '`num_latent_thoughts="auto"` needs `max_latent_thoughts`, the most thoughts a prompt may get, and the '
-                "config sets none. Pass it, e.g. `max_latent_thoughts=6` (the most the model was trained with)."
+                "generation config sets none. Pass it, e.g. `max_latent_thoughts=6` (the most the model was trained "
+                "with), or set `model.generation_config.max_latent_thoughts`."
             )
-        max_latent_thoughts = thought_count(max_latent_thoughts, "max_latent_thoughts")
-        if max_latent_thoughts < 1:
-            raise ValueError('`max_latent_thoughts` must be at least 1 with `num_latent_thoughts="auto"`, got 0.')
-        if latent_stop_threshold is None:
-            latent_stop_threshold = self.config.latent_stop_threshold
-        if not 0.0 <= latent_stop_threshold <= 1.0:
-            raise ValueError(
-                f"`latent_stop_threshold`={latent_stop_threshold} is not a probability; use a value in [0, 1]."
-            )
-        return max_latent_thoughts, float(latent_stop_threshold)
+        check_latent_generation_settings(max_latent_thoughts, latent_stop_threshold)
+        return thought_count(max_latent_thoughts, "max_latent_thoughts"), float(latent_stop_threshold)
 
     def _can_think_in_the_cache(self, generation_config, kwargs) -> bool:
         """Whether `"auto"` can think in the KV cache that decoding then continues: a dynamic cache that `generate`
@@ -1021,90 +1265,17 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             "inputs_embeds",
             "mm_encoder_outputs",
         )
+        expand_size = max(
+            kwargs.get(name, getattr(config, name)) or 1 for name in ("num_beams", "num_return_sequences")
+        )
         return (
             not any(kwargs.get(name) is not None for name in own_inputs)
+            and expand_size == 1  # the cache would have to be repeated for every beam or sequence
             and kwargs.get("cache_implementation", config.cache_implementation) is None
             and kwargs.get("use_cache", config.use_cache) is not False
             and not kwargs.get("sync_latent_passes", False)
             and self._full_attention_only()
         )
-
-    @torch.no_grad()
-    def _think_until_stop(self, input_ids, max_latent_thoughts, latent_stop_threshold, kwargs) -> torch.BoolTensor:
-        """Run each prompt's thoughts in a KV cache until the stop head ends its block, and leave `generate` the prompts
-        with their blocks and that cache (in `kwargs`) to decode from.
-
-        One pass over the prompts and `<|start-latent|>` (images included), then one single-column pass per thought.
-        A row that has stopped gets a masked column (attention mask 0) while the others go on, so every row's thoughts
-        and positions are what it computes alone. The blocks come back as `<|start-latent|>`, a `<|latent|>` or a
-        padding token per thought column, and `<|end-latent|>`, which `generate` runs first.
-
-        Returns the `(batch_size, width)` mask of the padding columns inside the blocks (the gaps), which
-        [`_close_block_gaps`] moves to the left of the returned sequences.
-        """
-        config = self.config
-        max_latent_thoughts, threshold = self._auto_settings(max_latent_thoughts, latent_stop_threshold)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        batch_size = input_ids.shape[0]
-        self._check_room_for_blocks(input_ids, attention_mask, [max_latent_thoughts] * batch_size)
-        column = input_ids.new_full((batch_size, 1), config.start_latent_token_id)
-        input_ids = torch.cat([input_ids, column], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(column, dtype=attention_mask.dtype)], dim=1)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=kwargs.pop("pixel_values", None),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=DynamicCache(config=config.text_config),
-            use_cache=True,
-            image_sizes=kwargs.pop("image_sizes", None),
-        )
-        cache, thought = outputs.cache, outputs.last_hidden_state[:, -1:]  # (B, 1, H): thought 1
-        next_position = position_ids[:, -1:] + 1  # (B, 1)
-        thinking = torch.ones(batch_size, dtype=torch.bool, device=input_ids.device)
-        fed = []  # per thought column: (B,) whether the row takes a thought there
-        for count in range(1, max_latent_thoughts + 1):
-            fed.append(thinking)
-            attention_mask = torch.cat([attention_mask, thinking[:, None].to(attention_mask.dtype)], dim=1)
-            step = self.model.language_model(
-                inputs_embeds=thought,
-                attention_mask=attention_mask,
-                position_ids=next_position,
-                cache=cache,
-                use_cache=True,
-            )
-            cache, next_position = step.cache, next_position + thinking[:, None].long()
-            thought = step.last_hidden_state  # (B, 1, H): the state with thought `count` fed in, and the next thought
-            stop = torch.sigmoid(self.latent_stop_head(thought).float()).view(batch_size) >= threshold
-            thinking = thinking & ~stop & (count < max_latent_thoughts)
-            if not thinking.any():
-                break
-        fed = torch.stack(fed, dim=1)  # (B, K)
-        pad_token_id = self.generation_config.pad_token_id
-        pad_token_id = pad_token_id if pad_token_id is not None else config.text_config.pad_token_id or 0
-        block = torch.where(fed, config.latent_token_id, pad_token_id).to(input_ids.dtype)
-        end = input_ids.new_full((batch_size, 1), config.end_latent_token_id)
-        kwargs["attention_mask"] = torch.cat([attention_mask, torch.ones_like(end, dtype=attention_mask.dtype)], dim=1)
-        kwargs["cache"] = cache
-        gaps = torch.zeros((batch_size, input_ids.shape[1] + fed.shape[1] + 1), dtype=torch.bool)
-        gaps[:, input_ids.shape[1] : input_ids.shape[1] + fed.shape[1]] = ~fed.cpu()
-        return torch.cat([input_ids, block, end], dim=1), gaps
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        """[`GenerationMixin._expand_inputs_for_generation`], and a cache of the unexpanded batch (the one `"auto"`
-        filled with the thoughts) expanded with it, for beam search and several returned sequences."""
-        cache = model_kwargs.get("cache")
-        batch_size = input_ids.shape[0] if input_ids is not None else None
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
-        )
-        if expand_size > 1 and isinstance(cache, DynamicCache) and cache.get_seq_length() > 0:
-            if cache.layers[0].keys.shape[0] == batch_size:
-                cache.batch_repeat_interleave(expand_size)
-        return input_ids, model_kwargs
 
     def generate(
         self,
@@ -1128,13 +1299,13 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 Append `<|start-latent|>` + k × `<|latent|>` + `<|end-latent|>` to every prompt (see
                 [`~CoconutInternVLForConditionalGeneration.append_latent_thoughts`]); 0 appends the two markers alone,
                 `None` nothing. `"auto"` lets the stop head choose each prompt's k (see
-                [`~CoconutInternVLForConditionalGeneration.plan_latent_thoughts`]); prompts that end with an open
-                block, `<|start-latent|>` alone (the processor's `num_latent_thoughts="auto"`), are generated so too.
-                The returned sequences hold each prompt's block, so its count is the number of `<|latent|>` in it.
+                [`~CoconutInternVLForConditionalGeneration.plan_latent_thoughts`]): the thoughts run once, in the
+                cache that decoding continues from, and the returned sequences are those of the same prompts with
+                the chosen counts passed as a list (so a prompt's count is the number of `<|latent|>` in its row).
             max_latent_thoughts (`int`, *optional*):
-                With `"auto"`: the most thoughts a prompt gets (default `config.max_latent_thoughts`).
+                With `"auto"`: the most thoughts a prompt gets (default: the generation config's).
             latent_stop_threshold (`float`, *optional*):
-                With `"auto"`: the stop probability that ends a block (default `config.latent_stop_threshold`, 0.5).
+                With `"auto"`: the stop probability that ends a block (default: the generation config's, else 0.5).
                 Lower stops sooner (fewer thoughts, less latency); higher thinks longer.
             synced_gpus (`bool`, *optional*):
                 As in `generate`; under FSDP / ZeRO-3 (the default then) every rank also runs the same number of latent
@@ -1156,69 +1327,77 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             synced_gpus = (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(self)) and world_size > 1
         if synced_gpus:
             kwargs["sync_latent_passes"] = True
-        input_ids, num_latent_thoughts = self._open_block_prompts(input_ids, num_latent_thoughts, kwargs)
+        self._check_thought_request(num_latent_thoughts, max_latent_thoughts, latent_stop_threshold)
         if is_auto(num_latent_thoughts):
-            if input_ids is None or kwargs.get("inputs_embeds") is not None:
-                raise ValueError(
-                    '`num_latent_thoughts="auto"` reads the prompts\' `input_ids` and appends their blocks; pass the '
-                    "prompts as `input_ids` alone."
-                )
-            if self._can_think_in_the_cache(generation_config, kwargs):
-                _check_pixel_values(kwargs.get("pixel_values"))
-                input_ids, gaps = self._think_until_stop(input_ids, max_latent_thoughts, latent_stop_threshold, kwargs)
-                output = super().generate(
-                    input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs
-                )
-                return _close_block_gaps(output, gaps)
-            model_inputs = ("pixel_values", "image_sizes", "sync_latent_passes")
-            num_latent_thoughts = self.plan_latent_thoughts(
-                input_ids,
-                kwargs.get("attention_mask"),
-                max_latent_thoughts=max_latent_thoughts,
-                latent_stop_threshold=latent_stop_threshold,
-                **{name: kwargs[name] for name in model_inputs if kwargs.get(name) is not None},
-            )
-        elif max_latent_thoughts is not None or latent_stop_threshold is not None:
-            raise ValueError(
-                '`max_latent_thoughts` and `latent_stop_threshold` apply only to `num_latent_thoughts="auto"`, got '
-                f'`num_latent_thoughts`={num_latent_thoughts!r}. Pass `num_latent_thoughts="auto"`, or drop them.'
+            num_latent_thoughts = self._auto_thought_counts(
+                input_ids, generation_config, max_latent_thoughts, latent_stop_threshold, kwargs
             )
         input_ids = self._prompt_with_thoughts(input_ids, num_latent_thoughts, generation_config, kwargs)
         return super().generate(input_ids, generation_config=generation_config, synced_gpus=synced_gpus, **kwargs)
 
-    def _open_block_prompts(self, input_ids, num_latent_thoughts, kwargs):
-        """Prompts that end with `<|start-latent|>` alone (the processor's `"auto"`) lose that token and are
-        generated with `"auto"`; returns `(input_ids, num_latent_thoughts)` and updates `kwargs`'s attention mask."""
-        start = self.config.start_latent_token_id
-        if input_ids is None or start is None or input_ids.shape[1] == 0:
-            return input_ids, num_latent_thoughts
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.ndim == 2:
-            _check_left_padded(attention_mask)
-        open_rows = input_ids[:, -1] == start
-        block_ids = [i for i in (start, self.config.latent_token_id, self.config.end_latent_token_id) if i is not None]
-        real = attention_mask.bool() if attention_mask is not None and attention_mask.ndim == 2 else None
-        earlier = torch.isin(input_ids[:, :-1], input_ids.new_tensor(block_ids))
-        if real is not None:
-            earlier &= real[:, :-1]
-        if not open_rows.any() or earlier.any():
-            # No open block; or blocks elsewhere in the prompts, which the block checks read (or refuse) as they are.
-            return input_ids, num_latent_thoughts
-        if not open_rows.all():
+    def _check_thought_request(self, num_latent_thoughts, max_latent_thoughts, latent_stop_threshold) -> None:
+        """Raise a `ValueError` for a `num_latent_thoughts` this model cannot take, before any pass runs."""
+        if isinstance(num_latent_thoughts, str) and not is_auto(num_latent_thoughts):
+            thought_count(num_latent_thoughts)  # a `ValueError` that names "auto"
+        if isinstance(num_latent_thoughts, (list, tuple)) and any(is_auto(count) for count in num_latent_thoughts):
             raise ValueError(
-                f"Prompts {open_rows.nonzero().flatten().tolist()} end with an open latent block (`<|start-latent|>` "
-                f"alone, for the stop head to fill) and prompts {(~open_rows).nonzero().flatten().tolist()} do not. "
-                'Build every prompt of a batch with `num_latent_thoughts="auto"`, or none.'
+                f'`num_latent_thoughts`={num_latent_thoughts!r} mixes "auto" with counts in one batch. "auto" '
+                "applies to every prompt of a batch: pass it alone, or one count per prompt (`model.plan_latent_thoughts` "
+                "gives the stop head's counts for the prompts you want it to choose)."
             )
-        if num_latent_thoughts is not None and not is_auto(num_latent_thoughts):
+        config = self.config
+        markers = config.start_latent_token_id is not None and config.end_latent_token_id is not None
+        if num_latent_thoughts is not None and config.latent_token_id is None and markers:
             raise ValueError(
-                f"The prompts end with an open latent block (`<|start-latent|>` alone, the processor's "
-                f'`num_latent_thoughts="auto"`), and `num_latent_thoughts`={num_latent_thoughts!r} would add a second '
-                'one. Leave `num_latent_thoughts` out (or pass "auto"), or build the prompts without a block.'
+                f"`num_latent_thoughts`={num_latent_thoughts!r}, but this model thinks in pauses (pause as thought: "
+                "`config.latent_token_id` is None, the block's markers are set), so nothing is fed back: `generate` "
+                "does not know its pause token to append a block, and a stop head has no thoughts to read, so "
+                '"auto" is not available. Build the block into the prompt with the processor '
+                "(`processor(text=..., num_latent_thoughts=k)` or `processor.build_prompt(..., num_latent_thoughts=k)`, "
+                "k as in training) and call `generate` without `num_latent_thoughts`."
             )
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[:, :-1]
-        return input_ids[:, :-1], "auto"
+        if not is_auto(num_latent_thoughts) and (max_latent_thoughts is not None or latent_stop_threshold is not None):
+            raise ValueError(
+                '`max_latent_thoughts` and `latent_stop_threshold` apply only to `num_latent_thoughts="auto"`, got '
+                f'`num_latent_thoughts`={num_latent_thoughts!r}. Pass `num_latent_thoughts="auto"`, or drop them.'
+            )
+
+    def _auto_thought_counts(self, input_ids, generation_config, max_latent_thoughts, threshold, kwargs) -> list[int]:
+        """Each prompt's number of thoughts, chosen by the stop head, for `generate(num_latent_thoughts="auto")`.
+
+        Where decoding can continue from the cache the thoughts ran in (see [`_can_think_in_the_cache`]), one forward
+        with `latent_stop_threshold` runs the prompts and their thoughts (1 + the most thoughts of a row passes), and
+        its cache goes to `kwargs` in the layout of the prompts with their blocks appended; elsewhere the counts are
+        planned first ([`plan_latent_thoughts`]) and the prompts run again with them.
+        """
+        max_latent_thoughts, threshold = self._auto_settings(max_latent_thoughts, threshold, generation_config)
+        if input_ids is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                '`num_latent_thoughts="auto"` reads the prompts\' `input_ids` and appends their blocks; pass the '
+                "prompts as `input_ids` alone."
+            )
+        if not self._can_think_in_the_cache(generation_config, kwargs):
+            model_inputs = ("pixel_values", "image_sizes", "sync_latent_passes")
+            return self.plan_latent_thoughts(
+                input_ids,
+                kwargs.get("attention_mask"),
+                max_latent_thoughts=max_latent_thoughts,
+                latent_stop_threshold=threshold,
+                **{name: kwargs[name] for name in model_inputs if kwargs.get(name) is not None},
+            )
+        ids, attention_mask = self.append_latent_thoughts(input_ids, kwargs.get("attention_mask"), max_latent_thoughts)
+        with torch.no_grad():
+            outputs = self(  # the prompts, `<|start-latent|>` and the thoughts, without `<|end-latent|>`
+                input_ids=ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                pixel_values=kwargs.pop("pixel_values", None),
+                image_sizes=kwargs.pop("image_sizes", None),
+                cache=DynamicCache(config=self.config.text_config),
+                latent_stop_threshold=threshold,
+                logits_to_keep=1,
+            )
+        kwargs["cache"] = _unused_thoughts_to_the_left(outputs.cache, outputs.latent_counts, self.config.text_config)
+        return outputs.latent_counts.tolist()
 
     def _prompt_with_thoughts(self, input_ids, num_latent_thoughts, generation_config, kwargs) -> torch.LongTensor:
         """The prompts with their latent blocks (appended for `num_latent_thoughts`, updating `kwargs`'s attention
@@ -1234,8 +1413,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             input_ids, kwargs["attention_mask"] = self.append_latent_thoughts(
                 input_ids, kwargs.get("attention_mask"), num_latent_thoughts, pad_token_id
             )
-        if self._latent_mask(input_ids, kwargs.get("inputs_embeds")) is not None:
+        if input_ids is not None:
             _check_latent_blocks(input_ids, kwargs.get("attention_mask"), self.config)
+        if self._latent_mask(input_ids, kwargs.get("inputs_embeds")) is not None:
             if kwargs.get("attention_mask") is not None:
                 _check_left_padded(kwargs["attention_mask"])
         return input_ids

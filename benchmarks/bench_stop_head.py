@@ -103,7 +103,7 @@ def evaluate_three_ways(run_dir: Path, threads: int, batch_size: int) -> dict:
     curriculum = CurriculumConfig(**record["curriculum"])
     records = list(build_synthetic_split(run_dir / "data", "test", task))
     model, processor = load_model_and_processor(str(run_dir))
-    most = model.config.max_latent_thoughts
+    most = model.generation_config.max_latent_thoughts
     configs = {
         "oracle": CoconutEvalConfig(stage=curriculum.max_latent_stage + 1, batch_size=batch_size),
         "padded": CoconutEvalConfig(num_latent_thoughts=most, batch_size=batch_size),
@@ -162,7 +162,7 @@ def stop_curves(model, processor, records: list[dict], true_counts: dict, batch_
     """The head's mean stop probability after each thought, by the question's true count: a head that reads the
     thoughts rises at each question's own count; one that learned only how often blocks end at each length (the
     hazard of the count distribution) draws the same curve for every count."""
-    most = model.config.max_latent_thoughts
+    most = model.generation_config.max_latent_thoughts
     curves = {}
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]

@@ -35,7 +35,7 @@ class CoconutEvalConfig:
     max_latent_thoughts: int | None = field(
         default=None,
         metadata={
-            "help": "With `num_latent_thoughts` auto: the most thoughts a record gets. Default: the model config's "
+            "help": "With `num_latent_thoughts` auto: the most thoughts a record gets. Default: the generation config's "
             "`max_latent_thoughts` (training writes it), else max_latent_stage x c_thought."
         },
     )
@@ -43,7 +43,7 @@ class CoconutEvalConfig:
         default=None,
         metadata={
             "help": "With `num_latent_thoughts` auto: the stop probability that ends a record's block; lower stops "
-            "sooner. Default: the model config's `latent_stop_threshold` (0.5)."
+            "sooner. Default: the generation config's `latent_stop_threshold` (0.5)."
         },
     )
     batch_size: int = field(default=16, metadata={"help": "Prompts generated together (left-padded)."})

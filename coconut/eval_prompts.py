@@ -14,13 +14,13 @@ from coconut.curriculum import (
     question_prompt,
 )
 from coconut.eval_config import CoconutEvalConfig
-from processing_coconut_internvl import START_LATENT, is_auto, latent_block
+from processing_coconut_internvl import is_auto, latent_block
 
 
 def latent_thought_cap(model, curriculum: CurriculumConfig, config: CoconutEvalConfig) -> int:
-    """The most thoughts the stop head may give a record: `config.max_latent_thoughts`, else the model config's
-    `max_latent_thoughts`, else the most the curriculum gives (`max_latent_stage` x `c_thought`, at least 1)."""
-    for cap in (config.max_latent_thoughts, getattr(model.config, "max_latent_thoughts", None)):
+    """The most thoughts the stop head may give a record: `config.max_latent_thoughts`, else the generation
+    config's `max_latent_thoughts`, else the most the curriculum gives (`max_latent_stage` x `c_thought`, at least 1)."""
+    for cap in (config.max_latent_thoughts, getattr(model.generation_config, "max_latent_thoughts", None)):
         if cap is not None:
             return cap
     return max(curriculum.max_latent_stage * curriculum.c_thought, 1)
@@ -52,12 +52,12 @@ def eval_prompt(processing_class, record: dict, curriculum: CurriculumConfig, co
     """The evaluation prompt of `record`, `{"prompt", "images", "num_latents"}`, by the curriculum's rules.
 
     `config.num_latent_thoughts` replaces the stage's latent count for the methods with thoughts (`coconut`,
-    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block. With `"auto"` the prompt ends with an open
-    block, `<|start-latent|>` alone, which `generate` fills with the stop head's count: `num_latents` is `None`
-    until then.
+    `pause_as_thought`); `no_thought`, `cot` and `no_cot` have no block. With `"auto"` the prompt has no block:
+    `generate(num_latent_thoughts="auto")` appends one of the stop head's count, and `num_latents` is `None` until
+    then.
     """
     if curriculum.uses_markers and is_auto(config.num_latent_thoughts):
-        prompt = question_prompt(record, processing_class) + START_LATENT
+        prompt = question_prompt(record, processing_class)
         return {"prompt": prompt, "images": list(record.get("images") or []), "num_latents": None}
     if curriculum.uses_markers and config.num_latent_thoughts is not None:
         k = config.num_latent_thoughts

@@ -36,13 +36,13 @@ def _batch_inputs(processing_class, texts: list[str], images: list[list], device
 
 
 def _chosen_blocks(output_ids: torch.Tensor, input_length: int, config) -> tuple[int, list[int]]:
-    """Where the generated tokens start in `generate`'s output for prompts that ended with an open block, and each
-    row's number of thoughts. `generate` replaced each open `<|start-latent|>` with the whole block and left-padded
-    the rows to the longest, so every row's block ends at the same column: the first one all `<|end-latent|>`."""
+    """Where the generated tokens start in `generate`'s output for prompts given `num_latent_thoughts="auto"`, and
+    each row's number of thoughts. `generate` appended each prompt's block and left-padded the rows to the longest, so
+    every row's block ends at the same column: the first one all `<|end-latent|>`."""
     closing = (output_ids[:, input_length - 1 :] == config.end_latent_token_id).all(dim=0)  # (T - input_length + 1,)
     if not closing.any():
         raise RuntimeError(
-            "`generate` returned no closed latent block for prompts that ended with `<|start-latent|>`: the stop "
+            "`generate` returned no closed latent block for prompts given `num_latent_thoughts='auto'`: the stop "
             "head's counts cannot be read from its output."
         )
     prompt_length = input_length + int(closing.int().argmax())
@@ -129,7 +129,7 @@ def generate_predictions(
         batch_seconds.append(time.perf_counter() - start)
         prompt_length = inputs["input_ids"].shape[1]
         thoughts = [prompts[i]["num_latents"] for i in batch]
-        if auto:  # the blocks the stop head chose replaced the open ones: the prompts grew
+        if auto:  # the blocks of the stop head's counts were appended: the prompts grew
             prompt_length, thoughts = _chosen_blocks(output_ids, prompt_length, model.config)
         new_tokens = output_ids[:, prompt_length:].tolist()  # (B, new tokens)
         for i, tokens, k in zip(batch, new_tokens, thoughts, strict=True):

@@ -173,7 +173,8 @@ def prepare_model_for_curriculum(model, args: CoconutSFTConfig, records: Sequenc
     the model; the trainer itself changes nothing of it.
 
     - `latent_stop_head`: the stop head (unless the model has one), and the most thoughts
-      `generate(num_latent_thoughts="auto")` gives by default: the most a final-stage prompt of `records` gets.
+      `generate(num_latent_thoughts="auto")` gives by default (the generation config's `max_latent_thoughts`): the
+      most a final-stage prompt of `records` gets.
     - `method="pause_as_thought"`: `config.latent_token_id=None`, so `<|latent|>` is an ordinary learned pause token
       (the paper's baseline: the same layout, nothing fed back).
     """
@@ -182,7 +183,7 @@ def prepare_model_for_curriculum(model, args: CoconutSFTConfig, records: Sequenc
             model.add_latent_stop_head()
         final_stage = args.max_latent_stage + 1
         counts = [evaluation_layout(n, final_stage, args.curriculum).num_latents for n in _step_counts(records)]
-        model.config.max_latent_thoughts = max([1, *counts])
+        model.generation_config.max_latent_thoughts = max([1, *counts])
     if args.method == "pause_as_thought":
         model.config.latent_token_id = None
 

@@ -151,7 +151,7 @@ def test_prompt_latent_count_from_stage_flag_and_method():
     assert latents(CurriculumConfig(c_thought=2, max_latent_stage=4, pad_latent_to_max=True), stage=5) == 8
     assert latents(two, stage=1, num_latent_thoughts=5) == 5
     auto = eval_prompt(tokenizer, record, two, CoconutEvalConfig(num_latent_thoughts="auto"))
-    assert auto["prompt"] == question_prompt(record, tokenizer) + START_LATENT and auto["num_latents"] is None
+    assert auto["prompt"] == question_prompt(record, tokenizer) and auto["num_latents"] is None
     assert latents(CurriculumConfig(method="cot")) is None
     assert latents(CurriculumConfig(method="no_thought"), stage=3) is None  # the paper's ablation: no markers either
     with pytest.raises(ValueError, match="set `stage`"):
@@ -383,7 +383,7 @@ def stop_model():
         model.latent_stop_head.weight.mul_(10.0)
     prompts = [(prompt_ids(tokenizer, record), None) for record in records]
     rows = stop_probability_rows(model, prompts, MAX_THOUGHTS)
-    model.config.latent_stop_threshold = splitting_threshold(rows, gap=1e-2)
+    model.generation_config.latent_stop_threshold = splitting_threshold(rows, gap=1e-2)
     return model, tokenizer
 
 
@@ -442,11 +442,11 @@ def test_auto_settings_reach_the_stop_head(stop_model):
     assert thoughts(latent_stop_threshold=0.0) == [1, 1, 1]  # every probability reaches 0: one thought each
     assert thoughts(latent_stop_threshold=1.0, max_latent_thoughts=2) == [2, 2, 2]  # none reaches 1: the cap
     assert thoughts(latent_stop_threshold=1.0) == [MAX_THOUGHTS] * 3  # the model config's cap
-    model.config.max_latent_thoughts = None
+    model.generation_config.max_latent_thoughts = None
     try:  # a model whose config sets no cap: the most the curriculum gives, max_latent_stage x c_thought
         assert thoughts(CurriculumConfig(c_thought=2, max_latent_stage=1), latent_stop_threshold=1.0) == [2, 2, 2]
     finally:
-        model.config.max_latent_thoughts = MAX_THOUGHTS
+        model.generation_config.max_latent_thoughts = MAX_THOUGHTS
 
 
 def test_final_stage_thoughts_follow_the_curriculum():

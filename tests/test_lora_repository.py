@@ -50,7 +50,7 @@ def test_a_lora_run_loads_as_its_card_says(tmp_path, hf_home, flags):
     assert quick_start["completion"]  # the quick start generated
     if flags:
         assert torch.equal(model.latent_stop_head.weight, merged.latent_stop_head.weight)
-        assert model.config.max_latent_thoughts == merged.config.max_latent_thoughts == 2
+        assert model.generation_config.max_latent_thoughts == merged.generation_config.max_latent_thoughts == 2
         processor, images = quick_start["processor"], quick_start["images"]
         prompt = processor.build_prompt(quick_start["question"], num_images=len(images), num_latent_thoughts="auto")
         auto_inputs = processor(images=images, text=prompt, return_tensors="pt")

@@ -560,3 +560,24 @@ def test_embeddings_holding_thoughts_without_ids_are_an_error(model):
         ValueError, match=r"`inputs_embeds` holds the `<\|latent\|>` embedding \(id 2\) at 5 positions"
     ):
         model(**inputs, inputs_embeds=embeds)
+
+
+def test_the_one_private_transformers_name_still_keeps_the_cache_of_checkpointed_layers():
+    """`GradientCheckpointingLayer._can_checkpoint_with_cache` is the only private transformers name the model file
+    uses (written on the text model's layers for one latent forward, docs/latent-forward.md). If transformers renames
+    it or stops honouring it, checkpointed latent forwards silently recompute every prefix: this test says so."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    flag = "GradientCheckpointingLayer._can_checkpoint_with_cache"
+    assert getattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache", None) is False, (
+        f"transformers no longer has `{flag}` (default False): checkpointed latent forwards now recompute each "
+        "prefix. Find transformers' new way to keep the KV cache in checkpointed layers and use it in "
+        "`_checkpointed_layers_keep_cache`."
+    )
+    model = tiny_model(num_hidden_layers=2).train()
+    model.activation_checkpointing_enable()
+    outputs = model(**model_inputs(build_batch(BATCHES["misaligned_latents"], padding_side="left")))
+    assert outputs.cache is not None and outputs.cache.get_seq_length() > 0, (
+        f"transformers' checkpointed layers dropped the KV cache although `{flag}` was set: checkpointed latent "
+        "forwards now recompute each prefix. Update `_checkpointed_layers_keep_cache`."
+    )

@@ -178,13 +178,15 @@ def test_latent_block_per_sample_and_left_padding(processor):
     assert not (without_block == processor.start_latent_token_id).any()
 
 
-def test_auto_ends_each_prompt_with_an_open_block_that_generate_fills(processor):
+def test_auto_carries_the_request_to_generate_without_a_block(processor):
     prompts = ["Is Tom a wump?", "Every wump is a zhorpus. Is Tom a wump?"]
     inputs = processor(text=prompts, num_latent_thoughts="auto", return_tensors="pt")
     plain = processor(text=prompts, return_tensors="pt")
-    assert (inputs["input_ids"][:, -1] == processor.start_latent_token_id).all()
-    assert torch.equal(inputs["input_ids"][:, :-1], plain["input_ids"])
-    assert processor.build_prompt("Is Tom a wump?", num_latent_thoughts="auto").endswith("<|start-latent|>")
+    assert torch.equal(inputs["input_ids"], plain["input_ids"]) and inputs["num_latent_thoughts"] == "auto"
+    with pytest.raises(ValueError, match=r'pass `num_latent_thoughts="auto"` to the processor'):
+        processor.build_prompt("Is Tom a wump?", num_latent_thoughts="auto")
+    with pytest.raises(ValueError, match=r'or "auto" \(lowercase'):
+        processor(text=prompts, num_latent_thoughts="Auto")
 
     model = processor_model(processor, seed=1)
     model.add_latent_stop_head()
@@ -284,6 +286,8 @@ def test_tiny_model_runs_on_processor_output_and_padding_changes_nothing(process
 def test_save_and_load_with_auto_processor(processor, tmp_path, hf_home):
     processor.save_pretrained(tmp_path)
     assert (tmp_path / "processing_coconut_internvl.py").is_file()
+    assert (tmp_path / "latent_block_coconut_internvl.py").is_file()  # the shared file it imports
+    assert not (tmp_path / "modeling_coconut_internvl.py").exists()
     loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded).__name__ == "CoconutInternVLProcessor"
     assert loaded.image_seq_length == TOKENS_PER_TILE

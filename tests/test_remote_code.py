@@ -1,11 +1,13 @@
 """Saving and loading through the Auto classes with `trust_remote_code`, as a Hub user would."""
 
+import ast
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import Row, build_batch, model_inputs, subprocess_env, tiny_model
 from replicas import FIRST_SPECIAL_ID, INTERNVL3_1B_CONFIG, SPECIAL_TOKENS, replica_shapes
@@ -14,7 +16,7 @@ from transformers import AutoConfig
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py")
+CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "latent_block_coconut_internvl.py")
 AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForCausalLM")
 
 LOAD_AND_RUN = """
@@ -42,8 +44,21 @@ def test_save_pretrained_writes_auto_map_code_and_safetensors(tmp_path):
         assert config["auto_map"][name] == "modeling_coconut_internvl.CoconutInternVLForConditionalGeneration"
     for name in CODE_FILES:
         assert (tmp_path / name).read_text() == (ROOT / name).read_text()
+    assert not (tmp_path / "processing_coconut_internvl.py").exists()  # the model needs no processor code
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
+
+
+def test_the_model_and_processor_files_do_not_import_each_other():
+    """What both need lives in the configuration file or the shared latent-block file."""
+    imported = {}
+    for name in ("modeling_coconut_internvl", "processing_coconut_internvl", "latent_block_coconut_internvl"):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+        imported[name] = {module.lstrip(".") for module in imports}
+    assert "processing_coconut_internvl" not in imported["modeling_coconut_internvl"]
+    assert "modeling_coconut_internvl" not in imported["processing_coconut_internvl"]
+    assert not {module for module in imported["latent_block_coconut_internvl"] if "coconut" in module}
 
 
 def test_fresh_process_loads_identical_model_offline(tmp_path, hf_home):
@@ -163,3 +178,28 @@ def test_an_older_transformers_is_refused_at_import_by_name(hf_home):
     )
     assert result.returncode != 0
     assert "transformers>=5.24.0 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
+
+
+def flip_a_bit(path: Path, name: str, value: float) -> None:
+    """Write `value` into the first element of the tensor whose key ends with `name` (the file may use InternVL's
+    Hub layout) of a safetensors file, as a flipped bit would."""
+    tensors = load_file(path)
+    name = next(key for key in tensors if key.endswith(name))
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_a_damaged_weights_file_does_not_load_silently_through_automodel(tmp_path, hf_home, caplog):
+    from transformers import AutoModel
+
+    name = "model.language_model.layers.0.mlp.up_proj.weight"  # the model's name for it
+    tiny_model().save_pretrained(tmp_path)
+    flip_a_bit(
+        tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", 3.0e5
+    )  # an exponent bit flipped: finite, absurd
+    AutoModel.from_pretrained(tmp_path, trust_remote_code=True)  # the code the saved folder brings
+    assert f"`{name}` in {tmp_path}/model.safetensors holds a weight of magnitude 3e+05" in caplog.text
+    flip_a_bit(tmp_path / "model.safetensors", "layers.0.mlp.up_proj.weight", float("nan"))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/model.safetensors are damaged: `{name}` .* holds 1 non-finite"):
+        AutoModel.from_pretrained(tmp_path, trust_remote_code=True)

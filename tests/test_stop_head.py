@@ -1,5 +1,6 @@
 """The stop head and `generate(num_latent_thoughts="auto")` against a naive one-row loop that makes the same decisions."""
 
+import json
 import subprocess
 import sys
 
@@ -170,18 +171,16 @@ def test_auto_thinks_in_the_cache_it_decodes_from(model, batch, threshold):
     assert torch.equal(static, model.generate(**prompt_inputs(batch), max_new_tokens=4, **settings))
 
 
-def test_open_block_prompts_generate_as_auto(model, batch, threshold):
-    """The processor's "auto" prompts end with `<|start-latent|>` alone; `generate` fills and closes the block."""
+def test_a_prompt_ending_with_an_open_block_is_refused_with_the_way_to_ask_for_auto(model, batch):
+    """The count travels as `num_latent_thoughts`, not as a `<|start-latent|>` left open for `generate` to find."""
     inputs = prompt_inputs(batch)
     open_inputs = {
         **inputs,
         "input_ids": torch.cat([inputs["input_ids"], torch.full((len(PROMPTS), 1), START)], dim=1),
         "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(len(PROMPTS), 1, dtype=torch.long)], dim=1),
     }
-    settings = dict(latent_stop_threshold=threshold, max_new_tokens=4, do_sample=False)
-    auto = model.generate(**inputs, num_latent_thoughts="auto", **settings)
-    assert torch.equal(model.generate(**open_inputs, **settings), auto)
-    assert torch.equal(model.generate(**open_inputs, num_latent_thoughts="auto", **settings), auto)
+    with pytest.raises(ValueError, match=r'Prompt 0 ends with `<\|start-latent\|>` alone.*num_latent_thoughts="auto"'):
+        model.generate(**open_inputs, max_new_tokens=4)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +217,6 @@ def test_bad_auto_requests_are_named(model, batch):
     no_head = tiny_model(seed=3)
     with pytest.raises(ValueError, match="has no stop head"):
         no_head.generate(**inputs, num_latent_thoughts="auto", max_latent_thoughts=3, max_new_tokens=2)
-    no_head.config.max_latent_thoughts = None
     model_without_cap = tiny_model(seed=3, latent_stop_head=True)
     with pytest.raises(ValueError, match="needs `max_latent_thoughts`"):
         model_without_cap.generate(**inputs, num_latent_thoughts="auto", max_new_tokens=2)
@@ -226,14 +224,20 @@ def test_bad_auto_requests_are_named(model, batch):
         model.generate(**inputs, num_latent_thoughts="auto", latent_stop_threshold=1.5, max_new_tokens=2)
     with pytest.raises(ValueError, match="apply only to"):
         model.generate(**inputs, num_latent_thoughts=2, max_latent_thoughts=3, max_new_tokens=2)
-    mixed = inputs["input_ids"].clone()
-    mixed[0, -1] = START
-    with pytest.raises(ValueError, match=r"Prompts \[0\] end with an open latent block"):
-        model.generate(input_ids=mixed, attention_mask=inputs["attention_mask"], max_new_tokens=2)
     closed = build_batch([Row(latents=2, answer=0), Row(latents=0, answer=0)], padding_side="left")
     for settings in (dict(), dict(cache_implementation="static")):  # thinking in the cache, or planning first
-        with pytest.raises(ValueError, match=r"Prompts \[0\] already hold a latent block"):
+        with pytest.raises(ValueError, match=r"Prompts \[0\] already hold a latent block; the batch mixes them with "
+                           r"prompts \[1\] that hold none"):  # fmt: skip
             model.generate(**prompt_inputs(closed), num_latent_thoughts="auto", max_new_tokens=2, **settings)
+    with pytest.raises(ValueError, match=r"mixes \"auto\" with counts"):
+        model.generate(**inputs, num_latent_thoughts=["auto"] + [2] * (len(PROMPTS) - 1), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r'`num_latent_thoughts` must be .* or "auto" \(lowercase.*got \'Auto\''):
+        model.generate(**inputs, num_latent_thoughts="Auto", max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"`latent_stop_threshold` must be a number.*got '0.5' of type str"):
+        model.generate(**inputs, num_latent_thoughts="auto", latent_stop_threshold="0.5", max_new_tokens=2)
+    one_prompt = {"input_ids": inputs["input_ids"][2:3], "attention_mask": inputs["attention_mask"][2]}  # 1-D mask
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(\d+,\) but the prompts' `input_ids` \(1, "):
+        model.generate(**one_prompt, num_latent_thoughts="auto", max_new_tokens=2)
     with pytest.raises(ValueError, match="stop head has no thought to read"):
         model(input_ids=inputs["input_ids"][:, -3:], stop_labels=torch.zeros(len(PROMPTS), 3))
     with pytest.raises(ValueError, match="not a probability"):
@@ -289,3 +293,41 @@ def test_a_model_without_the_head_loads_unchanged(tmp_path):
     assert set(loaded.state_dict()) == set(plain.state_dict())
     head = loaded.add_latent_stop_head()
     assert loaded.config.latent_stop_head and head.weight.shape == (1, loaded.config.text_config.hidden_size)
+
+
+def test_a_config_json_that_holds_the_auto_settings_loads_and_generates_the_same(model, batch, threshold, tmp_path):
+    """Models saved while `max_latent_thoughts` and `latent_stop_threshold` lived in `config.json`: the settings move
+    to the generation config at load, and `"auto"` decides as before."""
+    from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert "max_latent_thoughts" not in config and generation["max_latent_thoughts"] == MAX_THOUGHTS
+    config.update(max_latent_thoughts=MAX_THOUGHTS, latent_stop_threshold=threshold)
+    del generation["max_latent_thoughts"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+
+    loaded = CoconutInternVLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert not hasattr(loaded.config, "max_latent_thoughts") and not hasattr(loaded.config, "latent_stop_threshold")
+    assert loaded.generation_config.max_latent_thoughts == MAX_THOUGHTS
+    assert loaded.generation_config.latent_stop_threshold == threshold
+    settings = dict(num_latent_thoughts="auto", max_new_tokens=3, do_sample=False)
+    expected = model.generate(**prompt_inputs(batch), latent_stop_threshold=threshold, **settings)
+    assert torch.equal(loaded.generate(**prompt_inputs(batch), **settings), expected)
+    loaded.save_pretrained(tmp_path / "again")  # saved again: the settings sit in the generation config only
+    assert "latent_stop_threshold" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    again = json.loads((tmp_path / "again" / "generation_config.json").read_text())
+    assert (again["max_latent_thoughts"], again["latent_stop_threshold"]) == (MAX_THOUGHTS, threshold)
+
+
+def test_a_pause_as_thought_model_says_how_to_give_it_pauses(batch):
+    """Pause as thought: the block's markers are set, `latent_token_id` is None, nothing is fed back."""
+    pause = tiny_model(seed=3, latent_token_id=None)
+    inputs = prompt_inputs(batch)
+    for request in (2, "auto"):
+        with pytest.raises(ValueError, match=r"thinks in pauses.*processor\(text=\.\.\., num_latent_thoughts=k\)"):
+            pause.generate(**inputs, num_latent_thoughts=request, max_new_tokens=2)
+    with_pauses = build_batch([Row(latents=2, answer=0, images=[])], padding_side="left")  # the block in the prompt
+    assert pause.generate(**prompt_inputs(with_pauses), max_new_tokens=2, do_sample=False).shape[1] > 0

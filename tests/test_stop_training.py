@@ -84,14 +84,14 @@ def test_training_learns_the_head_and_saves_it(tmp_path, tokenizer):
     head_before = trainer.model.latent_stop_head.weight.detach().clone()
     trainer.train()
     assert trainer.model.config.latent_stop_head is True
-    assert trainer.model.config.max_latent_thoughts == 2  # min(3 steps, max_latent_stage 2) x c_thought 1
+    assert trainer.model.generation_config.max_latent_thoughts == 2  # min(3 steps, max_latent_stage 2) x c_thought 1
     assert not torch.equal(trainer.model.latent_stop_head.weight, head_before)
     logged = [entry["stop_loss"] for entry in trainer.state.log_history if "stop_loss" in entry]
     assert logged and all(value > 0 for value in logged)
     trainer.save_model(str(tmp_path / "saved"))
     loaded = CoconutInternVLForConditionalGeneration.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.latent_stop_head.weight, trainer.model.latent_stop_head.weight)
-    assert loaded.config.max_latent_thoughts == 2
+    assert loaded.generation_config.max_latent_thoughts == 2
 
 
 def test_lora_trains_the_whole_head(tmp_path, tokenizer):
