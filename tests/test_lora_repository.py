@@ -52,7 +52,7 @@ def test_a_lora_run_loads_as_its_card_says(tmp_path, hf_home, flags):
         assert torch.equal(model.latent_stop_head.weight, merged.latent_stop_head.weight)
         assert model.generation_config.max_latent_thoughts == merged.generation_config.max_latent_thoughts == 2
         processor, images = quick_start["processor"], quick_start["images"]
-        prompt = processor.build_prompt(quick_start["question"], num_images=len(images), num_latent_thoughts="auto")
+        prompt = processor.build_prompt(quick_start["question"], num_images=len(images), num_latent_thoughts=None)
         auto_inputs = processor(images=images, text=prompt, return_tensors="pt")
         with torch.no_grad():  # used to say "train the head (`train_sft.py --latent_stop_head`)"
             auto = model.generate(**auto_inputs, num_latent_thoughts="auto", max_new_tokens=3, do_sample=False)
