@@ -81,7 +81,7 @@ COT_ARGS = ["--num_train_epochs", "20"]
 # final stage. The paper's recipe: 3 epochs a stage, each stage with a fresh Adam and schedule.
 PLAIN_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
 # The recipe found on seed 0 (docs/learning.md): the stage lengths, and the step decoder for the methods with thoughts.
-STAGE_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "16"]
+STAGE_ARGS = ["--start_stage", "1", "--epochs_per_stage", "3", "--num_train_epochs", "24"]
 STEP_SUPERVISION_ARGS = ["--step_supervision", "true", "--step_loss_normalization", "token"]
 # Per method: train_sft.py's `--method` and the method's own flags.
 METHOD_ARGS = {
