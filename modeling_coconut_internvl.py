@@ -8,6 +8,7 @@ sit at different columns are first moved inside the batch so that their thoughts
 of passes at (most thoughts in a row + 1) however the batch was padded.
 """
 
+import inspect
 import json
 import math
 from contextlib import contextmanager, nullcontext
@@ -24,7 +25,6 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.internvl.modeling_internvl import InternVLCausalLMOutputWithPast
 from transformers.utils import logging
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.versions import require_version
 
@@ -55,9 +55,21 @@ except ImportError:  # imported from the repository root, e.g. `python train_sft
 
 logger = logging.get_logger(__name__)
 
-# Tested from 5.24.0, the first release whose models, masks and caches take `cache` (earlier: `past_key_values`), to the
-# newest release (README.md). Below it, fail here by name instead of deep inside a forward.
-require_version("transformers>=5.24.0", "Coconut-InternVL's remote code needs it: pip install -U transformers")
+# Tested from 5.23.0 to the newest release (README.md, docs/latent-forward.md). Below it, fail here by name instead of
+# deep inside a forward.
+require_version("transformers>=5.23.0", "Coconut-InternVL's remote code needs it: pip install -U transformers")
+
+# transformers 5.24 renamed the cache argument `past_key_values` to `cache` (models, masks, model outputs) and InternVL's
+# output field `image_hidden_states` (the image features) to `image_outputs` (the vision tower's output). Both names are
+# read once here, from the parent class, and every call in this file uses them: one code path for every release.
+CACHE_NAME = (
+    "cache" if "cache" in inspect.signature(InternVLForConditionalGeneration.forward).parameters else "past_key_values"
+)
+IMAGE_OUTPUT_NAME = (
+    "image_outputs"
+    if "image_outputs" in InternVLCausalLMOutputWithPast.__dataclass_fields__
+    else "image_hidden_states"
+)
 
 # InternVL's key layout on the Hub (`language_model.model.*`, `language_model.lm_head.*`, ...), which transformers also
 # writes back when it saves an InternVL. transformers maps it for its own InternVL classes only, not for remote code, so
@@ -493,6 +505,14 @@ def _check_loaded_weights(model, pretrained_model_name_or_path, kwargs, warn_abo
         )
 
 
+def _image_output(image_outputs):
+    """What the output's image field holds on this transformers: the vision tower's output (5.24 and later), or the
+    image features (`image_hidden_states` before)."""
+    if image_outputs is None or IMAGE_OUTPUT_NAME == "image_outputs":
+        return image_outputs
+    return image_outputs.pooler_output
+
+
 def _take_generation_settings(config) -> dict:
     """Remove `"auto"`'s generation settings from a model config that still holds them (one saved before they moved to
     the generation config) and return them, checked."""
@@ -636,7 +656,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             )
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -654,6 +673,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         sync_latent_passes: bool = False,
         stop_labels: torch.Tensor | None = None,
         latent_stop_threshold: float | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple | CoconutCausalLMOutputWithPast:
         r"""
@@ -677,6 +697,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             Targets of the stop head (a model with `latent_stop_head`), as [`latent_stop_labels`] builds them: 1.0
             where the block ends after the thought whose vector sits there, 0.0 where it goes on, -100 to ignore.
             Their binary cross-entropy is returned as `stop_loss`, apart from `loss`; the trainer weighs it.
+        past_key_values (`Cache`, *optional*):
+            The name of `cache` in transformers before 5.24 (which `generate` there passes); either name works.
         latent_stop_threshold (`float`, *optional*):
             Let the stop head end each row's block (see [`LatentStopRule`]): after each thought, a row whose stop
             probability reaches it takes no more; its later `<|latent|>` columns are masked out of the attention, as
@@ -696,6 +718,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         filled cache and the loss; with latents and a stop head also `stop_logits` for every position and, given
         `stop_labels`, `stop_loss`.
         """
+        cache = cache if cache is not None else past_key_values
         past_length = cache.get_seq_length() if cache is not None else 0
         latent_mask = self._latent_mask(input_ids, inputs_embeds)
         self._check_inputs(input_ids, pixel_values, mm_encoder_outputs, latent_mask, attention_mask, past_length)
@@ -710,7 +733,6 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 pixel_values=pixel_values,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache,
                 inputs_embeds=inputs_embeds,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
@@ -718,6 +740,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 logits_to_keep=logits_to_keep,
                 image_sizes=image_sizes,
                 mm_encoder_outputs=mm_encoder_outputs,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
 
@@ -739,9 +762,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         return CoconutCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=cache,  # `None` without `use_cache`, and where checkpointing recomputed the prefixes
             hidden_states=layer_hidden_states,
-            image_outputs=image_outputs,
+            **{CACHE_NAME: cache, IMAGE_OUTPUT_NAME: _image_output(image_outputs)},  # cache `None` too without
+            # `use_cache`, and where checkpointing recomputed the prefixes
             stop_logits=stop_logits,
             stop_loss=stop_loss,
             latent_counts=latent_counts,
@@ -911,8 +934,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                     inputs_embeds=chunk,
                     attention_mask=masks,
                     position_ids=position_ids[..., start:end],
-                    cache=cache,
                     use_cache=True,
+                    **{CACHE_NAME: cache},
                     **kwargs,
                 )
                 hidden_chunks.append(outputs.last_hidden_state)
@@ -964,7 +987,7 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             # An empty cache changes no size; without one, transformers separates packed sequences by their positions.
-            cache=cache if cache.get_seq_length() > 0 else None,
+            **{CACHE_NAME: cache if cache.get_seq_length() > 0 else None},
             position_ids=position_ids,
             allow_is_causal_skip=False,
         )
@@ -1075,7 +1098,8 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
     def _checkpointing_layers(self) -> bool:
         """Whether the language model's layers are checkpointed in this forward (training with gradients)."""
         text_model = self.model.language_model
-        return text_model.is_activation_checkpointing and text_model.training and torch.is_grad_enabled()
+        checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in text_model.layers)
+        return checkpointed and text_model.training and torch.is_grad_enabled()
 
     def append_latent_thoughts(
         self,
@@ -1189,7 +1213,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             pixel_values (`torch.Tensor`, *optional*): the prompts' image tiles.
             max_latent_thoughts (`int`, *optional*): the most thoughts a row gets; defaults to
                 `config.max_latent_thoughts`, which training sets.
-            latent_stop_threshold (`float`, *optional*): the stop probability that ends a block; defaults to
+            past_key_values (`Cache`, *optional*):
+            The name of `cache` in transformers before 5.24 (which `generate` there passes); either name works.
+        latent_stop_threshold (`float`, *optional*): the stop probability that ends a block; defaults to
                 `config.latent_stop_threshold` (0.5).
             kwargs: further model inputs (`image_sizes`, `sync_latent_passes`, ...).
 
@@ -1304,7 +1330,9 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 the chosen counts passed as a list (so a prompt's count is the number of `<|latent|>` in its row).
             max_latent_thoughts (`int`, *optional*):
                 With `"auto"`: the most thoughts a prompt gets (default: the generation config's).
-            latent_stop_threshold (`float`, *optional*):
+            past_key_values (`Cache`, *optional*):
+            The name of `cache` in transformers before 5.24 (which `generate` there passes); either name works.
+        latent_stop_threshold (`float`, *optional*):
                 With `"auto"`: the stop probability that ends a block (default: the generation config's, else 0.5).
                 Lower stops sooner (fewer thoughts, less latency); higher thinks longer.
             synced_gpus (`bool`, *optional*):
@@ -1392,11 +1420,12 @@ class CoconutInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 attention_mask=attention_mask[:, :-1],
                 pixel_values=kwargs.pop("pixel_values", None),
                 image_sizes=kwargs.pop("image_sizes", None),
-                cache=DynamicCache(config=self.config.text_config),
+                cache=DynamicCache(config=self.config.text_config),  # this forward's own name, on every release
                 latent_stop_threshold=threshold,
                 logits_to_keep=1,
             )
-        kwargs["cache"] = _unused_thoughts_to_the_left(outputs.cache, outputs.latent_counts, self.config.text_config)
+        cache = getattr(outputs, CACHE_NAME)
+        kwargs[CACHE_NAME] = _unused_thoughts_to_the_left(cache, outputs.latent_counts, self.config.text_config)
         return outputs.latent_counts.tolist()
 
     def _prompt_with_thoughts(self, input_ids, num_latent_thoughts, generation_config, kwargs) -> torch.LongTensor:

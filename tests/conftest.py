@@ -16,7 +16,7 @@ import torch
 
 from coconut.tiny import tiny_coconut_config
 from configuration_coconut_internvl import CoconutInternVLConfig
-from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
+from modeling_coconut_internvl import CACHE_NAME, CoconutInternVLForConditionalGeneration
 
 
 PAD, IMAGE, LATENT, START, END, IMG_OPEN, IMG_CLOSE = 0, 1, 2, 3, 4, 5, 6
@@ -37,6 +37,19 @@ BAD_COUNTS = [
     (torch.tensor([1.5, 2.0]), r"got tensor\(1.5"),
     ([1, 2, 3], r"has 3 counts for 2 prompts"),
 ]
+
+
+def cache_of(outputs):
+    """The cache of a model output: `outputs.cache`, `outputs.past_key_values` before transformers 5.24."""
+    return getattr(outputs, CACHE_NAME)
+
+
+def enable_checkpointing(model, **kwargs) -> None:
+    """`model.activation_checkpointing_enable(...)`; `gradient_checkpointing_enable` before transformers 5.23."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        kwargs = {"gradient_checkpointing_kwargs": kwargs.pop("activation_checkpointing_kwargs", None), **kwargs}
+    (enable or model.gradient_checkpointing_enable)(**kwargs)
 
 
 def tiny_config(**overrides) -> CoconutInternVLConfig:

@@ -9,7 +9,9 @@ from conftest import (
     PAD,
     Row,
     build_batch,
+    cache_of,
     counting_passes,
+    enable_checkpointing,
     model_inputs,
     real_columns,
     tiny_config,
@@ -135,7 +137,7 @@ def test_moved_rows_give_outputs_in_the_callers_layout(model, monkeypatch):
     assert len(moved.hidden_states) == len(in_place.hidden_states) == model.config.text_config.num_hidden_layers + 1
     for ours, theirs in zip(moved.hidden_states, in_place.hidden_states):
         assert (ours - theirs)[real].abs().max() <= TOLERANCE
-    for ours, theirs in zip(moved.cache.layers, in_place.cache.layers):
+    for ours, theirs in zip(cache_of(moved).layers, cache_of(in_place).layers):
         assert ours.keys.shape == theirs.keys.shape
         assert (ours.keys - theirs.keys).transpose(1, 2)[real].abs().max() <= TOLERANCE
         assert (ours.values - theirs.values).transpose(1, 2)[real].abs().max() <= TOLERANCE
@@ -147,7 +149,7 @@ def test_moved_rows_fill_the_callers_empty_cache(model):
     cache = DynamicCache()
     with torch.no_grad():
         output = model(**model_inputs(batch), cache=cache)
-    assert output.cache is cache
+    assert cache_of(output) is cache
     assert cache.get_seq_length() == batch["input_ids"].shape[1]
 
 
@@ -159,7 +161,7 @@ def test_decoding_continues_from_the_cache_of_moved_rows(model):
         prefix = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], pixel_values=batch["pixel_values"])
         assert len(calls) == most_thoughts(batch) + 1
         position = mask.sum(dim=1, keepdim=True) - 1  # as `generate` counts it: the row's own length
-        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position, cache=prefix.cache)
+        step = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=position, cache=cache_of(prefix))
     for b, sequence in enumerate(batch["sequences"]):
         expected = reference_logits(model, sequence, batch["pixel_rows"][b])[-1]
         assert (step.logits[b, -1] - expected).abs().max() <= TOLERANCE
@@ -261,8 +263,8 @@ def test_cache_holds_every_position(model):
     ids = batch["input_ids"]
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], pixel_values=batch["pixel_values"], use_cache=True)
-        assert out.cache.get_seq_length() == ids.shape[1] - 1
-        step = model(input_ids=ids[:, -1:], cache=out.cache)
+        assert cache_of(out).get_seq_length() == ids.shape[1] - 1
+        step = model(input_ids=ids[:, -1:], cache=cache_of(out))
         full = model(input_ids=ids, pixel_values=batch["pixel_values"])
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=0, atol=TOLERANCE)
 
@@ -276,7 +278,7 @@ def test_without_latents_equals_parent(model):
         theirs = parent(**model_inputs(batch), use_cache=True)
     assert torch.equal(ours.logits, theirs.logits)
     assert torch.equal(ours.loss, theirs.loss)
-    for layer_ours, layer_theirs in zip(ours.cache.layers, theirs.cache.layers):
+    for layer_ours, layer_theirs in zip(cache_of(ours).layers, cache_of(theirs).layers):
         assert torch.equal(layer_ours.keys, layer_theirs.keys)
         assert torch.equal(layer_ours.values, layer_theirs.values)
 
@@ -398,7 +400,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
     batch = build_batch(BATCHES["misaligned_latents"], padding_side=padding_side)
     model = tiny_model(num_hidden_layers=2).train()
     loss, grads, saved_bytes = loss_grads_and_saved_bytes(model, batch)
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     checkpointed_loss, checkpointed_grads, checkpointed_bytes = loss_grads_and_saved_bytes(model, batch)
 
     assert abs(loss - checkpointed_loss) <= TOLERANCE
@@ -411,7 +413,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
 
 def test_reentrant_gradient_checkpointing_with_latents_is_an_error():
     model = tiny_model().train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    enable_checkpointing(model, activation_checkpointing_kwargs={"use_reentrant": True})
     batch = build_batch([Row()])
     with pytest.raises(ValueError, match="use_reentrant=True"):
         model(**model_inputs(batch))
@@ -484,7 +486,7 @@ def test_gradient_checkpointing_falls_back_to_recomputing_each_prefix(monkeypatc
     loss, grads, _ = loss_grads_and_saved_bytes(model, batch)
     with counting_passes(model) as plain_calls, torch.no_grad():
         model(**model_inputs(batch))
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", keep_cache)
     with counting_passes(model) as calls:
         recomputed_loss, recomputed_grads, _ = loss_grads_and_saved_bytes(model, batch)
@@ -503,12 +505,14 @@ def test_layers_without_the_private_flag_are_not_asked_to_keep_the_cache():
 
 def test_a_filled_cache_cannot_be_recomputed_under_checkpointing(monkeypatch):
     model = tiny_model().train()
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     monkeypatch.setattr(modeling_coconut_internvl, "_checkpointed_layers_keep_cache", transformers_without_the_flag)
     batch = build_batch([Row(latents=2, images=[])])
     ids = batch["input_ids"]
-    with torch.no_grad():
-        cache = model(input_ids=ids[:, :3], use_cache=True).cache
+    with torch.no_grad():  # in eval mode: some transformers releases drop the cache of training layers
+        cache = cache_of(model.eval()(input_ids=ids[:, :3], use_cache=True))
+    model.train()
+    assert cache.get_seq_length() == 3
     with pytest.raises(ValueError, match="The cache passed in holds 3 tokens"):
         model(input_ids=ids[:, 3:], cache=cache)
 
@@ -575,9 +579,9 @@ def test_the_one_private_transformers_name_still_keeps_the_cache_of_checkpointed
         "`_checkpointed_layers_keep_cache`."
     )
     model = tiny_model(num_hidden_layers=2).train()
-    model.activation_checkpointing_enable()
+    enable_checkpointing(model)
     outputs = model(**model_inputs(build_batch(BATCHES["misaligned_latents"], padding_side="left")))
-    assert outputs.cache is not None and outputs.cache.get_seq_length() > 0, (
+    assert cache_of(outputs) is not None and cache_of(outputs).get_seq_length() > 0, (
         f"transformers' checkpointed layers dropped the KV cache although `{flag}` was set: checkpointed latent "
         "forwards now recompute each prefix. Update `_checkpointed_layers_keep_cache`."
     )

@@ -161,7 +161,7 @@ assert CoconutInternVLConfig._auto_class is None  # the model file registers its
 IMPORT_UNDER_AN_OLD_TRANSFORMERS = """
 import importlib.metadata
 version = importlib.metadata.version
-importlib.metadata.version = lambda name: "5.23.0" if name == "transformers" else version(name)
+importlib.metadata.version = lambda name: "5.22.2" if name == "transformers" else version(name)
 import modeling_coconut_internvl
 """
 
@@ -177,7 +177,7 @@ def test_an_older_transformers_is_refused_at_import_by_name(hf_home):
         [sys.executable, "-c", IMPORT_UNDER_AN_OLD_TRANSFORMERS], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode != 0
-    assert "transformers>=5.24.0 is required" in result.stderr and "found transformers==5.23.0" in result.stderr
+    assert "transformers>=5.23.0 is required" in result.stderr and "found transformers==5.22.2" in result.stderr
 
 
 def flip_a_bit(path: Path, name: str, value: float) -> None:
