@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 def save_repository(
     model, processor: CoconutInternVLProcessor, output: str | Path, model_card: ModelCard, example: dict | None = None
 ) -> Path:
-    """Write weights (safetensors), config with `auto_map`, the three code files, tokenizer, processor, generation
+    """Write weights (safetensors), config with `auto_map`, the four code files, tokenizer, processor, generation
     config and `README.md` into `output`, and the images of the card's `example` record (its quick start loads
     them)."""
     output = Path(output)
@@ -26,6 +26,7 @@ def save_repository(
     processor.save_pretrained(output)  # also copies processing_coconut_internvl.py
     write_model_card(output, model_card, example)
     code = ["configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py"]
+    code.append("latent_block_coconut_internvl.py")  # imported by the model and processor files, copied with them
     missing = [name for name in code if not (output / name).is_file()]
     if missing:  # save_pretrained copies the file a registered class is defined in; say so if that ever changes
         raise ValueError(f"{missing} were not written to {output}; the repository would not load with remote code.")

@@ -48,7 +48,12 @@ from modeling_coconut_internvl import CoconutInternVLForConditionalGeneration
 
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("configuration_coconut_internvl.py", "modeling_coconut_internvl.py", "processing_coconut_internvl.py")
+CODE_FILES = (
+    "configuration_coconut_internvl.py",
+    "latent_block_coconut_internvl.py",
+    "modeling_coconut_internvl.py",
+    "processing_coconut_internvl.py",
+)
 COCONUT_IDS = [VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 2]  # <|start-latent|>, <|end-latent|>, <|latent|>
 
 
