@@ -141,7 +141,9 @@ def test_damaged_weights_that_still_load_are_refused_or_warned_about(trained, tm
     """A bit-flipped weights file loaded silently, with weights up to 1e36."""
     common = ["--data_dir", str(tmp_path / "data"), "--max_samples", "2", "--disable_tqdm", "true"]
     # The model class refuses non-finite weights as it loads them, naming the file and the tensor.
-    with pytest.raises(ValueError, match=r"The weights in .*damaged-nan/model.safetensors are damaged: `.*` .* holds 1 non"):
+    with pytest.raises(
+        ValueError, match=r"The weights in .*damaged-nan/model.safetensors are damaged: `.*` .* holds 1 non"
+    ):
         run_evaluate("--model", str(damage(trained, float("nan"))), *common)
     with caplog.at_level(logging.WARNING, logger="coconut.loading"):
         run_evaluate("--model", str(damage(trained, 1e36)), *common, "--output_dir", str(tmp_path / "eval"))
